@@ -1,0 +1,1 @@
+"""Ecosystem glue: one module per ecosystem (webdataset, streaming, torchdata, open_clip)."""

@@ -1,0 +1,1 @@
+"""The embedded demo: JEST vs uniform on a noisy image-caption set built from sklearn digits."""
