@@ -1,0 +1,314 @@
+"""Pairwise contrastive-loss terms from embeddings — the quantities JEST scores sub-batches with.
+
+Notation follows Evans et al. 2024 ("Data curation via joint example selection further
+accelerates multimodal learning", arXiv 2406.17711). A super-batch holds B image-text pairs with
+L2-normalised embeddings x_i (image) and y_j (text), a temperature t (``logit_scale``, already
+exponentiated) and an optional bias β; the pair logit is l_ij = t·<x_i, y_j> + β.
+
+Sigmoid (SigLIP) loss. The loss of a sub-batch A is a sum of pairwise terms,
+
+    L_sig(A) = Σ_{i,j ∈ A} ℓ_ij / |A|,    ℓ_ij = softplus(−z_ij · l_ij),  z_ii = +1, z_ij = −1,
+
+so the *sum form* |A|·L_sig(A) = Σ_{i,j∈A} ℓ_ij is what the joint sampler works with: adding a
+candidate m to A changes it by ℓ_mm + Σ_{i∈A} (ℓ_im + ℓ_mi).
+
+Softmax (CLIP) loss. Its sum form, |A|·ClipLoss(A) = Σ_{i∈A} [CE^{i→t}_i(A) + CE^{t→i}_i(A)] / 2
+with CE^{i→t}_i(A) = −l_ii + log Σ_{j∈A} exp(l_ij), has no pairwise decomposition: the
+normalisers of every i ∈ A change when m joins. :class:`SoftmaxGain` keeps running row and column
+log-sum-exps over A and gives the *exact* conditional gain L(A ∪ {m}) − L(A) for every candidate
+in O(B·|A|) per call. (β cancels inside a softmax, so the softmax code ignores it.)
+
+Criteria turn a learner's and a reference model's loss into a score to maximise:
+``learnability`` = learner − reference (the paper's default), ``hard_learner`` = learner,
+``easy_reference`` = −reference.
+
+Everything here is pure tensor code: no threads, no models, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CRITERIA",
+    "Embeddings",
+    "SigmoidBlocks",
+    "SoftmaxGain",
+    "clip_example_losses",
+    "criterion_weights",
+    "sigmoid_pair_loss_cols",
+    "sigmoid_pair_loss_diagonal",
+    "sigmoid_pair_loss_rows",
+    "sigmoid_pair_losses",
+]
+
+CRITERIA = ("learnability", "hard_learner", "easy_reference")
+
+# Rows of a B×B logit matrix materialised at once when a full pass over the super-batch is
+# unavoidable (the softmax per-example losses): 2**24 float32 entries = 64 MiB per tile.
+_TILE_ELEMENTS = 1 << 24
+
+
+class Embeddings(NamedTuple):
+    """One model's view of a super-batch, as open_clip returns it.
+
+    Attributes:
+        image: [B, d] L2-normalised image embeddings x_i.
+        text: [B, d] L2-normalised text embeddings y_j.
+        logit_scale: scalar tensor (or float), the temperature t, *already exponentiated*.
+        logit_bias: scalar tensor (or float) β, or None (SigLIP has one, CLIP does not).
+    """
+
+    image: Tensor
+    text: Tensor
+    logit_scale: Tensor | float
+    logit_bias: Tensor | float | None = None
+
+
+def criterion_weights(criterion: str) -> tuple[float, float]:
+    """(learner weight, reference weight) such that score = w_l·learner_loss + w_r·ref_loss."""
+    if criterion == "learnability":
+        return 1.0, -1.0
+    if criterion == "hard_learner":
+        return 1.0, 0.0
+    if criterion == "easy_reference":
+        return 0.0, -1.0
+    raise ValueError(f"criterion={criterion!r} is not one of {CRITERIA}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Selection arithmetic runs in float32 at least: bf16/fp16 sums over thousands of terms lose
+    the differences between candidates."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scalar(value: Tensor | float | None, like: Tensor) -> Tensor | None:
+    if value is None:
+        return None
+    return torch.as_tensor(value).detach().to(device=like.device, dtype=like.dtype).reshape(())
+
+
+def _parts(e: Embeddings) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(image, text, scale, bias) in the compute dtype, on the embeddings' device."""
+    dtype = compute_dtype(e.image.dtype)
+    # Scores are never differentiated: detach so that no autograd graph is built by accident.
+    image = e.image.detach().to(dtype)
+    text = e.text.detach().to(device=image.device, dtype=dtype)
+    return image, text, _scalar(e.logit_scale, image), _scalar(e.logit_bias, image)
+
+
+def _softplus_(x: Tensor) -> Tensor:
+    """softplus(x), written into x when possible: saves one block-sized allocation per call."""
+    if not x.requires_grad:
+        try:
+            return torch._C._nn.softplus(x, 1, 20, out=x)
+        except (AttributeError, RuntimeError, TypeError):  # private API moved: fall back
+            pass
+    return F.softplus(x)
+
+
+def _as_index(idx: Tensor | Sequence[int], device: torch.device) -> Tensor:
+    return torch.as_tensor(idx, dtype=torch.long, device=device).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sigmoid (SigLIP) pairwise losses
+# ---------------------------------------------------------------------------------------------
+
+
+class SigmoidBlocks:
+    """Blocks of one model's sigmoid pair-loss matrix ℓ, computed on demand from embeddings.
+
+    The temperature is folded into the image embeddings once (O(B·d)), so that every block is
+    one matmul, an in-place bias add and an in-place softplus; nothing of size B×B is kept.
+    """
+
+    def __init__(self, e: Embeddings) -> None:
+        image, text, scale, bias = _parts(e)
+        self.image = image * scale  # t·x_i
+        self.text = text
+        self.bias = bias
+
+    @property
+    def size(self) -> int:
+        return self.image.shape[0]
+
+    def _block(self, image: Tensor, text: Tensor) -> Tensor:
+        # addmm folds the bias into the GEMM's output pass; softplus then runs in place.
+        if self.bias is None:
+            logits = image @ text.T
+        else:
+            logits = torch.addmm(self.bias, image, text.T)
+        return _softplus_(logits)
+
+    def _positive_logits(self, idx: Tensor | None = None) -> Tensor:
+        image, text = self.image, self.text
+        if idx is not None:
+            image, text = image.index_select(0, idx), text.index_select(0, idx)
+        logit = (image * text).sum(dim=1)
+        return logit if self.bias is None else logit.add_(self.bias)
+
+    def diagonal(self) -> Tensor:
+        """ℓ_mm = softplus(−l_mm) for every m: [B]."""
+        return F.softplus(self._positive_logits().neg_())
+
+    def full(self) -> Tensor:
+        """The whole matrix: [B, B]; the diagonal (z_ii = +1) is written by index."""
+        losses = self._block(self.image, self.text)
+        idx = torch.arange(self.size, device=losses.device)
+        losses[idx, idx] = self.diagonal()
+        return losses
+
+    def rows(self, idx: Tensor | Sequence[int], *, exact_diagonal: bool = True) -> Tensor:
+        """ℓ_{i,·} for i in idx: [len(idx), B]."""
+        idx = _as_index(idx, self.image.device)
+        block = self._block(self.image.index_select(0, idx), self.text)
+        if exact_diagonal:
+            at = torch.arange(idx.numel(), device=block.device)
+            block[at, idx] = F.softplus(self._positive_logits(idx).neg_())
+        return block
+
+    def cols(self, idx: Tensor | Sequence[int], *, exact_diagonal: bool = True) -> Tensor:
+        """ℓ_{·,j} for j in idx: [B, len(idx)]."""
+        idx = _as_index(idx, self.image.device)
+        block = self._block(self.image, self.text.index_select(0, idx))
+        if exact_diagonal:
+            at = torch.arange(idx.numel(), device=block.device)
+            block[idx, at] = F.softplus(self._positive_logits(idx).neg_())
+        return block
+
+
+def sigmoid_pair_loss_diagonal(e: Embeddings) -> Tensor:
+    """ℓ_mm = softplus(−(t·<x_m, y_m> + β)) for every m: [B]. O(B·d), no B×B matrix."""
+    return SigmoidBlocks(e).diagonal()
+
+
+def sigmoid_pair_losses(e: Embeddings) -> Tensor:
+    """The full matrix of pairwise sigmoid losses ℓ_ij: [B, B].
+
+    Σ_{i,j∈A} ℓ_ij / |A| equals ``open_clip.loss.SigLipLoss()`` on the sub-batch A. Off-diagonal
+    entries are softplus(l_ij); the diagonal (positive pairs, z_ii = +1) is written by index.
+    """
+    return SigmoidBlocks(e).full()
+
+
+def sigmoid_pair_loss_rows(
+    e: Embeddings, rows: Tensor | Sequence[int], *, exact_diagonal: bool = True
+) -> Tensor:
+    """Rows ℓ_{r,·} of the sigmoid pair-loss matrix for the indices ``rows``: [len(rows), B].
+
+    Args:
+        exact_diagonal: write the positive-pair entries ℓ_rr by index. The joint sampler passes
+            False: it only ever reads the block at unselected columns, and the entries (r, r) sit
+            at selected ones, so it saves the fix-up.
+    """
+    return SigmoidBlocks(e).rows(rows, exact_diagonal=exact_diagonal)
+
+
+def sigmoid_pair_loss_cols(
+    e: Embeddings, cols: Tensor | Sequence[int], *, exact_diagonal: bool = True
+) -> Tensor:
+    """Columns ℓ_{·,c} of the sigmoid pair-loss matrix for the indices ``cols``: [B, len(cols)].
+
+    ``exact_diagonal`` as in :func:`sigmoid_pair_loss_rows`.
+    """
+    return SigmoidBlocks(e).cols(cols, exact_diagonal=exact_diagonal)
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax (CLIP) loss: per-example losses and exact conditional gains
+# ---------------------------------------------------------------------------------------------
+
+
+def _tile_rows(n_rows: int, n_cols: int) -> int:
+    return max(1, min(n_rows, _TILE_ELEMENTS // max(1, n_cols)))
+
+
+def clip_example_losses(e: Embeddings) -> Tensor:
+    """Each example's CLIP loss against the whole super-batch: [B].
+
+    loss_m = [ (−l_mm + log Σ_j exp l_mj) + (−l_mm + log Σ_j exp l_jm) ] / 2, so that
+    ``clip_example_losses(e).mean()`` equals ``open_clip.loss.ClipLoss()`` on the super-batch.
+    Computed in row tiles (O(tile·B) memory, no B×B matrix); the work is O(B²·d).
+    """
+    image, text, scale, _ = _parts(e)
+    image = image * scale  # β cancels in a softmax
+    n = image.shape[0]
+    row_lse = torch.empty(n, dtype=image.dtype, device=image.device)
+    col_lse = torch.full((n,), -math.inf, dtype=image.dtype, device=image.device)
+    tile = _tile_rows(n, n)
+    for start in range(0, n, tile):
+        block = image[start : start + tile] @ text.T
+        row_lse[start : start + tile] = block.logsumexp(dim=1)
+        col_lse = torch.logaddexp(col_lse, block.logsumexp(dim=0))
+    diag = (image * text).sum(dim=1)
+    return (row_lse - diag + col_lse - diag) / 2
+
+
+class SoftmaxGain:
+    """Exact conditional gains of the sum-form CLIP loss as a selected set A grows.
+
+    For the sum form L(A) = Σ_{i∈A} [CE^{i→t}_i(A) + CE^{t→i}_i(A)] / 2 (that is, |A|·ClipLoss(A))
+    and a candidate m ∉ A,
+
+        L(A ∪ {m}) − L(A) = [softplus(r_m − l_mm) + softplus(c_m − l_mm)] / 2            (m's own CE)
+                          + Σ_{i∈A} [softplus(l_im − r_i) + softplus(l_mi − c_i)] / 2   (A's normalisers)
+
+    with the running log-sum-exps r_m = log Σ_{j∈A} exp l_mj (image m against A's texts) and
+    c_m = log Σ_{j∈A} exp l_jm (A's images against text m); for i ∈ A these are exactly i's own
+    row and column normalisers. :meth:`add` folds a new chunk into r and c with one
+    [chunk, B] and one [B, chunk] block; :meth:`gains` recomputes the second sum, whose terms
+    all change when r_i and c_i grow, in O(B·|A|) time and O(B·chunk) memory.
+
+    With A empty every gain is 0 (a singleton's CLIP loss is zero), so the joint sampler scores
+    its first chunk with :func:`clip_example_losses` instead.
+    """
+
+    def __init__(self, e: Embeddings) -> None:
+        image, text, scale, _ = _parts(e)
+        # Pre-scale once so that each block is a single matmul (β cancels in a softmax).
+        self._image = image * scale
+        self._text = text
+        self._diag = (self._image * text).sum(dim=1)
+        n = image.shape[0]
+        self._r = torch.full((n,), -math.inf, dtype=image.dtype, device=image.device)
+        self._c = torch.full((n,), -math.inf, dtype=image.dtype, device=image.device)
+        self._chunks: list[Tensor] = []
+        # The newest chunk's blocks are reused by the next gains() call.
+        self._last: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def selected(self) -> Tensor:
+        """Indices added so far, in order."""
+        if not self._chunks:
+            return torch.empty(0, dtype=torch.long, device=self._image.device)
+        return torch.cat(self._chunks)
+
+    def add(self, idx: Tensor | Sequence[int]) -> None:
+        """Add the candidates ``idx`` (not already added) to A."""
+        idx = _as_index(idx, self._image.device)
+        rows = self._image.index_select(0, idx) @ self._text.T  # [c, B]: l_im, i in the chunk
+        cols = self._image @ self._text.index_select(0, idx).T  # [B, c]: l_mi, i in the chunk
+        self._c = torch.logaddexp(self._c, rows.logsumexp(dim=0))
+        self._r = torch.logaddexp(self._r, cols.logsumexp(dim=1))
+        self._chunks.append(idx)
+        self._last = (rows, cols)
+
+    def gains(self) -> Tensor:
+        """L(A ∪ {m}) − L(A) for every m: [B]. Entries for m ∈ A carry no meaning."""
+        gain = F.softplus(self._r - self._diag) + F.softplus(self._c - self._diag)
+        for n_chunk, idx in enumerate(self._chunks):
+            if n_chunk == len(self._chunks) - 1 and self._last is not None:
+                rows, cols = self._last
+            else:
+                rows = self._image.index_select(0, idx) @ self._text.T
+                cols = self._image @ self._text.index_select(0, idx).T
+            gain += F.softplus(rows - self._r[idx, None]).sum(dim=0)
+            gain += F.softplus(cols - self._c[None, idx]).sum(dim=1)
+        return gain.mul_(0.5)
