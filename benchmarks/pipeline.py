@@ -1,0 +1,198 @@
+"""Pipeline benchmark for JESTLoader: does asynchronous scoring hide the scorer behind the step,
+and what does the wrapper itself cost?  Prints one JSON object.
+
+1. overlap: the consumer sleeps T ms per step (a stand-in for a GPU training step) and the
+   scorer costs S ms per super-batch (an ``embed`` that sleeps, releasing the GIL like a GPU
+   forward would). Per-step time of async and sync scoring against the ideal max(T, S).
+   Target: async <= 1.1 x max(T, S).
+2. overhead: a zero-cost scorer (``embed`` returns precomputed embeddings) and a consumer that
+   does nothing; the same base batches go through
+     - ``plain``:   a loop that concatenates n base batches and gathers b rows (random indices);
+     - ``inline``:  the same loop plus the selection maths JESTLoader runs (example_scores +
+                    joint_sample_from_embeddings) -- i.e. the work without the wrapper;
+     - ``sync`` / ``async``: JESTLoader(async_scoring=False / True).
+   ``wrapper_overhead_sync = sync / inline - 1`` is the wrapper's own cost (snapshot refresh,
+   checks, info, bookkeeping, allocating a fresh super-batch per step); target <= 5%.
+   ``vs_plain_*`` also charge the selection maths. Minimum over interleaved repeats.
+
+Usage: python benchmarks/pipeline.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jeststream.batch import concat_batches, index_batch
+from jeststream.loader import JESTLoader
+from jeststream.losses import Embeddings
+from jeststream.selection import example_scores, joint_sample_from_embeddings
+
+
+class _Tiny(nn.Module):
+    """Stand-in learner/reference: a few parameters so refreshing the snapshot is real work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+
+def _base_batches(n_batches: int, b: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_batches):
+        images = torch.randint(0, 255, (b, 3, 64, 64), dtype=torch.uint8, generator=g)
+        tokens = torch.randint(0, 1000, (b, 32), generator=g)
+        keys = [f"{i:06d}_{j:03d}" for j in range(b)]
+        out.append((images, tokens, keys))
+    return out
+
+
+def _fixed_embeddings(size: int, d: int = 32, seed: int = 1) -> Embeddings:
+    g = torch.Generator().manual_seed(seed)
+    return Embeddings(
+        F.normalize(torch.randn(size, d, generator=g), dim=-1),
+        F.normalize(torch.randn(size, d, generator=g), dim=-1),
+        torch.tensor(10.0),
+        torch.tensor(-10.0),
+    )
+
+
+def _make_embed(cost_s: float, size: int):
+    emb = {"learner": _fixed_embeddings(size, seed=1), "reference": _fixed_embeddings(size, seed=2)}
+
+    def embed(model, batch):
+        if cost_s:
+            time.sleep(cost_s / 2)  # two forwards per super-batch: S in total
+        return emb[model.role]
+
+    return embed
+
+
+def _models():
+    learner, reference = _Tiny(), _Tiny()
+    learner.role, reference.role = "learner", "reference"
+    return learner, reference
+
+
+def _loader(batches, embed, *, async_scoring: bool, n: int, b: int, n_chunks: int):
+    learner, reference = _models()
+    return JESTLoader(
+        batches, learner, reference, 1 / n, n_chunks=n_chunks, embed=embed,
+        async_scoring=async_scoring, prefetch=2, seed=0,
+    )
+
+
+def _per_step_s(loader, step_s: float, warmup: int) -> float:
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+        time.sleep(step_s)
+    t0 = time.perf_counter()
+    steps = 0
+    for _ in it:
+        time.sleep(step_s)
+        steps += 1
+    return (time.perf_counter() - t0) / steps
+
+
+def overlap(
+    T_ms: float, S_ms: float, steps: int, n: int, b: int, n_chunks: int, repeats: int
+) -> dict:
+    batches = _base_batches(n * (steps + 2), b)
+    embed = _make_embed(S_ms / 1000, n * b)
+    out = {"T_ms": T_ms, "S_ms": S_ms, "ideal_ms": max(T_ms, S_ms)}
+    runs: dict[str, list[float]] = {"async": [], "sync": []}
+    for _ in range(repeats):
+        for mode in runs:
+            with _loader(batches, embed, async_scoring=mode == "async", n=n, b=b, n_chunks=n_chunks) as ld:
+                runs[mode].append(_per_step_s(ld, T_ms / 1000, warmup=2))
+    for mode, v in runs.items():
+        out[f"{mode}_ms"] = round(1000 * min(v), 2)
+    out["async_vs_ideal"] = round(out["async_ms"] / out["ideal_ms"], 3)
+    out["sync_vs_ideal"] = round(out["sync_ms"] / out["ideal_ms"], 3)
+    return out
+
+
+def _plain_epoch(batches, n: int, b: int, with_selection: bool, n_chunks: int) -> int:
+    g = torch.Generator().manual_seed(0)
+    emb_l, emb_r = _fixed_embeddings(n * b, seed=1), _fixed_embeddings(n * b, seed=2)
+    count = 0
+    for i in range(0, len(batches) - n + 1, n):
+        sb = concat_batches(batches[i : i + n])
+        if with_selection:
+            with torch.inference_mode():
+                example_scores(emb_l, emb_r, loss="sigmoid", criterion="learnability")
+                idx = joint_sample_from_embeddings(emb_l, emb_r, b, n_chunks=n_chunks, generator=g)
+        else:
+            idx = torch.randperm(n * b, generator=g)[:b]
+        index_batch(sb, idx)
+        count += 1
+    return count
+
+
+def overhead(steps: int, n: int, b: int, n_chunks: int, repeats: int) -> dict:
+    batches = _base_batches(n * steps, b)
+    embed = _make_embed(0.0, n * b)
+    times: dict[str, list[float]] = {"plain": [], "inline": [], "sync": [], "async": []}
+    for _ in range(repeats):  # interleaved so that drifting machine load hits every variant
+        for name in times:
+            if name in ("plain", "inline"):
+                t0 = time.perf_counter()
+                got = _plain_epoch(batches, n, b, name == "inline", n_chunks)
+                elapsed = time.perf_counter() - t0
+            else:  # construction (one deep copy per run) is not timed, iteration is
+                with _loader(batches, embed, async_scoring=name == "async", n=n, b=b, n_chunks=n_chunks) as ld:
+                    t0 = time.perf_counter()
+                    got = sum(1 for _ in ld)
+                    elapsed = time.perf_counter() - t0
+            assert got == steps
+            times[name].append(elapsed / steps)
+    # min over repeats: on a shared machine noise only ever adds time
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "steps": steps,
+        "repeats": repeats,
+        **{f"{k}_ms_per_step": round(1000 * v, 3) for k, v in best.items()},
+        "wrapper_ms_per_step_sync": round(1000 * (best["sync"] - best["inline"]), 3),
+        "wrapper_overhead_sync": round(best["sync"] / best["inline"] - 1, 4),
+        "wrapper_overhead_async": round(best["async"] / best["inline"] - 1, 4),
+        "vs_plain_sync": round(best["sync"] / best["plain"], 3),
+        "vs_plain_async": round(best["async"] / best["plain"], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # shared small machines: one intra-op thread avoids spin contention
+    n, b, n_chunks = 4, 64, 16
+    steps = 12 if args.quick else 40
+    result = {
+        "benchmark": "pipeline",
+        "quick": args.quick,
+        "config": {"n": n, "b": b, "super_batch": n * b, "n_chunks": n_chunks,
+                   "base_batch": "uint8 images [b,3,64,64], tokens [b,32], keys list[str]"},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "cpu_threads": torch.get_num_threads()},
+        "overlap": [
+            overlap(T, S, steps, n, b, n_chunks, repeats=1 if args.quick else 3)
+            for T, S in ((50, 30), (30, 50))
+        ],
+        "overhead": overhead(steps * 2, n, b, n_chunks, repeats=3 if args.quick else 7),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

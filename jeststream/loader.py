@@ -1,0 +1,681 @@
+"""JESTLoader: the user-facing, drop-in data loader that does joint example selection.
+
+    loader = JESTLoader(base_loader, learner, reference, ratio=0.2)
+    for images, texts in loader:     # same structure and batch size as base_loader's
+        ...                          # unchanged training step
+
+Each yielded batch is selected from a super-batch of n = round(1/ratio) consecutive base
+batches, scored by a snapshot of the learner and by the frozen reference. The loader wires
+batch -> scoring -> selection and owns the public surface and the resumable state; the
+threading lives in :mod:`jeststream.pipeline`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+import os
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from jeststream.batch import batch_size as _batch_size
+from jeststream.batch import concat_batches, find_keys, index_batch, iter_tensors
+from jeststream.losses import CRITERIA, Embeddings
+from jeststream.pipeline import END, Prefetcher, to_device
+from jeststream.scoring import EmbedFn, Scorer, ScoreResult
+from jeststream.selection import LOSSES, example_scores, joint_sample_from_embeddings
+from jeststream.snapshot import LearnerSnapshot, unwrap_model
+
+__all__ = ["JESTLoader", "SelectionInfo"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+_BAD_SCORES = ("raise", "uniform")
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # a distinct, reproducible generator stream per (seed, epoch)
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + 1) % (2**63 - 1)
+
+
+@dataclasses.dataclass
+class SelectionInfo:
+    """What happened to one yielded batch.
+
+    indices: positions of the yielded examples in their super-batch (cpu LongTensor[k], draw
+    order); scores: their per-example scores (``selection.example_scores``); timings in seconds:
+    waited_s (consumer blocked in ``next()``), scored_s (both forwards), selected_s (sampling);
+    staleness: yielded batches between the snapshot refresh and this batch's yield.
+    """
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+    super_batch_mean: float
+    selected_mean: float
+    waited_s: float
+    scored_s: float
+    selected_s: float
+    snapshot_version: int
+    staleness: int
+    fallback: bool
+    step: int
+    epoch: int
+    super_batch_size: int
+
+
+@dataclasses.dataclass
+class _Item:
+    batch: Any
+    info: SelectionInfo
+    resume: dict  # loader state right after this super-batch: restoring it draws the next one
+    keys: list[str] | None
+    all_scores: torch.Tensor  # cpu [B]
+    selected: torch.Tensor  # cpu bool [B]
+
+
+def _bad_examples(
+    learner: Embeddings, reference: Embeddings | None, size: int
+) -> torch.Tensor | None:
+    """cpu bool [size] marking examples whose embeddings (either model) are non-finite; all of
+    them when a logit scale/bias is; None when everything is finite."""
+    bad = torch.zeros(size, dtype=torch.bool)
+    for e in (learner, reference):
+        if e is None:
+            continue
+        scalars = [e.logit_scale] + ([] if e.logit_bias is None else [e.logit_bias])
+        if not all(bool(torch.isfinite(torch.as_tensor(s)).all()) for s in scalars):
+            bad[:] = True
+        rows_ok = torch.isfinite(e.image).all(dim=1) & torch.isfinite(e.text).all(dim=1)
+        bad |= ~rows_ok.cpu()
+    return bad if bool(bad.any()) else None
+
+
+@dataclasses.dataclass
+class _Scored:
+    super_batch: Any  # on the scoring device
+    size: int
+    k: int
+    step: int
+    base_state: Any
+    keys: list[str] | None
+    scored: ScoreResult
+
+
+class _Producer:
+    """One pass over the base loader, in two steps: ``draw_and_score`` (base batches ->
+    super-batch -> both forwards) and ``select`` (scores -> indices -> sub-batch). The async
+    path runs them in two threads so that selecting super-batch k overlaps with scoring k+1;
+    the sync path runs the same two calls inline -- hence the same results for the same seed.
+
+    Holds no reference to the consumer-side iterator (so dropping the iterator stops the thread).
+    """
+
+    def __init__(self, loader: JESTLoader, base_iter: Any, step: int) -> None:
+        self.loader = loader
+        self.base_iter = base_iter
+        self.step = step  # global index of the next super-batch == index of its yielded batch
+
+    def draw_and_score(self, should_stop: Callable[[], bool]) -> Any:
+        ld = self.loader
+        if self.base_iter is None:
+            return END
+        base_batches = []
+        for _ in range(ld.n):
+            if should_stop():
+                return None
+            try:
+                base_batches.append(next(self.base_iter))
+            except StopIteration:
+                self.base_iter = None  # drop it now: a DataLoader iterator frees its workers
+                break
+        if not base_batches or (len(base_batches) < ld.n and ld.drop_last):
+            self.base_iter = None
+            return END
+        # the base's state *before* the next super-batch is drawn (torchdata Prefetcher-style)
+        base_state = ld._base_state()
+        step = self.step
+        self.step += 1
+
+        if ld._b is None:
+            ld._set_batch_size(_batch_size(base_batches[0]))
+        # Move before concatenating: pinned base batches go straight to the device, and the
+        # concatenation then runs there instead of as a host memcpy.
+        super_batch = concat_batches([to_device(b, ld.device) for b in base_batches])
+        del base_batches
+        size = _batch_size(super_batch)
+        k = max(1, min(size, math.floor(size / ld.n + 0.5)))
+        keys = find_keys(super_batch, ld.key_fn) if ld._log_path is not None else None
+        scored = ld._scorer(super_batch, size)
+        return _Scored(super_batch, size, k, step, base_state, keys, scored)
+
+    def select(self, s: _Scored) -> _Item:
+        ld = self.loader
+        size, k, step, scored = s.size, s.k, s.step, s.scored
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            # Common path first: the selection maths validates finiteness itself (ValueError),
+            # so the per-row scan below runs only when something is wrong.
+            bad: torch.Tensor | None = None
+            try:
+                per_example = (
+                    example_scores(
+                        scored.learner, scored.reference, loss=ld.loss, criterion=ld.criterion
+                    )
+                    .float()
+                    .cpu()
+                )
+            except ValueError:
+                bad = _bad_examples(scored.learner, scored.reference, size)
+                if bad is None:  # a genuine error, not bad scores
+                    raise
+                per_example = torch.full((size,), math.nan)
+            else:
+                if not bool(torch.isfinite(per_example).all()):
+                    bad = ~torch.isfinite(per_example)
+            fallback = bad is not None
+            if fallback:
+                n_bad = int(bad.sum())
+                if ld.on_bad_scores == "raise":
+                    raise ValueError(
+                        f"JEST scores at step {step} have {n_bad} non-finite (NaN/inf) example "
+                        f"score{'s' if n_bad != 1 else ''} out of {size} in the super-batch; check "
+                        "the learner/reference outputs, or pass on_bad_scores='uniform' to select "
+                        "uniformly for such super-batches"
+                    )
+                logger.warning(
+                    "step %d: %d of %d JEST scores are non-finite; selecting uniformly",
+                    step,
+                    n_bad,
+                    size,
+                )
+                idx = torch.randperm(size, generator=ld._generator)[:k]
+            else:
+                idx = joint_sample_from_embeddings(
+                    scored.learner,
+                    scored.reference,
+                    k,
+                    loss=ld.loss,
+                    criterion=ld.criterion,
+                    n_chunks=min(ld.n_chunks, k),
+                    temperature=ld.temperature,
+                    generator=ld._generator,
+                ).cpu()
+        selected_s = time.perf_counter() - t0
+        batch = index_batch(s.super_batch, idx)
+        resume = ld._make_state(s.base_state, step + 1)
+        chosen = per_example[idx]
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[idx] = True
+        info = SelectionInfo(
+            indices=idx,
+            scores=chosen,
+            super_batch_mean=float(per_example.mean()),
+            selected_mean=float(chosen.mean()),
+            waited_s=0.0,
+            scored_s=scored.seconds,
+            selected_s=selected_s,
+            snapshot_version=scored.version,
+            staleness=-1,
+            fallback=fallback,
+            step=step,
+            epoch=ld.epoch,
+            super_batch_size=size,
+        )
+        return _Item(batch, info, resume, s.keys, per_example, mask)
+
+    def __call__(self, should_stop: Callable[[], bool]) -> Any:
+        """Both steps inline (the sync path)."""
+        s = self.draw_and_score(should_stop)
+        return s if s is None or s is END else self.select(s)
+
+
+def _scored_tensors(s: _Scored):
+    yield from iter_tensors(s.super_batch)
+    for e in (s.scored.learner, s.scored.reference):
+        if e is not None:
+            yield from (t for t in e if isinstance(t, torch.Tensor))
+
+
+def _item_tensors(item: _Item):
+    return iter_tensors(item.batch)
+
+
+class _JESTIterator:
+    """One pass (epoch) over a JESTLoader. Dropping it (``break`` + GC) stops its producer."""
+
+    def __init__(self, loader: JESTLoader) -> None:
+        self._loader = loader
+        self._prefetcher: Prefetcher | None = None
+        self._done = False
+        self._start_step = loader._step
+        loader._snapshot.refresh(loader._step)  # the learner may have trained since last pass
+        base_iter = iter(loader.base_loader)
+        if not loader._restored:  # else keep the loaded state: nothing was drawn since
+            loader._resume = loader._make_state(loader._base_state(), loader._step)
+        self._producer = _Producer(loader, base_iter, loader._step)
+        if loader.async_scoring:
+            self._prefetcher = Prefetcher(
+                self._producer.draw_and_score,
+                stages=[(self._producer.select, _scored_tensors)],
+                prefetch=loader.prefetch,
+                device=loader.device,
+                cross_stream_tensors=_item_tensors,
+            )
+            self._producer = None  # the thread owns it now
+
+    def __iter__(self) -> _JESTIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        ld = self._loader
+        step = ld._step
+        if ld.refresh_every and step > self._start_step and step % ld.refresh_every == 0:
+            ld._snapshot.refresh(step)
+        t0 = time.perf_counter()
+        try:
+            if self._prefetcher is not None:
+                item = self._prefetcher.get()
+            else:
+                try:
+                    item = self._producer(lambda: False)
+                except StopIteration as exc:  # from user code: must not end the loop silently
+                    raise RuntimeError(
+                        "StopIteration raised while building a super-batch (embed, "
+                        "score_transform or key_fn?)"
+                    ) from exc
+                if item is END:
+                    raise StopIteration
+        except BaseException:
+            self.close()
+            raise
+        info = dataclasses.replace(
+            item.info,
+            waited_s=time.perf_counter() - t0,
+            staleness=ld._snapshot.staleness(item.info.snapshot_version, step),
+        )
+        ld._on_yield(item, info)
+        return (item.batch, info) if ld.return_info else item.batch
+
+    def close(self) -> None:
+        self._done = True
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+        self._producer = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- never raise from GC (e.g. at interpreter exit)
+            pass
+
+
+class JESTLoader:
+    """Wrap ``base_loader`` so that each yielded batch is JEST-selected from n base batches.
+
+    Args:
+        base_loader: iterable of batches of b examples (any tuple/list/dict structure).
+        learner: the live model being trained (DDP / torch.compile wrappers are unwrapped).
+        reference: frozen reference model (None only with ``criterion="hard_learner"``).
+        ratio: filtering ratio b/B; n = round(1/ratio) base batches make a super-batch.
+        n_chunks, loss, criterion, temperature: passed to the joint sampler.
+        embed: ``fn(model, batch) -> Embeddings``; default: open_clip duck typing.
+        refresh_every: copy the live learner into the snapshot every this many yielded
+            batches (0: only at the start of each pass).
+        snapshot_dtype: optional dtype of the learner snapshot (e.g. torch.bfloat16).
+        prefetch: super-batches scored ahead (bounded queue).
+        async_scoring: score in a background thread/stream; False runs the same steps inline.
+        device: scoring device; defaults to the learner's.
+        seed: seeds the loader's own CPU generator (sampling is device-independent).
+        drop_last: drop a trailing super-batch of fewer than n base batches.
+        score_transform: ``batch -> batch`` applied to the super-batch before scoring only.
+        on_bad_scores: "raise" or "uniform" for super-batches with NaN/inf scores.
+        return_info: yield ``(batch, SelectionInfo)`` instead of ``batch``.
+        selection_log: path of a selection log (jeststream.selection_log.SelectionLog).
+        key_fn: ``batch -> list[str]`` of per-example keys for the selection log.
+    """
+
+    def __init__(
+        self,
+        base_loader: Any,
+        learner: nn.Module,
+        reference: nn.Module | None,
+        ratio: float = 0.2,
+        *,
+        n_chunks: int = 16,
+        loss: str = "sigmoid",
+        criterion: str = "learnability",
+        temperature: float = 1.0,
+        embed: EmbedFn | None = None,
+        refresh_every: int = 1,
+        snapshot_dtype: torch.dtype | None = None,
+        prefetch: int = 2,
+        async_scoring: bool = True,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        drop_last: bool = True,
+        score_transform: Callable[[Any], Any] | None = None,
+        on_bad_scores: str = "raise",
+        return_info: bool = False,
+        selection_log: str | os.PathLike | None = None,
+        key_fn: Callable[[Any], Sequence[str]] | None = None,
+    ) -> None:
+        self._closed = True  # until construction succeeds, so __del__ has nothing to do
+        if not hasattr(base_loader, "__iter__"):
+            raise TypeError(f"base_loader must be iterable, got {type(base_loader).__name__}")
+        if not isinstance(learner, nn.Module):
+            raise TypeError(f"learner must be a torch.nn.Module, got {type(learner).__name__}")
+        if reference is not None and not isinstance(reference, nn.Module):
+            raise TypeError(
+                f"reference must be a torch.nn.Module or None, got {type(reference).__name__}"
+            )
+        if reference is not None and unwrap_model(reference) is unwrap_model(learner):
+            raise ValueError(
+                "reference is the learner itself; pass a separate frozen reference model "
+                "(freezing it would stop the learner from training)"
+            )
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio < 1:
+            raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
+        n = round(1 / ratio)
+        if n < 2:
+            raise ValueError(
+                f"ratio={ratio} gives n=round(1/ratio)={n} base batches per super-batch; "
+                "JEST needs n >= 2, i.e. ratio <= 2/3"
+            )
+        if abs(1 / n - ratio) > 1e-9:
+            logger.warning("ratio=%s is applied as 1/%d = %.4f", ratio, n, 1 / n)
+        if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+            raise ValueError(f"n_chunks must be an int >= 1, got {n_chunks!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion={criterion!r} is not one of {CRITERIA}")
+        if reference is None and criterion != "hard_learner":
+            raise ValueError(
+                f"reference=None only works with criterion='hard_learner', got {criterion!r}; "
+                "pass the frozen reference model"
+            )
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature)
+            or temperature < 0
+        ):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if (
+            isinstance(refresh_every, bool)
+            or not isinstance(refresh_every, int)
+            or refresh_every < 0
+        ):
+            raise ValueError(f"refresh_every must be an int >= 0, got {refresh_every!r}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+        if on_bad_scores not in _BAD_SCORES:
+            raise ValueError(f"on_bad_scores={on_bad_scores!r} is not one of {_BAD_SCORES}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if key_fn is not None and not callable(key_fn):
+            raise TypeError(f"key_fn must be callable batch -> list[str], got {key_fn!r}")
+
+        self.base_loader = base_loader
+        self.n = n
+        self.ratio = float(ratio)
+        self.n_chunks = n_chunks
+        self.loss = loss
+        self.criterion = criterion
+        self.temperature = float(temperature)
+        self.refresh_every = refresh_every
+        self.prefetch = prefetch
+        self.async_scoring = bool(async_scoring)
+        self.seed = seed
+        self.drop_last = bool(drop_last)
+        self.on_bad_scores = on_bad_scores
+        self.return_info = bool(return_info)
+        self.key_fn = key_fn
+        self.epoch = 0
+        self.last_info: SelectionInfo | None = None
+
+        self._b: int | None = None
+        base_b = getattr(base_loader, "batch_size", None)
+        if isinstance(base_b, int) and not isinstance(base_b, bool) and base_b > 0:
+            self._set_batch_size(base_b)
+
+        self._snapshot = LearnerSnapshot(learner, dtype=snapshot_dtype, device=device)
+        self.device = self._snapshot.device
+        self._scorer = Scorer(
+            self._snapshot, reference, embed=embed, score_transform=score_transform
+        )
+        self._generator = torch.Generator(device="cpu")
+        self._generator.manual_seed(seed)
+
+        self._step = 0  # batches yielded (== super-batches consumed), across passes
+        self._fallbacks = 0
+        self._resume: dict | None = None
+        self._restored = False  # a load_state_dict() not yet followed by a yielded batch
+        self._active: weakref.ref[_JESTIterator] | None = None
+        # The log file is opened at the first yielded batch: a fresh run overwrites an old log at
+        # that path, a run restored with load_state_dict() appends to it (the reader keeps the
+        # last record of a re-drawn step). The directory is checked now, before any GPU-hour.
+        self._log = None
+        self._log_path = None if selection_log is None else os.fspath(selection_log)
+        if self._log_path is not None:
+            parent = os.path.dirname(os.path.abspath(self._log_path))
+            os.makedirs(parent, exist_ok=True)
+            if not os.access(parent, os.W_OK):
+                raise ValueError(
+                    f"selection_log={self._log_path!r}: directory {parent!r} is not writable; "
+                    "pass a path in a writable directory"
+                )
+        self._log_append = False
+        self._closed = False
+
+    # -- sizes -------------------------------------------------------------------------------
+
+    def _set_batch_size(self, b: int) -> None:
+        if self.n_chunks > b:
+            raise ValueError(
+                f"n_chunks={self.n_chunks} exceeds the batch size b={b}: each chunk must select "
+                "at least one example; lower n_chunks"
+            )
+        self._b = b
+
+    @property
+    def batch_size(self) -> int | None:
+        """b: examples per yielded batch (None until known for base loaders without batch_size)."""
+        return self._b
+
+    @property
+    def super_batch_size(self) -> int | None:
+        """B = n * b."""
+        return None if self._b is None else self.n * self._b
+
+    def __len__(self) -> int:
+        try:
+            base_len = len(self.base_loader)
+        except TypeError:
+            raise TypeError(
+                f"the base loader ({type(self.base_loader).__name__}) has no length, so neither "
+                "has the JESTLoader"
+            ) from None
+        return base_len // self.n if self.drop_last else -(-base_len // self.n)
+
+    @property
+    def num_batches(self) -> int:
+        """Yielded batches per epoch (open_clip_train reads this)."""
+        base = getattr(self.base_loader, "num_batches", None)
+        if isinstance(base, int):
+            return base // self.n if self.drop_last else -(-base // self.n)
+        return len(self)
+
+    @property
+    def num_samples(self) -> int:
+        """Training examples yielded per epoch (open_clip_train reads this)."""
+        if self._b is not None:
+            return self.num_batches * self._b
+        base = getattr(self.base_loader, "num_samples", None)
+        if isinstance(base, int):
+            return base // self.n
+        raise TypeError("num_samples is unknown until the first batch (the base has no batch_size)")
+
+    # -- passthrough -------------------------------------------------------------------------
+
+    @property
+    def dataset(self) -> Any:
+        return self.base_loader.dataset
+
+    @property
+    def sampler(self) -> Any:
+        return self.base_loader.sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        """Record the epoch and pass it to the base loader (or its sampler) when it takes one.
+
+        Call it between passes, like ``DistributedSampler.set_epoch``. The sampler's generator is
+        reseeded from ``(seed, epoch)``, so each epoch's selection randomness is reproducible
+        without the loader's state (open_clip_train resumes from epoch checkpoints that do not
+        hold it); right after ``load_state_dict`` for the same epoch the restored generator is kept.
+        """
+        epoch = int(epoch)
+        if not (self._restored and epoch == self.epoch):
+            self._generator.manual_seed(_epoch_seed(self.seed, epoch))
+        self.epoch = epoch
+        if hasattr(self.base_loader, "set_epoch"):
+            self.base_loader.set_epoch(epoch)
+        else:
+            sampler = getattr(self.base_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"batches": self._step, "fallbacks": self._fallbacks}
+        base_stats = getattr(self.base_loader, "stats", None)
+        if isinstance(base_stats, dict) and "bad_shards" in base_stats:
+            out["bad_shards"] = base_stats["bad_shards"]
+        elif hasattr(self.base_loader, "bad_shards"):
+            out["bad_shards"] = self.base_loader.bad_shards
+        return out
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def __iter__(self) -> _JESTIterator:
+        if self._closed:
+            raise RuntimeError("this JESTLoader was closed; build a new one to iterate again")
+        self._close_active()
+        it = _JESTIterator(self)
+        self._active = weakref.ref(it)
+        return it
+
+    def _close_active(self) -> None:
+        it = self._active() if self._active is not None else None
+        if it is not None:
+            it.close()
+        self._active = None
+
+    def _on_yield(self, item: _Item, info: SelectionInfo) -> None:
+        self._step = info.step + 1
+        self._resume = item.resume
+        self._restored = False
+        if info.fallback:
+            self._fallbacks += 1
+        self.last_info = info
+        if self._log_path is not None and self._log is None:
+            from jeststream.selection_log import SelectionLog  # optional dependency (pyarrow)
+
+            self._log = SelectionLog(self._log_path, mode="a" if self._log_append else "w")
+        if self._log is not None:
+            self._log.write(
+                keys=item.keys,
+                epoch=info.epoch,
+                step=info.step,
+                scores=item.all_scores,
+                selected=item.selected,
+            )
+
+    def close(self) -> None:
+        """Stop the producer, free its buffers and close the selection log. Idempotent."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._close_active()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> JESTLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- never raise from GC
+            pass
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _base_state(self) -> Any:
+        fn = getattr(self.base_loader, "state_dict", None)
+        return fn() if callable(fn) else None
+
+    def _make_state(self, base_state: Any, step: int) -> dict:
+        return {
+            "version": _STATE_VERSION,
+            "base": base_state,
+            "generator": self._generator.get_state(),
+            "step": step,
+            "epoch": self.epoch,
+            "fallbacks": self._fallbacks,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resumable state at the super-batch boundary after the last yielded batch.
+
+        Super-batches the producer scored ahead are not part of it: a restore draws them again.
+        """
+        if self._resume is not None:
+            state = dict(self._resume)
+            state["fallbacks"] = self._fallbacks
+            state["epoch"] = self.epoch
+            return state
+        return self._make_state(self._base_state(), self._step)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; the next iteration continues from that boundary."""
+        if not callable(getattr(self.base_loader, "load_state_dict", None)):
+            raise TypeError(
+                f"cannot restore: the base loader ({type(self.base_loader).__name__}) has no "
+                "load_state_dict(); use a resumable base such as "
+                "torchdata.stateful_dataloader.StatefulDataLoader"
+            )
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"not a JESTLoader state_dict (version {_STATE_VERSION} expected): "
+                f"{type(state).__name__} with keys {sorted(state) if isinstance(state, dict) else '-'}"
+            )
+        missing = {"base", "generator", "step"} - state.keys()
+        if missing:
+            raise ValueError(f"JESTLoader state_dict is missing {sorted(missing)}")
+        self._close_active()  # scored-ahead super-batches are dropped and drawn again
+        if state["base"] is not None:
+            self.base_loader.load_state_dict(state["base"])
+        self._generator.set_state(state["generator"])
+        self._step = int(state["step"])
+        self.epoch = int(state.get("epoch", self.epoch))
+        self._fallbacks = int(state.get("fallbacks", 0))
+        self._resume = dict(state)
+        self._restored = True
+        self._log_append = True
+        self._snapshot.reset_steps(self._step)

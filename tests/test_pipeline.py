@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import pytest
+import torch
+
+from jeststream.pipeline import END, Prefetcher, reraise_from_producer, to_device
+
+pytestmark = pytest.mark.timeout(60)
+
+CPU = torch.device("cpu")
+
+
+def _threads():
+    return [t for t in threading.enumerate() if t.name.startswith("jeststream")]
+
+
+def _counting_producer(limit=None, delay=0.0):
+    state = {"made": 0}
+
+    def produce(should_stop):
+        if limit is not None and state["made"] >= limit:
+            return END
+        if delay:
+            time.sleep(delay)
+        state["made"] += 1
+        return state["made"]
+
+    return produce, state
+
+
+def test_items_in_order_then_stop(no_thread_leak):
+    produce, _ = _counting_producer(limit=5)
+    p = Prefetcher(produce, prefetch=2, device=CPU)
+    assert [p.get() for _ in range(5)] == [1, 2, 3, 4, 5]
+    with pytest.raises(StopIteration):
+        p.get()
+    with pytest.raises(StopIteration):
+        p.get()
+    p.thread.join(5)
+    assert not p.thread.is_alive()
+
+
+def test_queue_is_bounded(no_thread_leak):
+    produce, state = _counting_producer()
+    p = Prefetcher(produce, prefetch=3, device=CPU)
+    assert p.get() == 1
+    time.sleep(0.3)  # let the producer run as far as it can
+    # consumed 1, buffered <= 3, plus at most one made item waiting to be put
+    assert state["made"] <= 1 + 3 + 1
+    p.close()
+    assert not p.thread.is_alive()
+
+
+class _Custom(Exception):
+    def __init__(self, a, b):  # a constructor the re-raise can't call with one message
+        super().__init__(a, b)
+
+
+def test_exception_reraises_same_type_chained(no_thread_leak):
+    def produce(should_stop):
+        raise ValueError("bad shard 7")
+
+    p = Prefetcher(produce, prefetch=2, device=CPU)
+    with pytest.raises(ValueError, match="bad shard 7") as ei:
+        p.get()
+    assert isinstance(ei.value.__cause__, ValueError)
+    assert str(ei.value.__cause__) == "bad shard 7"
+    assert ei.value.__cause__.__traceback__ is not None
+    with pytest.raises(StopIteration):
+        p.get()
+
+    def produce2(should_stop):
+        raise _Custom(1, 2)
+
+    p = Prefetcher(produce2, prefetch=1, device=CPU)
+    with pytest.raises(RuntimeError, match="_Custom") as ei:
+        p.get()
+    assert isinstance(ei.value.__cause__, _Custom)
+
+
+def test_keyboard_interrupt_in_producer_reaches_consumer(no_thread_leak):
+    def produce(should_stop):
+        raise KeyboardInterrupt
+
+    p = Prefetcher(produce, prefetch=1, device=CPU)
+    with pytest.raises(KeyboardInterrupt):
+        p.get()
+
+
+def test_stop_iteration_in_producer_is_not_a_silent_end(no_thread_leak):
+    def produce(should_stop):
+        raise StopIteration
+
+    p = Prefetcher(produce, prefetch=1, device=CPU)
+    with pytest.raises(RuntimeError, match="StopIteration") as ei:
+        p.get()
+    assert isinstance(ei.value.__cause__, StopIteration)
+
+
+def test_reraise_helper():
+    original = TypeError("x")
+    with pytest.raises(TypeError, match="producer thread") as ei:
+        reraise_from_producer(original)
+    assert ei.value.__cause__ is original
+
+
+def test_close_while_producer_blocked_on_full_queue(no_thread_leak):
+    produce, _ = _counting_producer()
+    p = Prefetcher(produce, prefetch=1, device=CPU)
+    time.sleep(0.1)
+    assert p.thread.is_alive()
+    p.close()
+    assert not p.thread.is_alive()
+    p.close()  # idempotent
+
+
+def test_close_while_producing_honours_should_stop(no_thread_leak):
+    entered = threading.Event()
+
+    def produce(should_stop):
+        entered.set()
+        while not should_stop():
+            time.sleep(0.01)
+        return None
+
+    p = Prefetcher(produce, prefetch=1, device=CPU)
+    assert entered.wait(5)
+    p.close()
+    assert not p.thread.is_alive()
+
+
+def test_gc_stops_thread(no_thread_leak):
+    produce, _ = _counting_producer()
+    p = Prefetcher(produce, prefetch=2, device=CPU)
+    thread = p.thread
+    p.get()
+    del p
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_two_stage_pipeline_order_failure_and_close(no_thread_leak):
+    produce, _ = _counting_producer(limit=6)
+    p = Prefetcher(produce, stages=[(lambda x: x * 10, None)], prefetch=2, device=CPU)
+    assert len(p.threads) == 2
+    assert [p.get() for _ in range(6)] == [10, 20, 30, 40, 50, 60]
+    with pytest.raises(StopIteration):
+        p.get()
+
+    def second(x):
+        if x == 3:
+            raise OSError("stage two broke")
+        return x
+
+    produce, _ = _counting_producer()
+    p = Prefetcher(produce, stages=[(second, None)], prefetch=2, device=CPU)
+    assert [p.get(), p.get()] == [1, 2]
+    with pytest.raises(OSError, match="stage two broke") as ei:
+        p.get()
+    assert isinstance(ei.value.__cause__, OSError)
+    assert all(not t.is_alive() for t in p.threads)  # failure closed every stage
+
+    produce, _ = _counting_producer()
+    p = Prefetcher(produce, stages=[(lambda x: x, None)], prefetch=1, device=CPU)
+    p.get()
+    p.close()
+    assert all(not t.is_alive() for t in p.threads)
+
+
+def test_invalid_prefetch():
+    with pytest.raises(ValueError, match="prefetch"):
+        Prefetcher(lambda s: END, prefetch=0, device=CPU)
+
+
+def test_to_device_cpu_keeps_structure():
+    batch = {"a": torch.zeros(2), "b": ["x", "y"], "c": (torch.ones(2),)}
+    out = to_device(batch, CPU)
+    assert out["a"] is batch["a"] and out["b"] == ["x", "y"] and out["c"][0] is batch["c"][0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stream_path(tiny_clip, pair_batches, no_thread_leak):
+    """The device path: side-stream scoring, pinned non_blocking copies, events, record_stream.
+    Async results equal the inline (sync) run on the same device and seed."""
+    from jeststream.loader import JESTLoader
+
+    dev = torch.device("cuda")
+    batches = pair_batches(n_batches=16, b=8, keys=True)
+    results = {}
+    for mode in (True, False):
+        learner, reference = tiny_clip(0).to(dev), tiny_clip(1).to(dev)
+        with JESTLoader(
+            batches, learner, reference, 0.25, n_chunks=4, async_scoring=mode, seed=5,
+            return_info=True,
+        ) as ld:
+            assert ld.device.type == "cuda"
+            out = []
+            for (images, tokens, keys), info in ld:
+                assert images.device.type == "cuda" and tokens.device.type == "cuda"
+                assert isinstance(keys, list) and len(keys) == 8
+                # use the batch on the consumer's stream, like a training step would
+                out.append(((images.float().sum() + tokens.sum()).item(), info.indices))
+                learner.zero_grad()
+            results[mode] = out
+    assert len(results[True]) == 4
+    for (sa, ia), (ss, is_) in zip(results[True], results[False]):
+        assert torch.equal(ia, is_)
+        assert sa == pytest.approx(ss)
+
+    # to_device pins and copies asynchronously
+    host = {"x": torch.randn(4, 3), "k": ["a", "b", "c", "d"]}
+    moved = to_device(host, dev)
+    assert moved["x"].device.type == "cuda" and moved["k"] == host["k"]
+    assert torch.equal(moved["x"].cpu(), host["x"])

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyDual, tiny_dual_embed
+from torch import nn
+
+from jeststream.losses import Embeddings
+from jeststream.scoring import Scorer, check_embeddings, default_embed, freeze_reference
+from jeststream.snapshot import LearnerSnapshot
+
+
+def test_default_embed_open_clip(tiny_clip, pair_batches):
+    model = tiny_clip(0).eval()
+    images, tokens = pair_batches(1, 4)[0]
+    e = default_embed(model, (images, tokens))
+    assert isinstance(e, Embeddings)
+    assert e.image.shape == e.text.shape == (4, 32)
+    assert torch.allclose(e.image.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(e.logit_scale, model.logit_scale.exp())
+    assert e.logit_bias is None
+    d = default_embed(model, {"image": images, "text": tokens, "other": 1})
+    assert torch.allclose(d.image, e.image, atol=1e-6)
+
+
+def test_default_embed_siglip_bias(tiny_clip, pair_batches):
+    model = tiny_clip(0, siglip=True).eval()
+    e = default_embed(model, pair_batches(1, 4)[0])
+    assert e.logit_bias is not None and float(e.logit_bias.detach()) == pytest.approx(-10.0)
+
+
+def test_default_embed_errors(tiny_clip):
+    model = tiny_clip(0)
+    with pytest.raises(TypeError, match="pass embed="):
+        default_embed(model, torch.zeros(4, 3, 32, 32))
+    with pytest.raises(TypeError, match=r"missing \['text'\]"):
+        default_embed(model, {"image": torch.zeros(2, 3, 32, 32)})
+    with pytest.raises(TypeError, match="tokenize"):
+        default_embed(model, (torch.zeros(2, 3, 32, 32), ["a cat", "a dog"]))
+    with pytest.raises(TypeError, match="encode_image"):
+        default_embed(nn.Linear(2, 2), (torch.zeros(2, 2), torch.zeros(2, 2)))
+
+
+def test_freeze_reference_does_and_checks():
+    ref = TinyDual().train()
+    out = freeze_reference(ref)
+    assert out is ref and not ref.training
+    assert not any(p.requires_grad for p in ref.parameters())
+
+    class Stubborn(TinyDual):
+        def train(self, mode=True):  # refuses eval()
+            return super().train(True)
+
+    with pytest.raises(ValueError, match="not frozen"):
+        freeze_reference(Stubborn())
+
+
+def test_check_embeddings():
+    e = Embeddings(torch.randn(4, 3, dtype=torch.bfloat16), torch.randn(4, 3), torch.tensor(2.0), 1.0)
+    out = check_embeddings(e, "learner", 4)
+    assert out.image.dtype == torch.float32 and out.logit_bias.shape == ()
+    with pytest.raises(TypeError, match="must return"):
+        check_embeddings((1, 2), "learner", 4)
+    with pytest.raises(ValueError, match="can't be compared"):
+        check_embeddings(Embeddings(torch.randn(4, 3), torch.randn(4, 5), torch.tensor(1.0), None), "x", 4)
+    with pytest.raises(ValueError, match="3 embeddings"):
+        check_embeddings(Embeddings(torch.randn(3, 2), torch.randn(3, 2), torch.tensor(1.0), None), "x", 4)
+    with pytest.raises(ValueError, match="scalar"):
+        check_embeddings(Embeddings(torch.randn(4, 2), torch.randn(4, 2), torch.ones(2), None), "x", 4)
+
+
+def test_scorer_runs_both_models_and_score_transform(vector_batches):
+    learner, ref = TinyDual(seed=0), TinyDual(seed=1)
+    seen = []
+
+    def transform(batch):
+        seen.append(batch[0].shape)
+        return (batch[0] * 0.0, batch[1])
+
+    def embed(model, batch):
+        assert torch.is_inference_mode_enabled()
+        assert not model.training
+        return tiny_dual_embed(model, batch)
+
+    scorer = Scorer(LearnerSnapshot(learner), ref, embed=embed, score_transform=transform)
+    x, y = vector_batches(1, 6)[0]
+    res = scorer((x, y), 6)
+    assert seen == [(6, 12)]
+    assert res.version == 0 and res.seconds > 0
+    assert res.learner.image.shape == res.reference.image.shape == (6, 8)
+    # the transform reached the models: images were zeroed, so every image embedding is equal
+    assert torch.allclose(res.learner.image, res.learner.image[:1].expand(6, -1), atol=1e-5)
+    assert not ref.training
+
+
+def test_scorer_bfloat16_snapshot_on_cpu(vector_batches):
+    scorer = Scorer(LearnerSnapshot(TinyDual(), dtype=torch.bfloat16), TinyDual(seed=1), embed=tiny_dual_embed)
+    res = scorer(vector_batches(1, 4)[0], 4)
+    assert res.learner.image.dtype == torch.float32  # cast back for the selection maths
+    assert torch.isfinite(res.learner.image).all()
+
+
+def test_scorer_argument_types():
+    with pytest.raises(TypeError, match="embed"):
+        Scorer(LearnerSnapshot(TinyDual()), None, embed="nope")
+    with pytest.raises(TypeError, match="score_transform"):
+        Scorer(LearnerSnapshot(TinyDual()), None, score_transform=1)
