@@ -1,0 +1,555 @@
+"""webdataset tar shards as a JEST-ready base loader.
+
+    loader = webdataset_loader("shards/{0000..0099}.tar", batch_size=256,
+                               tokenizer=open_clip.get_tokenizer("ViT-B-32"),
+                               transform=preprocess, num_workers=8)
+    jest = JESTLoader(loader, learner, reference, ratio=0.2, selection_log="sel.parquet")
+    for images, texts, keys in jest: ...
+
+Each batch is a tuple ``(images [b,3,H,W], texts [b,ctx] or list[str], keys list[str])`` of
+exactly ``batch_size`` examples; ``keys`` are the samples' ``__key__`` so that every selection
+can be traced to its sample (JESTLoader finds them at position 2).
+
+Why the tar reading is ours and not ``wds.WebDataset``'s: Python's ``tarfile`` in stream mode
+ends *silently* on a truncated or corrupt header, so a damaged shard would just shorten the
+epoch; and open_clip issue #935 (``KeyError: 'fname'``) comes from mixing webdataset's tar
+expander with a copied ``group_by_keys``. Here every shard must end with tar's end-of-archive
+block, or it is reported: a :class:`BadShardWarning` naming the shard and ``loader.stats
+["bad_shards"]`` (shared across DataLoader workers, surfaced by ``JESTLoader.stats``). Our own
+collation also makes the output identical under webdataset 0.2.x (lists) and 1.0.x
+(tuples/dicts); :func:`normalize_batch` does the same for batches of your own wds pipelines.
+
+Distributed: shards are split by node (``wds.split_by_node``: torch.distributed rank or
+RANK/WORLD_SIZE) and then by DataLoader worker (``wds.split_by_worker``); each worker drops its
+last partial batch, so every batch has ``batch_size`` examples.
+
+Resume: a tar stream has no random access, so :meth:`WebDatasetLoader.state_dict` records
+``(epoch, batches yielded)`` and ``load_state_dict`` replays the epoch's deterministic order
+(shards shuffled by ``seed + epoch``, or not at all; no sample shuffle buffer), skipping that
+many batches. Exact for the same shards, ``num_workers`` and world size; the skipped batches are
+read and decoded again (cost proportional to the position in the epoch).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import random
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+__all__ = [
+    "BadShardWarning",
+    "ShardErrorCounter",
+    "WebDatasetLoader",
+    "default_image_transform",
+    "expand_urls",
+    "normalize_batch",
+    "webdataset_loader",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTS = ("txt", "text", "caption")
+_NAMES_BYTES = 8192
+
+
+class BadShardWarning(UserWarning):
+    """A shard could not be opened or read to its end (truncated, corrupt, missing)."""
+
+
+class ShardErrorCounter:
+    """Counts bad shards and bad samples across DataLoader worker processes (shared memory).
+
+    ``on_bad_shard``: "warn" (warn, count, go on with the next shard) or "raise".
+    ``context``: the DataLoader's ``multiprocessing_context`` (a name or a context; None: the
+    default), so that the shared counters can be handed to its workers.
+    """
+
+    def __init__(self, on_bad_shard: str = "warn", context: Any = None) -> None:
+        if on_bad_shard not in ("warn", "raise"):
+            raise ValueError(f"on_bad_shard must be 'warn' or 'raise', got {on_bad_shard!r}")
+        self.on_bad_shard = on_bad_shard
+        ctx = mp.get_context(context) if context is None or isinstance(context, str) else context
+        self._shards = ctx.Value("q", 0)
+        self._samples = ctx.Value("q", 0)
+        self._names = ctx.Array("c", _NAMES_BYTES)  # newline-separated, bounded
+
+    @property
+    def bad_shards(self) -> int:
+        return int(self._shards.value)
+
+    @property
+    def bad_samples(self) -> int:
+        return int(self._samples.value)
+
+    @property
+    def bad_shard_names(self) -> list[str]:
+        with self._names.get_lock():
+            raw = self._names.value
+        return [n for n in raw.decode("utf-8", "replace").split("\n") if n]
+
+    def shard_error(self, url: str, exc: BaseException) -> None:
+        with self._shards.get_lock():
+            self._shards.value += 1
+        with self._names.get_lock():
+            entry = (url + "\n").encode("utf-8", "replace")
+            cur = self._names.value
+            if len(cur) + len(entry) < _NAMES_BYTES:
+                self._names.value = cur + entry
+        msg = (
+            f"webdataset shard {url} is bad ({type(exc).__name__}: {exc}); its remaining "
+            "samples are skipped"
+        )
+        if self.on_bad_shard == "raise":
+            raise ValueError(msg + "; pass on_bad_shard='warn' to skip bad shards") from exc
+        warnings.warn(msg, BadShardWarning, stacklevel=2)
+
+    def sample_error(self, key: str, url: str, exc: BaseException) -> None:
+        with self._samples.get_lock():
+            self._samples.value += 1
+        warnings.warn(
+            f"skipping sample {key!r} of shard {url}: {type(exc).__name__}: {exc}",
+            BadShardWarning,
+            stacklevel=2,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bad_shards": self.bad_shards,
+            "bad_samples": self.bad_samples,
+            "bad_shard_names": self.bad_shard_names,
+        }
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """``"a-{0000..0009}.tar"`` (brace expansion, ``::`` separated lists) or a list -> list."""
+    if isinstance(urls, str):
+        import braceexpand
+
+        out: list[str] = []
+        for part in urls.split("::"):
+            out.extend(braceexpand.braceexpand(part))
+    else:
+        out = [str(u) for u in urls]
+    if not out:
+        raise ValueError(f"no shard URLs in {urls!r}")
+    return out
+
+
+# -- tar reading -----------------------------------------------------------------------------
+
+
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Records why tarfile stopped: only the end-of-archive block is a clean end."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as exc:
+            tf._jest_end = exc  # type: ignore[attr-defined]
+            raise
+
+
+class TruncatedShardError(OSError):
+    """The tar stream ended without its end-of-archive block (or with a corrupt header)."""
+
+
+def _tar_members(url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of the shard at ``url``; raises on any damage."""
+    from webdataset.gopen import gopen
+
+    stream = gopen(url)
+    try:
+        tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckingTarInfo)
+        for info in tf:
+            if info.isreg():
+                data = tf.extractfile(info).read()  # short data -> ReadError
+                yield info.name, data
+            tf.members = []  # stream mode keeps every TarInfo otherwise
+        end = getattr(tf, "_jest_end", None)
+        if not isinstance(end, tarfile.EOFHeaderError):
+            what = "no end-of-archive block" if end is None else f"{type(end).__name__}: {end}"
+            raise TruncatedShardError(f"tar stream ended early ({what})")
+    finally:
+        stream.close()
+
+
+def _split_name(fname: str) -> tuple[str, str]:
+    # webdataset convention: key = path up to the first dot of the basename, ext = the rest
+    slash = fname.rfind("/")
+    dot = fname.find(".", slash + 1)
+    if dot < 0:
+        return fname, ""
+    return fname[:dot], fname[dot + 1 :].lower()
+
+
+def _shard_samples(url: str, counter: ShardErrorCounter) -> Iterator[dict[str, Any]]:
+    """Group a shard's files by key into raw samples {"__key__", "__url__", ext: bytes}."""
+    current: dict[str, Any] | None = None
+    try:
+        for fname, data in _tar_members(url):
+            key, ext = _split_name(fname)
+            if key.split("/")[-1].startswith("__") or not ext:
+                continue  # webdataset metadata / extension-less files
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            current[ext] = data
+    except Exception as exc:  # noqa: BLE001 -- every reading failure is a bad shard
+        # The sample being assembled when the shard broke may be incomplete: drop it.
+        counter.shard_error(url, exc)
+        return
+    if current is not None:
+        yield current
+
+
+# -- decoding / batching ---------------------------------------------------------------------
+
+
+def default_image_transform(image: Any) -> torch.Tensor:
+    """PIL image -> float tensor [3,H,W] in [0,1] (like torchvision's ToTensor)."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _first(sample: Mapping[str, Any], exts: Sequence[str]) -> tuple[str, Any] | None:
+    for ext in exts:
+        if ext in sample:
+            return ext, sample[ext]
+    return None
+
+
+class _Pipeline(IterableDataset):
+    """shards -> node split -> worker split -> samples -> decode -> batches of exactly b."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        batch_size: int,
+        transform: Callable[[Any], Any],
+        tokenizer: Callable[[list[str]], Any] | None,
+        image_exts: Sequence[str],
+        text_exts: Sequence[str],
+        shuffle_shards: bool,
+        seed: int,
+        counter: ShardErrorCounter,
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.batch_size = batch_size
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.image_exts = tuple(image_exts)
+        self.text_exts = tuple(text_exts)
+        self.shuffle_shards = shuffle_shards
+        self.seed = seed
+        self.epoch = 0
+        self.counter = counter
+
+    def shard_order(self) -> list[str]:
+        urls = list(self.urls)
+        if self.shuffle_shards:
+            # same order on every rank and worker: seeded by (seed, epoch), before splitting
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)
+        return urls
+
+    def _decode(self, raw: dict[str, Any]) -> tuple[Any, str, str] | None:
+        key, url = raw["__key__"], raw["__url__"]
+        try:
+            img = _first(raw, self.image_exts)
+            txt = _first(raw, self.text_exts)
+            if img is None or txt is None:
+                missing = "image " + "/".join(self.image_exts) if img is None else "caption"
+                raise KeyError(
+                    f"no {missing} field (has {sorted(k for k in raw if not k.startswith('__'))})"
+                )
+            from PIL import Image
+
+            with Image.open(io.BytesIO(img[1])) as im:
+                im.load()  # decode now, so a damaged image fails here and not in collation
+                image = self.transform(im)
+            text = txt[1].decode("utf-8").strip()
+        except Exception as exc:  # noqa: BLE001 -- a bad sample is skipped and counted
+            self.counter.sample_error(key, url, exc)
+            return None
+        return image, text, key
+
+    def _collate(self, samples: list[tuple[Any, str, str]]) -> tuple[Any, Any, list[str]]:
+        images = [s[0] for s in samples]
+        if isinstance(images[0], torch.Tensor):
+            try:
+                images = torch.stack(images)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"cannot stack images of shapes {sorted({tuple(i.shape) for i in images})}"
+                    "; pass a transform that resizes/crops them to one size (e.g. open_clip's "
+                    "preprocess)"
+                ) from exc
+        texts: Any = [s[1] for s in samples]
+        if self.tokenizer is not None:
+            texts = self.tokenizer(texts)
+        return images, texts, [s[2] for s in samples]
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, list[str]]]:
+        import webdataset as wds
+
+        shards = wds.split_by_worker(wds.split_by_node(iter(self.shard_order())))
+        pending: list[tuple[Any, str, str]] = []
+        for url in shards:
+            for raw in _shard_samples(url, self.counter):
+                sample = self._decode(raw)
+                if sample is None:
+                    continue
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    yield self._collate(pending)
+                    pending = []
+        # the worker's last partial batch is dropped: every batch has batch_size examples
+
+
+class WebDatasetLoader:
+    """Iterable of ``(images, texts, keys)`` batches from webdataset shards (see module doc).
+
+    Exposes what JESTLoader and open_clip_train look at: ``batch_size``, ``stats`` (with
+    ``bad_shards``), ``set_epoch``, ``state_dict``/``load_state_dict``, ``num_batches`` /
+    ``num_samples`` / ``len`` when ``num_samples`` was given, ``dataset``, ``loader`` (the
+    underlying torch DataLoader).
+    """
+
+    def __init__(
+        self, pipeline: _Pipeline, loader: DataLoader, num_samples: int | None = None
+    ) -> None:
+        self.dataset = pipeline
+        self.loader = loader
+        self.batch_size = pipeline.batch_size
+        self.sampler = None
+        self._counter = pipeline.counter
+        self._num_samples = num_samples
+        self._yielded = 0
+        self._skip = 0
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        out = self._counter.as_dict()
+        out["batches"] = self._yielded
+        return out
+
+    @property
+    def bad_shards(self) -> int:
+        return self._counter.bad_shards
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shard order (with ``shuffle_shards``); call before iterating."""
+        self.dataset.epoch = int(epoch)
+
+    @property
+    def num_batches(self) -> int:
+        if self._num_samples is None:
+            # AttributeError, so that getattr(loader, "num_batches", None) means "unknown"
+            raise AttributeError(
+                "the number of batches of a webdataset stream is unknown; pass num_samples= to "
+                "webdataset_loader (e.g. from your dataset's sizes.json)"
+            )
+        return self._num_samples // self.batch_size
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def __len__(self) -> int:
+        if self._num_samples is None:
+            raise TypeError("a webdataset stream has no len(); pass num_samples= to know it")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        # Eager part (not in the generator) so that state_dict() right after iter() is exact.
+        skip, self._skip = self._skip, 0
+        self._yielded = skip
+        return self._generate(skip)
+
+    def _generate(self, skip: int) -> Iterator[Any]:
+        it = iter(self.loader)
+        if skip:
+            logger.info("webdataset resume: replaying %d batches of epoch %d", skip, self.epoch)
+        for _ in range(skip):
+            try:
+                next(it)
+            except StopIteration:
+                logger.warning(
+                    "webdataset resume: the epoch has fewer than %d batches (shards changed?)",
+                    skip,
+                )
+                return
+        seen = self._counter.bad_shards
+        for batch in it:
+            self._yielded += 1
+            if self.loader.num_workers > 0 and self._counter.bad_shards != seen:
+                seen = self._report_from_workers(seen)
+            yield batch
+        if self.loader.num_workers > 0 and self._counter.bad_shards != seen:
+            self._report_from_workers(seen)
+
+    def _report_from_workers(self, seen: int) -> int:
+        # A worker's warning goes to its own stderr; repeat it in the training process.
+        now = self._counter.bad_shards
+        names = self._counter.bad_shard_names[seen:now]
+        warnings.warn(
+            f"{now - seen} bad webdataset shard(s) skipped by DataLoader workers: "
+            f"{', '.join(names) or '(names not recorded)'} (total {now})",
+            BadShardWarning,
+            stacklevel=3,
+        )
+        return now
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "batches"}``: the position after the last yielded batch."""
+        return {"epoch": self.epoch, "batches": self._yielded, "seed": self.dataset.seed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next ``iter()`` replays the epoch and skips ``state["batches"]``."""
+        if not isinstance(state, Mapping) or not {"epoch", "batches"} <= state.keys():
+            raise ValueError(
+                f"not a WebDatasetLoader state_dict (needs 'epoch' and 'batches'): {state!r}"
+            )
+        if state.get("seed", self.dataset.seed) != self.dataset.seed:
+            logger.warning(
+                "resuming with seed %s, the state was saved with seed %s: shard order differs",
+                self.dataset.seed,
+                state["seed"],
+            )
+        self.dataset.epoch = int(state["epoch"])
+        self._skip = int(state["batches"])
+        self._yielded = self._skip
+
+
+def webdataset_loader(
+    urls: str | Sequence[str],
+    batch_size: int,
+    *,
+    tokenizer: Callable[[list[str]], Any] | None = None,
+    transform: Callable[[Any], Any] | None = None,
+    num_workers: int = 0,
+    image_exts: Sequence[str] = IMAGE_EXTS,
+    text_exts: Sequence[str] = TEXT_EXTS,
+    shuffle_shards: bool = False,
+    seed: int = 0,
+    num_samples: int | None = None,
+    on_bad_shard: str = "warn",
+    pin_memory: bool = False,
+    **dataloader_kwargs: Any,
+) -> WebDatasetLoader:
+    """Build a JEST-ready base loader over webdataset shards.
+
+    Args:
+        urls: shard URLs (brace-expanded string, ``::``-joined, or a list); anything
+            ``webdataset.gopen`` opens (paths, ``pipe:``, http, ...).
+        batch_size: the training batch size b (every batch has exactly b examples).
+        tokenizer: ``list[str] -> tensor [b, ctx]`` (e.g. ``open_clip.get_tokenizer(...)``);
+            None keeps captions as a list of str.
+        transform: ``PIL image -> tensor`` (e.g. open_clip's preprocess); default
+            :func:`default_image_transform`.
+        num_workers: DataLoader workers; shards are split between them (and between ranks).
+        image_exts / text_exts: sample fields tried in order for the image and the caption.
+        shuffle_shards: shuffle the shard order each epoch, seeded by ``seed`` and the epoch.
+        num_samples: examples per epoch, if known (gives ``len``/``num_batches``).
+        on_bad_shard: "warn" (count and continue) or "raise".
+        **dataloader_kwargs: passed to ``torch.utils.data.DataLoader``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if tokenizer is not None and not callable(tokenizer):
+        raise TypeError(f"tokenizer must be callable list[str] -> tensor, got {tokenizer!r}")
+    if "batch_size" in dataloader_kwargs or "collate_fn" in dataloader_kwargs:
+        raise TypeError("batching happens in the pipeline; do not pass batch_size/collate_fn")
+    url_list = expand_urls(urls)
+    from webdataset.utils import pytorch_worker_info
+
+    _, world, _, _ = pytorch_worker_info()
+    if len(url_list) < world * max(1, num_workers):
+        logger.warning(
+            "%d shards for %d ranks x %d workers: some workers get no shard and produce nothing",
+            len(url_list),
+            world,
+            max(1, num_workers),
+        )
+    pipeline = _Pipeline(
+        url_list,
+        batch_size,
+        transform or default_image_transform,
+        tokenizer,
+        image_exts,
+        text_exts,
+        shuffle_shards,
+        seed,
+        ShardErrorCounter(on_bad_shard, dataloader_kwargs.get("multiprocessing_context")),
+    )
+    loader = DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,  # workers must see set_epoch()/resume each pass
+        **dataloader_kwargs,
+    )
+    return WebDatasetLoader(pipeline, loader, num_samples)
+
+
+def normalize_batch(
+    batch: Any,
+    *,
+    image_keys: Sequence[str] = ("image", *IMAGE_EXTS),
+    text_keys: Sequence[str] = ("text", *TEXT_EXTS),
+) -> tuple[Any, Any, list[str] | None]:
+    """Any webdataset batch -> ``(images, texts, keys)``.
+
+    webdataset 0.2.x collates ``to_tuple`` samples into a *list* of fields, 1.0.x into a tuple
+    (or a dict for dict samples); images may come as a tensor or a list of tensors. Lists of
+    tensors are stacked; keys are the ``__key__`` field (or the first list of str after the
+    texts), None when absent.
+    """
+    if isinstance(batch, Mapping):
+        img = next((batch[k] for k in image_keys if k in batch), None)
+        txt = next((batch[k] for k in text_keys if k in batch), None)
+        if img is None or txt is None:
+            raise ValueError(
+                f"batch dict has keys {sorted(map(str, batch))}; expected an image field among "
+                f"{list(image_keys)} and a text field among {list(text_keys)}"
+            )
+        keys = batch.get("__key__", batch.get("key"))
+    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        img, txt = batch[0], batch[1]
+        keys = next(
+            (f for f in batch[2:] if isinstance(f, (list, tuple)) and f and isinstance(f[0], str)),
+            None,
+        )
+    else:
+        raise TypeError(
+            f"cannot read a {type(batch).__name__} batch as (images, texts[, keys]); map your "
+            "pipeline with .to_tuple('jpg;png', 'txt', '__key__') before batching"
+        )
+    if isinstance(img, (list, tuple)) and img and isinstance(img[0], torch.Tensor):
+        img = torch.stack(list(img))
+    elif isinstance(img, np.ndarray):
+        img = torch.from_numpy(img)
+    if isinstance(txt, (list, tuple)) and txt and isinstance(txt[0], torch.Tensor):
+        txt = torch.stack(list(txt))
+    elif isinstance(txt, tuple):
+        txt = list(txt)
+    return img, txt, (None if keys is None else [str(k) for k in keys])

@@ -1,0 +1,251 @@
+"""webdataset adapter on real tar shards written by webdataset.ShardWriter, read through
+JESTLoader with a tiny open_clip model."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+
+import numpy as np
+import open_clip  # noqa: F401 -- dev extra: a missing one must fail, not skip
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from jeststream.adapters.webdataset import (
+    BadShardWarning,
+    normalize_batch,
+    webdataset_loader,
+)
+from jeststream.loader import JESTLoader
+from jeststream.selection_log import read_selection_log
+
+B = 4  # training batch size
+N_SHARDS = 4
+PER_SHARD = 12
+CTX = 16
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    """A deterministic toy tokenizer within the tiny model's vocab (64) and context (16)."""
+    out = torch.zeros(len(texts), CTX, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids = [1 + (ord(c) % 62) for c in t[:CTX]]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def _image_bytes(i: int, fmt: str) -> bytes:
+    rng = np.random.default_rng(i)
+    arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_shards(root, n_shards=N_SHARDS, per_shard=PER_SHARD):
+    """Shards of PNG and JPEG image-caption pairs; returns (urls, {shard_url: [keys]})."""
+    root.mkdir(parents=True, exist_ok=True)
+    pattern = str(root / "shard-%04d.tar")
+    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
+        for i in range(n_shards * per_shard):
+            ext, fmt = ("png", "PNG") if i % 2 else ("jpg", "JPEG")
+            sink.write({"__key__": f"s{i:05d}", ext: _image_bytes(i, fmt), "txt": f"a photo {i}"})
+    urls = [pattern % s for s in range(n_shards)]
+    keys = {
+        u: [f"s{i:05d}" for i in range(s * per_shard, (s + 1) * per_shard)]
+        for s, u in enumerate(urls)
+    }
+    return urls, keys
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("wds"))
+
+
+@pytest.fixture(scope="module")
+def models():
+    from conftest import make_tiny_clip
+
+    return make_tiny_clip(seed=0), make_tiny_clip(seed=1)
+
+
+def _jest(base, models, **kw):
+    learner, reference = models
+    return JESTLoader(base, learner, reference, ratio=0.5, n_chunks=2, **kw)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_jest_over_webdataset_shards(shards, models, tmp_path, num_workers):
+    urls, keys_by_shard = shards
+    all_keys = {k for ks in keys_by_shard.values() for k in ks}
+    base = webdataset_loader(urls, B, tokenizer=tokenize, num_workers=num_workers)
+    log = tmp_path / "sel.parquet"
+    seen = []
+    with _jest(base, models, selection_log=log) as jest:
+        for images, texts, keys in jest:
+            assert images.shape == (B, 3, 32, 32) and images.dtype == torch.float32
+            assert texts.shape == (B, CTX) and texts.dtype == torch.long
+            assert len(keys) == B
+            seen.extend(keys)
+        steps = jest.stats["batches"]
+        assert jest.stats["bad_shards"] == 0
+    assert steps == N_SHARDS * PER_SHARD // (2 * B)
+    assert set(seen) <= all_keys
+    assert len(seen) == len(set(seen)), Counter(seen).most_common(3)
+    cols = read_selection_log(log)
+    assert len(cols["key"]) == steps * 2 * B  # one record per example that entered a super-batch
+    assert set(cols["key"]) == all_keys  # 48 examples, every one seen once
+    logged_selected = [k for k, s in zip(cols["key"], cols["selected"]) if s]
+    assert sorted(logged_selected) == sorted(seen)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_mid_epoch_resume_replays_exactly(shards, models, tmp_path, num_workers):
+    urls, keys_by_shard = shards
+    log = tmp_path / "sel.parquet"
+
+    def make(**kw):
+        base = webdataset_loader(
+            urls, B, tokenizer=tokenize, num_workers=num_workers, shuffle_shards=True, seed=3
+        )
+        return _jest(base, models, seed=7, **kw)
+
+    with make() as jest:
+        jest.set_epoch(1)
+        full = [list(k) for _, _, k in jest]
+    assert len(full) == 6
+
+    with make(selection_log=log) as jest:
+        jest.set_epoch(1)
+        it = iter(jest)
+        head = [list(next(it)[2]) for _ in range(2)]
+        state = jest.state_dict()
+        next(it)  # trained one more step after the checkpoint, then "crashed"
+        del it
+    assert state["base"] == {"epoch": 1, "batches": 4, "seed": 3}
+    with make(selection_log=log) as jest:  # the same log: appended, step 2 rewritten
+        jest.load_state_dict(state)
+        tail = [list(k) for _, _, k in jest]
+    assert head + tail == full
+
+    cols = read_selection_log(log)
+    assert cols["step"].tolist() == [s for s in range(6) for _ in range(2 * B)]
+    assert sorted(cols["key"]) == sorted(k for ks in keys_by_shard.values() for k in ks)
+    selected = [k for k, sel in zip(cols["key"], cols["selected"]) if sel]
+    assert sorted(selected) == sorted(k for ks in full for k in ks)
+
+
+def test_truncated_shard_is_reported_not_silent(tmp_path, models):
+    urls, keys_by_shard = write_shards(tmp_path / "shards")
+    bad = urls[1]
+    with open(bad, "r+b") as f:  # cut the shard in the middle of its members
+        f.truncate(len(open(bad, "rb").read()) // 2)
+    base = webdataset_loader(urls, B, tokenizer=tokenize)
+    with pytest.warns(BadShardWarning, match="shard-0001.tar"):
+        with _jest(base, models) as jest:
+            seen = [k for _, _, ks in jest for k in ks]
+            assert jest.stats["bad_shards"] == 1
+    assert base.stats["bad_shard_names"] == [bad]
+    # the epoch went on past the bad shard: the shards after it were read
+    assert set(keys_by_shard[urls[3]]) & set(seen)
+
+    raising = webdataset_loader(urls, B, on_bad_shard="raise")
+    with pytest.raises(ValueError, match="shard-0001.tar"):
+        list(raising)
+
+
+def test_bad_shards_counted_across_workers(tmp_path):
+    urls, keys_by_shard = write_shards(tmp_path / "shards")
+    (tmp_path / "shards" / "garbage.tar").write_bytes(b"this is not a tar file" * 100)
+    urls = urls + [str(tmp_path / "shards" / "garbage.tar"), str(tmp_path / "missing.tar")]
+    base = webdataset_loader(urls, 2, num_workers=2)
+    with pytest.warns(BadShardWarning, match="skipped by DataLoader workers"):
+        keys = [k for _, _, ks in base for k in ks]
+    assert base.stats["bad_shards"] == 2
+    assert sorted(keys) == sorted(k for ks in keys_by_shard.values() for k in ks)
+
+
+def test_bad_sample_is_skipped_and_counted(tmp_path):
+    pattern = str(tmp_path / "s-%04d.tar")
+    with wds.ShardWriter(pattern, maxcount=100, verbose=0) as sink:
+        for i in range(5):
+            sample = {"__key__": f"k{i}", "png": _image_bytes(i, "PNG"), "txt": "x"}
+            if i == 2:
+                sample["png"] = b"\x89PNG broken"
+            if i == 3:
+                del sample["txt"]
+            sink.write(sample)
+    base = webdataset_loader(pattern % 0, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keys = [k for _, _, ks in base for k in ks]
+    assert keys == ["k0", "k1", "k4"]
+    assert base.stats["bad_samples"] == 2 and base.stats["bad_shards"] == 0
+    assert any("'k2'" in str(w.message) for w in caught)
+
+
+def test_shard_order_is_seeded_by_epoch(shards):
+    urls, _ = shards
+    base = webdataset_loader(urls, B, shuffle_shards=True, seed=0)
+    orders = []
+    for epoch in (0, 1, 0):
+        base.set_epoch(epoch)
+        orders.append(base.dataset.shard_order())
+    assert orders[0] == orders[2] and sorted(orders[0]) == sorted(urls)
+    assert any(webdataset_loader(urls, B, shuffle_shards=True, seed=s).dataset.shard_order()
+               != urls for s in range(5))
+
+
+def test_normalize_batch_across_collations(shards):
+    urls, _ = shards
+    # webdataset's own pipeline and collation (0.2.x: a list of fields; 1.0.x: a tuple)
+    ds = (
+        wds.WebDataset(urls[:1], shardshuffle=False)
+        .decode("torchrgb")
+        .to_tuple("jpg;png", "txt", "__key__")
+        .batched(B)
+    )
+    batch = next(iter(ds))
+    images, texts, keys = normalize_batch(batch)
+    assert images.shape == (B, 3, 32, 32)
+    assert texts == ["a photo 0", "a photo 1", "a photo 2", "a photo 3"]
+    assert keys == ["s00000", "s00001", "s00002", "s00003"]
+    # tuple collation, lists of tensors, dict batches
+    imgs = [torch.zeros(3, 4, 4)] * 2
+    for b in (
+        (imgs, ("a", "b"), ("k1", "k2")),
+        [torch.stack(imgs), ["a", "b"], ["k1", "k2"]],
+        {"jpg": imgs, "txt": ["a", "b"], "__key__": ["k1", "k2"]},
+    ):
+        im, tx, ks = normalize_batch(b)
+        assert im.shape == (2, 3, 4, 4) and tx == ["a", "b"] and ks == ["k1", "k2"]
+    assert normalize_batch({"image": imgs, "text": ["a", "b"]})[2] is None
+    with pytest.raises(ValueError, match="image field"):
+        normalize_batch({"foo": 1})
+    with pytest.raises(TypeError, match="to_tuple"):
+        normalize_batch(torch.zeros(2))
+
+
+def test_open_clip_train_tar_reader_on_pinned_webdataset(shards):
+    """open_clip issue #935: newer webdataset tar expanders break open_clip_train's
+    group_by_keys_nothrow (KeyError 'fname'). Guard the version the dev extra pins."""
+    import open_clip_train.data as data
+    urls, keys_by_shard = shards
+    samples = list(data.tarfile_to_samples_nothrow(iter([{"url": urls[0]}])))
+    assert [s["__key__"] for s in samples] == keys_by_shard[urls[0]]
+
+
+def test_lengths_only_when_num_samples_is_given(shards, models):
+    urls, _ = shards
+    base = webdataset_loader(urls, B)
+    assert getattr(base, "num_batches", None) is None
+    with pytest.raises(TypeError, match="num_samples"):
+        len(base)
+    sized = webdataset_loader(urls, B, num_samples=48)
+    assert len(sized) == sized.num_batches == 12 and sized.num_samples == 48
+    with _jest(sized, models) as jest:
+        assert len(jest) == 6 and jest.num_samples == 24

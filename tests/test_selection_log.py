@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from jeststream.cli import main as cli_main
+from jeststream.selection_log import SelectionLog, inspect_main, read_selection_log
+
+FORMATS = ["log.parquet", "log.jsonl"]
+
+
+def _write_steps(log: SelectionLog, steps, size=6, epoch=0, offset=0.0):
+    for step in steps:
+        scores = torch.arange(size, dtype=torch.float32) + step * 10 + offset
+        selected = torch.zeros(size, dtype=torch.bool)
+        selected[: size // 3] = True
+        keys = [f"k{step}_{i}" for i in range(size)]
+        log.write(keys=keys, epoch=epoch, step=step, scores=scores, selected=selected)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_roundtrip_and_bounded_flush(tmp_path, name):
+    path = tmp_path / name
+    with SelectionLog(path, flush_every=7) as log:
+        _write_steps(log, range(5))
+        # bounded memory: never more than flush_every buffered rows
+        assert log._n_buf < 7
+        assert log.rows_written >= 30 - 6
+    cols = read_selection_log(path)
+    assert len(cols["key"]) == 30
+    assert cols["key"][:3] == ["k0_0", "k0_1", "k0_2"]
+    assert cols["step"].tolist() == [s for s in range(5) for _ in range(6)]
+    assert cols["pos"].tolist() == list(range(6)) * 5
+    assert cols["selected"].sum() == 10
+    np.testing.assert_allclose(cols["score"][6:12], np.arange(6) + 10)
+    if name.endswith(".parquet"):
+        assert path.read_bytes()[:4] == b"PAR1"
+    else:
+        assert json.loads(path.read_text().splitlines()[0])["key"] == "k0_0"
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_append_across_resume_keeps_last_records(tmp_path, name):
+    path = tmp_path / name
+    with SelectionLog(path) as log:
+        _write_steps(log, range(4))  # interrupted run logged steps 0..3
+    with SelectionLog(path) as log:  # resumed from the checkpoint at step 2
+        _write_steps(log, range(2, 6), offset=0.5)
+    cols = read_selection_log(path)
+    assert cols["step"].tolist() == [s for s in range(6) for _ in range(6)]
+    # steps 2, 3 come from the resumed run
+    assert cols["score"][12] == pytest.approx(20.5)
+    assert cols["score"][0] == pytest.approx(0.0)
+    raw = read_selection_log(path, dedupe=False)
+    assert len(raw["step"]) == 48
+    # mode="w" starts afresh
+    with SelectionLog(path, mode="w") as log:
+        _write_steps(log, [9])
+    assert read_selection_log(path)["step"].tolist() == [9] * 6
+
+
+def test_no_keys_and_nan_scores(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with SelectionLog(path) as log:
+        log.write(
+            keys=None,
+            epoch=1,
+            step=0,
+            scores=torch.tensor([math.nan, 1.0]),
+            selected=torch.tensor([True, False]),
+        )
+    cols = read_selection_log(path)
+    assert cols["key"] == [None, None]
+    assert math.isnan(cols["score"][0]) and cols["epoch"].tolist() == [1, 1]
+
+
+def test_write_validates(tmp_path):
+    with SelectionLog(tmp_path / "l.jsonl") as log:
+        with pytest.raises(ValueError, match="selected has 2"):
+            log.write(keys=None, epoch=0, step=0, scores=torch.zeros(3), selected=torch.zeros(2))
+        with pytest.raises(ValueError, match="got 1 keys"):
+            log.write(keys=["a"], epoch=0, step=0, scores=torch.zeros(3), selected=torch.zeros(3))
+    with pytest.raises(ValueError, match="flush_every"):
+        SelectionLog(tmp_path / "x.jsonl", flush_every=0)
+    with pytest.raises(RuntimeError, match="closed"):
+        log.write(keys=None, epoch=0, step=0, scores=torch.zeros(1), selected=torch.zeros(1))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_inspect_summary_and_export(tmp_path, name, capsys):
+    path = tmp_path / name
+    with SelectionLog(path) as log:
+        _write_steps(log, range(3))
+    out_txt = tmp_path / "curated.txt"
+    rc = cli_main(["inspect", str(path), "--top", "2", "--export-selected", str(out_txt)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "examples seen: 18" in text
+    assert "selected: 6 (33.3%)" in text
+    assert "q50=" in text
+    top_line = text.split("top keys by score")[1].splitlines()[1]
+    assert "k2_5" in top_line  # highest score
+    bottom_line = text.split("bottom keys by score")[1].splitlines()[1]
+    assert "k0_0" in bottom_line
+    assert out_txt.read_text().split() == ["k0_0", "k0_1", "k1_0", "k1_1", "k2_0", "k2_1"]
+
+    assert inspect_main([str(path), "--json", "--top", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["examples_seen"] == 18 and summary["unique_keys"] == 18
+    assert summary["score_quantiles"]["q00"] == 0.0 and summary["score_quantiles"]["q100"] == 25.0
+    assert summary["top_keys"] == [{"key": "k2_5", "score": 25.0, "seen": 1, "selected": 0}]
+
+
+def test_inspect_missing_file(tmp_path, capsys):
+    assert inspect_main([str(tmp_path / "nope.parquet")]) == 2
+    assert "does not exist" in capsys.readouterr().err
