@@ -1,0 +1,345 @@
+"""open_clip glue: the embed for open_clip models, a JEST-wrapped ``DataInfo``, and reference loading.
+
+    from jeststream.adapters.open_clip import jestify, load_reference
+    reference = load_reference("ViT-B-32", pretrained="datacomp_xl_s13b_b90k", device="cuda")
+    data["train"] = jestify(data["train"], model, reference, ratio=0.2, loss="sigmoid")
+
+``jestify`` keeps open_clip's counting conventions: ``dataloader.num_batches`` is the number of
+(selected) batches per epoch -- open_clip builds its LR schedule from it -- and
+``dataloader.num_samples`` is ``num_batches`` times the *global* batch size, as in open_clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from jeststream.loader import JESTLoader
+from jeststream.losses import Embeddings
+from jeststream.scoring import default_embed
+from jeststream.snapshot import unwrap_model
+
+__all__ = [
+    "OpenCLIPJESTLoader",
+    "check_compatible",
+    "embed",
+    "jestify",
+    "load_reference",
+    "read_checkpoint_state_dict",
+    "unwrap_model",
+    "write_local_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+LOCAL_DIR_PREFIX = "local-dir:"
+
+
+def _param_dtype(module: nn.Module | None) -> torch.dtype | None:
+    if module is None:
+        return None
+    for p in module.parameters():
+        return p.dtype if p.is_floating_point() else None
+    return None
+
+
+def embed(model: nn.Module, batch: Any) -> Embeddings:
+    """Embeddings of an open_clip ``CLIP`` / ``CustomTextCLIP`` for an (images, texts) batch.
+
+    Same semantics as open_clip's ``output_dict=True`` forward (L2-normalised features,
+    ``logit_scale`` already exponentiated, ``logit_bias`` for SigLIP models); it is
+    ``jeststream.scoring.default_embed`` on the unwrapped model, with the images cast to the
+    vision tower's dtype first: open_clip_train casts inputs inside its training step
+    (``--precision pure_bf16`` / ``fp16``), so the base loader still yields float32 images.
+    """
+    model = unwrap_model(model)
+    dtype = _param_dtype(getattr(model, "visual", None))
+    if dtype is not None and dtype != torch.float32:
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
+            batch = (batch[0].to(dtype), *batch[1:])
+        elif isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
+            batch = {**batch, "image": batch["image"].to(dtype)}
+    return default_embed(model, batch)
+
+
+class OpenCLIPJESTLoader(JESTLoader):
+    """A JESTLoader that counts like an open_clip_train dataloader.
+
+    ``num_samples`` is global (all ranks), as open_clip's own loaders report it, and
+    ``on_yield(i, loader)`` -- if given -- is called for each yielded batch of a pass, after
+    ``last_info`` is set (the open_clip_train command logs selection statistics from it).
+    """
+
+    def __init__(
+        self,
+        base_loader: Any,
+        learner: nn.Module,
+        reference: nn.Module | None,
+        ratio: float = 0.2,
+        *,
+        on_yield: Callable[[int, OpenCLIPJESTLoader], None] | None = None,
+        **jest_kwargs: Any,
+    ) -> None:
+        if on_yield is not None and not callable(on_yield):
+            raise TypeError(f"on_yield must be callable (i, loader) -> None, got {on_yield!r}")
+        jest_kwargs.setdefault("embed", embed)
+        super().__init__(base_loader, learner, reference, ratio, **jest_kwargs)
+        self.on_yield = on_yield
+        base_batches = getattr(base_loader, "num_batches", None)
+        base_samples = getattr(base_loader, "num_samples", None)
+        # open_clip: num_samples == num_batches * batch_size * world_size (the global batch).
+        self._global_batch = (
+            base_samples // base_batches
+            if isinstance(base_batches, int) and isinstance(base_samples, int) and base_batches > 0
+            else None
+        )
+
+    @property
+    def num_samples(self) -> int:
+        if self._global_batch is None:
+            return super().num_samples
+        return self.num_batches * self._global_batch
+
+    def __iter__(self):
+        it = super().__iter__()
+        if self.on_yield is None:
+            return it
+        return self._observed(it)
+
+    def _observed(self, it: Any):
+        try:
+            for i, batch in enumerate(it):
+                self.on_yield(i, self)
+                yield batch
+        finally:
+            it.close()
+
+
+@dataclasses.dataclass
+class _Epochs:
+    """Forwards ``set_epoch`` to the wrapped DataInfo's own epoch store and to the JESTLoader."""
+
+    info: Any
+
+    def __call__(self, epoch: int) -> None:
+        type(self.info).set_epoch(self.info, epoch)
+        self.info.dataloader.set_epoch(epoch)
+
+
+def jestify(
+    data_info: Any,
+    learner: nn.Module,
+    reference: nn.Module | None,
+    ratio: float = 0.2,
+    **jest_kwargs: Any,
+) -> Any:
+    """Return a copy of an open_clip ``DataInfo`` whose dataloader is a JEST loader.
+
+    Args:
+        data_info: ``open_clip_train.data.DataInfo`` (or anything with ``dataloader``,
+            ``set_epoch``); its dataloader must report ``num_batches`` (open_clip's do).
+        learner: the model being trained; scored unwrapped (never through DDP).
+        reference: the frozen reference (see :func:`load_reference`).
+        ratio: b / B, the fraction of each super-batch that is trained on.
+        **jest_kwargs: passed to :class:`OpenCLIPJESTLoader` / JESTLoader (``loss``,
+            ``criterion``, ``n_chunks``, ``snapshot_dtype``, ``on_yield`` ...).
+
+    The returned DataInfo's ``set_epoch`` sets open_clip's shared epoch / sampler as before
+    and the JEST loader's epoch. ``dataloader.num_batches`` is ``base.num_batches // n``.
+    """
+    base = getattr(data_info, "dataloader", None)
+    if base is None or not hasattr(data_info, "set_epoch"):
+        raise TypeError(
+            f"jestify needs an open_clip DataInfo (with .dataloader and .set_epoch), got "
+            f"{type(data_info).__name__}"
+        )
+    if isinstance(base, JESTLoader):
+        raise ValueError("this DataInfo's dataloader is already a JESTLoader; jestify it once")
+    base_batches = getattr(base, "num_batches", None)
+    if not isinstance(base_batches, int):
+        raise TypeError(
+            f"the DataInfo's dataloader ({type(base).__name__}) has no integer num_batches; "
+            "open_clip needs it to build the LR schedule"
+        )
+    loader = OpenCLIPJESTLoader(base, unwrap_model(learner), reference, ratio, **jest_kwargs)
+    if loader.num_batches < 1:
+        loader.close()
+        raise ValueError(
+            f"the training loader has {base_batches} batches per epoch, fewer than the "
+            f"n={loader.n} base batches one JEST super-batch needs at ratio={ratio}; train on "
+            "more samples per epoch (--train-num-samples) or raise the ratio"
+        )
+    if dataclasses.is_dataclass(data_info):
+        wrapped = dataclasses.replace(data_info, dataloader=loader)
+    else:
+        import copy
+
+        wrapped = copy.copy(data_info)
+        wrapped.dataloader = loader
+    # An instance attribute, so the DataInfo keeps its class (and its own set_epoch logic).
+    wrapped.set_epoch = _Epochs(wrapped)
+    logger.info(
+        "JEST: ratio 1/%d, %d base batches -> %d selected batches per epoch (%d samples)",
+        loader.n, base_batches, loader.num_batches, loader.num_samples,
+    )
+    return wrapped
+
+
+# -- reference models ----------------------------------------------------------------------------
+
+
+def read_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model state_dict of an open_clip_train checkpoint (``epoch_N.pt``) or a bare one.
+
+    Strips DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes.
+    """
+    checkpoint = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(
+            f"{path} is neither an open_clip_train checkpoint (dict with 'state_dict') nor a "
+            "model state_dict"
+        )
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _arch_from_params_txt(checkpoint: Path) -> str | None:
+    """The ``model:`` line of the params.txt open_clip_train writes next to its checkpoints/."""
+    params = checkpoint.resolve().parent.parent / "params.txt"
+    if not params.is_file():
+        return None
+    for line in params.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("model: "):
+            return line[len("model: "):].strip()
+    return None
+
+
+def load_reference(
+    name_or_path: str | os.PathLike,
+    pretrained: str | None = None,
+    model: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    **model_kwargs: Any,
+) -> nn.Module:
+    """Build a frozen JEST reference model (eval mode, no gradients) with open_clip.
+
+    Args:
+        name_or_path: one of
+            - a released open_clip model name (``"ViT-B-32"``) with ``pretrained`` = its tag
+              (or a weights file), or ``hf-hub:org/repo``;
+            - ``"local-dir:PATH"``: a folder with ``open_clip_config.json`` (``model_cfg``) and
+              weights, e.g. a stage-1 model;
+            - an open_clip_train checkpoint file (``.../checkpoints/epoch_N.pt``) or a bare
+              state_dict file, with ``model`` = its architecture (read from the run's
+              ``params.txt`` when not given).
+        pretrained: tag or weights file for a released model name.
+        model: architecture name (or ``local-dir:`` config) for a checkpoint file.
+        device, dtype: where / in which floating dtype the reference lives.
+        **model_kwargs: passed to ``open_clip.create_model``.
+    """
+    import open_clip
+
+    spec = os.fspath(name_or_path)
+    path = Path(spec)
+    if path.is_file():
+        arch = model or _arch_from_params_txt(path)
+        if arch is None:
+            raise ValueError(
+                f"{spec} is a checkpoint file; name its architecture (--jest-reference-model / "
+                "model=, e.g. the --model of the run that wrote it)"
+            )
+        if pretrained is not None:
+            raise ValueError(
+                f"pretrained={pretrained!r} makes no sense with the checkpoint file {spec}; drop it"
+            )
+        state = read_checkpoint_state_dict(path)
+        if "logit_bias" in state:  # a SigLIP checkpoint: the model must have the parameter
+            model_kwargs.setdefault("init_logit_bias", float(state["logit_bias"]))
+        ref = open_clip.create_model(arch, device="cpu", **model_kwargs)
+        try:
+            ref.load_state_dict(state)
+        except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
+            raise ValueError(
+                f"the checkpoint {spec} does not fit the architecture {arch!r} ({exc}); pass the "
+                "--model it was trained with as --jest-reference-model"
+            ) from None
+        logger.info("JEST reference: %s weights from %s", arch, spec)
+    else:
+        if model is not None and not spec.startswith(LOCAL_DIR_PREFIX):
+            raise ValueError(
+                f"model={model!r} is only for checkpoint files, and {spec!r} is not a file"
+            )
+        if spec.startswith(LOCAL_DIR_PREFIX):
+            folder = Path(spec[len(LOCAL_DIR_PREFIX):])
+            if not (folder / "open_clip_config.json").is_file():
+                raise ValueError(
+                    f"{spec}: {folder} must hold open_clip_config.json (with model_cfg) and weights"
+                )
+        elif os.sep in spec or spec.endswith((".pt", ".bin", ".safetensors")):
+            raise ValueError(f"the reference {spec!r} looks like a file path, but does not exist")
+        elif pretrained is None and not spec.startswith("hf-hub:"):
+            raise ValueError(
+                f"the reference {spec!r} is a model name without weights: an untrained reference "
+                "is useless for JEST; pass its pretrained tag (--jest-reference-pretrained) or a "
+                "trained checkpoint"
+            )
+        ref = open_clip.create_model(spec, pretrained=pretrained, device="cpu", **model_kwargs)
+        logger.info("JEST reference: %s (pretrained=%s)", spec, pretrained)
+    if dtype is not None:
+        ref.to(dtype)
+    ref.to(device)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def check_compatible(learner: nn.Module, reference: nn.Module) -> None:
+    """Fail early when the reference cannot read the learner's batches (tokens, image size)."""
+    learner, reference = unwrap_model(learner), unwrap_model(reference)
+    problems = []
+    for what in ("context_length", "vocab_size"):
+        a, b = getattr(learner, what, None), getattr(reference, what, None)
+        if isinstance(a, int) and isinstance(b, int) and a != b:
+            problems.append(f"text {what} {a} (learner) vs {b} (reference)")
+    a = getattr(getattr(learner, "visual", None), "image_size", None)
+    b = getattr(getattr(reference, "visual", None), "image_size", None)
+    if a is not None and b is not None and tuple(_pair(a)) != tuple(_pair(b)):
+        problems.append(f"image size {a} (learner) vs {b} (reference)")
+    if problems:
+        raise ValueError(
+            "the reference model cannot score the learner's batches (the base loader tokenises "
+            "and resizes for the learner): " + "; ".join(problems)
+            + ". Use a reference with the same tokenizer and image size"
+        )
+
+
+def _pair(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+
+def write_local_dir(model: nn.Module, model_cfg: dict, folder: str | os.PathLike) -> str:
+    """Save ``model`` as an open_clip ``local-dir:`` folder; returns the ``local-dir:PATH`` spec."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = dict(model_cfg)
+    bias = getattr(unwrap_model(model), "logit_bias", None)
+    if bias is not None:  # else open_clip builds the model without it and the weights don't load
+        model_cfg.setdefault("init_logit_bias", float(bias.detach()))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
+    torch.save(unwrap_model(model).state_dict(), folder / "open_clip_pytorch_model.bin")
+    return LOCAL_DIR_PREFIX + os.fspath(folder)

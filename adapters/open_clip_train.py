@@ -1,0 +1,408 @@
+"""``jeststream openclip-train``: open_clip_train with its training loader wrapped in JEST.
+
+    jeststream openclip-train [every open_clip_train argument] --jest-ratio 0.2 \\
+        --jest-reference MODEL_NAME_OR_CHECKPOINT [--jest-reference-pretrained TAG] \\
+        [--jest-reference-model ARCH] [--jest-n-chunks 16] [--jest-criterion learnability] \\
+        [--jest-score-dtype bf16] [--jest-refresh-every 1] [--jest-selection-log PATH]
+
+The ``--jest-*`` flags are split off; everything else goes to ``open_clip_train.main.main``
+unchanged. Without ``--jest-*`` flags the command *is* ``python -m open_clip_train.main``.
+
+How the loader is swapped in (no open_clip_train code is copied): ``open_clip_train.main``
+imports ``create_model_and_transforms`` and ``get_data`` into its own namespace and, in
+``main()``, creates the model, then calls ``get_data``, then builds the LR schedule from
+``data["train"].dataloader.num_batches``. For the duration of the run we rebind those two
+names in ``open_clip_train.main`` -- the first to remember the (unwrapped) learner, the second to
+return ``data["train"]`` jestified -- and restore them afterwards. The installed open_clip_torch
+version and that structure are checked before anything runs.
+
+Counting: ``--batch-size`` stays the trained batch b; each step draws a super-batch of
+n = round(1/ratio) base batches. An epoch still reads ``--train-num-samples`` examples, so it has
+1/n of the plain run's optimizer steps (the LR schedule is built from that count); to keep the
+number of steps, multiply ``--train-num-samples`` by n.
+
+Statistics: at open_clip's log cadence (``--log-every-n-steps`` and the last step of an epoch)
+a ``JEST Epoch: ...`` line goes to open_clip's log, and ``jest/selected_mean``,
+``jest/super_batch_mean``, ``jest/scoring_share``, ``jest/wait_share``, ``jest/staleness`` and
+``jest/fallbacks`` go to tensorboard (an event file in open_clip's tensorboard folder) and
+wandb, on open_clip's step axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from jeststream.losses import CRITERIA
+
+__all__ = ["SUPPORTED_OPEN_CLIP", "check_open_clip_version", "main", "split_jest_argv"]
+
+logger = logging.getLogger(__name__)
+
+# [min, max): the hook relies on open_clip_train.main's module-level get_data /
+# create_model_and_transforms and on main() building the scheduler after get_data.
+# 3.0 is the first release whose create_model_* take `local-dir:` (open_clip PR #1069), which
+# the two-stage recipe relies on. Verified on 3.3.0; the structural check below guards the rest.
+SUPPORTED_OPEN_CLIP = ("3.0.0", "4.0.0")
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# flag -> (dest, type, default, help). Every --jest-* flag takes a value.
+_JEST_FLAGS: dict[str, tuple[str, Callable[[str], Any], Any, str]] = {
+    "--jest-ratio": ("ratio", float, None, "fraction b/B of each super-batch trained on (e.g. 0.2)"),
+    "--jest-reference": (
+        "reference", str, None,
+        "reference model: open_clip model name (+ --jest-reference-pretrained), "
+        "local-dir:PATH, or an open_clip_train checkpoint (epoch_N.pt)",
+    ),
+    "--jest-reference-pretrained": ("reference_pretrained", str, None, "pretrained tag or weights"),
+    "--jest-reference-model": (
+        "reference_model", str, None,
+        "architecture of a --jest-reference checkpoint file (default: from the run's params.txt)",
+    ),
+    "--jest-n-chunks": ("n_chunks", int, 16, "chunks of the joint sampler (<= --batch-size)"),
+    "--jest-criterion": ("criterion", str, "learnability", f"one of {', '.join(CRITERIA)}"),
+    "--jest-score-dtype": (
+        "score_dtype", str, None, f"dtype of the scoring models: {', '.join(_DTYPES)}",
+    ),
+    "--jest-refresh-every": (
+        "refresh_every", int, 1, "refresh the learner snapshot every N steps (0: each epoch)",
+    ),
+    "--jest-temperature": ("temperature", float, 1.0, "sampling temperature (0: greedy)"),
+    "--jest-selection-log": (
+        "selection_log", str, None, "write per-example scores/selections here (.parquet/.jsonl)",
+    ),
+}
+
+
+def _jest_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jeststream openclip-train",
+        description="open_clip_train with JEST selection; other flags go to open_clip_train",
+        allow_abbrev=False,
+    )
+    for flag, (dest, typ, default, help_) in _JEST_FLAGS.items():
+        parser.add_argument(flag, dest=dest, type=typ, default=default, help=help_)
+    return parser
+
+
+def split_jest_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``argv`` into (--jest-* flags with their values, the open_clip_train arguments)."""
+    jest: list[str] = []
+    rest: list[str] = []
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":  # everything after is open_clip_train's
+            rest.extend(argv[i:])
+            break
+        if tok.startswith("--jest-"):
+            flag = tok.split("=", 1)[0]
+            if flag not in _JEST_FLAGS:
+                raise ValueError(
+                    f"unknown flag {flag!r}; the JEST flags are {', '.join(_JEST_FLAGS)}"
+                )
+            if "=" in tok:
+                jest.append(tok)
+            elif i + 1 < len(argv):
+                jest.extend(argv[i:i + 2])
+                i += 1
+            else:
+                raise ValueError(f"{flag} needs a value")
+        else:
+            rest.append(tok)
+        i += 1
+    return jest, rest
+
+
+def _installed_open_clip_version() -> str:
+    return metadata.version("open_clip_torch")
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit()) or "0"
+        out.append(int(digits))
+    return tuple(out + [0] * (3 - len(out)))
+
+
+def check_open_clip_version(version: str | None = None) -> str:
+    """Fail loudly unless open_clip_torch is in ``SUPPORTED_OPEN_CLIP`` and main() has our hook."""
+    try:
+        version = version or _installed_open_clip_version()
+    except metadata.PackageNotFoundError:
+        raise RuntimeError(
+            "open_clip_torch is not installed; `pip install 'jeststream[openclip]'`"
+        ) from None
+    lo, hi = SUPPORTED_OPEN_CLIP
+    if not _version_tuple(lo) <= _version_tuple(version) < _version_tuple(hi):
+        raise RuntimeError(
+            f"jeststream openclip-train supports open_clip_torch >={lo},<{hi}; found {version}. "
+            f"Install a supported version (pip install 'open_clip_torch[training]>={lo},<{hi}') "
+            "or wrap the loader yourself with jeststream.adapters.open_clip.jestify"
+        )
+    import open_clip_train.main as ocm
+
+    names = set(ocm.main.__code__.co_names)
+    missing = [n for n in ("create_model_and_transforms", "get_data") if n not in names]
+    if missing or not all(callable(getattr(ocm, n, None)) for n in ("create_model_and_transforms",
+                                                                    "get_data")):
+        raise RuntimeError(
+            f"open_clip_train {version}'s main() no longer looks up {missing or 'its hooks'} in "
+            "open_clip_train.main, so JEST cannot replace its training loader; use a supported "
+            f"open_clip_torch (>={lo},<{hi})"
+        )
+    return version
+
+
+class _SelectionReporter:
+    """Logs the JEST loader's selection statistics at open_clip_train's cadence and places.
+
+    Called by the loader for every yielded batch; keeps window sums and, on the steps where
+    ``train_one_epoch`` logs (``--log-every-n-steps``, last step of the epoch), writes a
+    ``JEST Epoch: ...`` log line and ``jest/*`` scalars to tensorboard / wandb (same step axis).
+    """
+
+    def __init__(self, args: Any, criterion: str) -> None:
+        from open_clip_train.distributed import is_master
+
+        self.is_master = is_master
+        self.args = args
+        self.criterion = criterion
+        self.writer = None
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.t0 = now
+        self.n = 0
+        self.selected = 0.0
+        self.super_batch = 0.0
+        self.scored_s = 0.0
+        self.waited_s = 0.0
+        self.staleness = 0
+
+    def __call__(self, i: int, loader: Any) -> None:
+        info = loader.last_info
+        if i == 0:  # a new pass: don't charge the epoch boundary (eval, checkpointing) to JEST
+            self._reset(time.perf_counter() - info.waited_s)
+        self.n += 1
+        self.selected += info.selected_mean
+        self.super_batch += info.super_batch_mean
+        self.scored_s += info.scored_s
+        self.waited_s += info.waited_s
+        self.staleness = max(self.staleness, info.staleness)
+        args = self.args
+        accum = max(1, int(getattr(args, "accum_freq", 1)))
+        if (i + 1) % accum:
+            return
+        per_epoch = loader.num_batches // accum
+        i_accum = i // accum
+        every = max(1, int(getattr(args, "log_every_n_steps", 100)))
+        if not (i_accum % every == 0 or i_accum + 1 == per_epoch) or not self.is_master(args):
+            return
+        now = time.perf_counter()
+        wall = max(now - self.t0, 1e-9)
+        stats = {
+            "selected_mean": self.selected / self.n,
+            "super_batch_mean": self.super_batch / self.n,
+            "scoring_share": self.scored_s / wall,
+            "wait_share": self.waited_s / wall,
+            "staleness": float(self.staleness),
+            "fallbacks": float(loader.stats["fallbacks"]),
+        }
+        self._reset(now)
+        logger.info(
+            "JEST Epoch: %d [%d/%d] Selected %s: %.5g Super-batch %s: %.5g Scoring share: %.3f "
+            "Wait share: %.3f Staleness: %d Fallbacks: %d",
+            loader.epoch, i_accum + 1, per_epoch, self.criterion, stats["selected_mean"],
+            self.criterion, stats["super_batch_mean"], stats["scoring_share"],
+            stats["wait_share"], int(stats["staleness"]), int(stats["fallbacks"]),
+        )
+        step = per_epoch * loader.epoch + i_accum  # train_one_epoch's step for this batch
+        scalars = {f"jest/{k}": v for k, v in stats.items()}
+        self._tensorboard(scalars, step)
+        if getattr(args, "wandb", False):
+            import wandb
+
+            # commit=False: merged into open_clip's own log call for the same step.
+            wandb.log(scalars, step=step, commit=False)
+
+    def _tensorboard(self, scalars: dict[str, float], step: int) -> None:
+        args = self.args
+        path = getattr(args, "tensorboard_path", "")
+        if not (getattr(args, "tensorboard", False) and path):
+            return
+        if self.writer is None:
+            # Our own writer in open_clip's tensorboard folder: TensorBoard merges event files.
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(path, filename_suffix=".jest")
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class _Hook:
+    """The two names rebound in open_clip_train.main for one run."""
+
+    def __init__(self, jest: argparse.Namespace, ocm: Any) -> None:
+        self.jest = jest
+        self.ocm = ocm
+        self.orig_create = ocm.create_model_and_transforms
+        self.orig_get_data = ocm.get_data
+        self.learner: torch.nn.Module | None = None
+        self.loaders: list[Any] = []
+        self.reporter: _SelectionReporter | None = None
+
+    def create_model_and_transforms(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.orig_create(*args, **kwargs)
+        if self.learner is None:  # the first model main() creates is the learner (then: distill)
+            self.learner = out[0]
+        return out
+
+    def get_data(self, args: Any, *rest: Any, **kwargs: Any) -> dict:
+        data = self.orig_get_data(args, *rest, **kwargs)
+        if "train" in data:
+            data["train"] = self._jestify(args, data["train"])
+        return data
+
+    def _jestify(self, args: Any, train: Any) -> Any:
+        from jeststream.adapters.open_clip import check_compatible, jestify, load_reference
+
+        if self.learner is None:
+            raise RuntimeError(
+                "open_clip_train called get_data before creating the model; this open_clip_train "
+                "is not supported by jeststream openclip-train"
+            )
+        jest = self.jest
+        logger.info("JEST: %s", ", ".join(f"{k}={v}" for k, v in vars(jest).items()))
+        dtype = _DTYPES[jest.score_dtype] if jest.score_dtype else None
+        device = torch.device(args.device)
+        reference = None
+        if jest.reference is not None:
+            reference = load_reference(
+                jest.reference, jest.reference_pretrained, jest.reference_model,
+                device=device, dtype=dtype, cache_dir=getattr(args, "cache_dir", None),
+            )
+            check_compatible(self.learner, reference)
+        log_path = jest.selection_log
+        if log_path and getattr(args, "world_size", 1) > 1:
+            root, ext = os.path.splitext(log_path)
+            log_path = f"{root}.rank{args.rank}{ext}"
+        self.reporter = _SelectionReporter(args, jest.criterion)
+        wrapped = jestify(
+            train,
+            self.learner,
+            reference,
+            jest.ratio,
+            loss="sigmoid" if args.siglip else "softmax",
+            criterion=jest.criterion,
+            n_chunks=jest.n_chunks,
+            temperature=jest.temperature,
+            refresh_every=jest.refresh_every,
+            snapshot_dtype=dtype,
+            device=device,
+            seed=int(args.seed),
+            selection_log=log_path,
+            on_yield=self.reporter,
+        )
+        self.loaders.append(wrapped.dataloader)
+        return wrapped
+
+    @contextmanager
+    def installed(self) -> Iterator[_Hook]:
+        ocm = self.ocm
+        ocm.create_model_and_transforms = self.create_model_and_transforms
+        ocm.get_data = self.get_data
+        try:
+            yield self
+        finally:
+            ocm.create_model_and_transforms = self.orig_create
+            ocm.get_data = self.orig_get_data
+            for loader in self.loaders:
+                loader.close()
+            if self.reporter is not None:
+                self.reporter.close()
+
+
+def _validate(jest: argparse.Namespace, rest: list[str]) -> None:
+    """Check the JEST flags against open_clip_train's own (parsed by its parser, no side effects)."""
+    from open_clip_train.params import parse_args
+
+    if jest.ratio is None:
+        raise ValueError("--jest-ratio is required when any --jest-* flag is given (e.g. 0.2)")
+    if not 0 < jest.ratio < 1:
+        raise ValueError(f"--jest-ratio must be in (0, 1), got {jest.ratio}")
+    if jest.criterion not in CRITERIA:
+        raise ValueError(f"--jest-criterion {jest.criterion!r} is not one of {', '.join(CRITERIA)}")
+    if jest.reference is None and jest.criterion != "hard_learner":
+        raise ValueError(
+            f"--jest-criterion {jest.criterion} needs a reference model: pass --jest-reference "
+            "(a model trained on curated data), or use --jest-criterion hard_learner"
+        )
+    if jest.score_dtype is not None and jest.score_dtype not in _DTYPES:
+        raise ValueError(
+            f"--jest-score-dtype {jest.score_dtype!r} is not one of {', '.join(_DTYPES)}"
+        )
+    args = parse_args(rest)
+    if not (args.train_data or args.dataset_type == "synthetic"):
+        raise ValueError("JEST selects training data: pass --train-data (or drop the --jest-* flags)")
+    if jest.n_chunks > args.batch_size:
+        raise ValueError(
+            f"--jest-n-chunks {jest.n_chunks} exceeds --batch-size {args.batch_size}: each chunk "
+            f"selects at least one example; use --jest-n-chunks <= {args.batch_size}"
+        )
+    if args.trace:
+        raise ValueError("--trace builds an inference-only model; it cannot be trained with JEST")
+
+
+def _exit_code(result: Any) -> int:
+    # open_clip_train's main returns None on success and -1 on its own errors.
+    if result is None:
+        return 0
+    return 0 if result == 0 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run open_clip_train (with JEST when --jest-* flags are given); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        jest_argv, rest = split_jest_argv(argv)
+    except ValueError as exc:
+        print(f"jeststream openclip-train: error: {exc}", file=sys.stderr)
+        return 2
+    if "-h" in rest or "--help" in rest:
+        _jest_parser().print_help()
+        print("\nAll other arguments are open_clip_train's:\n")
+    import open_clip_train.main as ocm
+
+    try:
+        if not jest_argv:
+            return _exit_code(ocm.main(rest))
+        jest = _jest_parser().parse_args(jest_argv)
+        try:
+            check_open_clip_version()
+            _validate(jest, rest)
+        except (RuntimeError, ValueError) as exc:  # before anything is built or written
+            print(f"jeststream openclip-train: error: {exc}", file=sys.stderr)
+            return 2
+        with _Hook(jest, ocm).installed():
+            return _exit_code(ocm.main(rest))
+    except SystemExit as exc:  # argparse (--help, bad flags) exits; we return the code instead
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)

@@ -1,0 +1,226 @@
+"""jeststream.adapters.open_clip: embed, jestify (counts, set_epoch) and reference loading."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import open_clip_train.data as ocdata
+import pytest
+import torch
+import webdataset  # noqa: F401 -- dev extra: a missing one must fail, not skip
+from conftest import TINY_CLIP_CFG, make_pair_batches, make_tiny_clip
+from torch import nn
+
+from jeststream.adapters.open_clip import (
+    OpenCLIPJESTLoader,
+    check_compatible,
+    embed,
+    jestify,
+    load_reference,
+    read_checkpoint_state_dict,
+    write_local_dir,
+)
+from jeststream.loader import JESTLoader
+from jeststream.scoring import default_embed
+
+TINY = "jeststream-tiny-unit"
+
+
+@pytest.fixture(scope="module")
+def tiny_name(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("configs")
+    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(folder / f"{TINY}.json")
+    return TINY
+
+
+# -- embed -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
+def test_embed_matches_output_dict_forward(siglip):
+    model = make_tiny_clip(0, siglip=siglip).eval()
+    model.output_dict = True  # what open_clip_train builds
+    images, texts = make_pair_batches(1, b=6)[0]
+    e = embed(model, (images, texts))
+    with torch.no_grad():
+        out = model(images, texts)
+    torch.testing.assert_close(e.image, out["image_features"])
+    torch.testing.assert_close(e.text, out["text_features"])
+    torch.testing.assert_close(e.logit_scale, out["logit_scale"])
+    if siglip:
+        torch.testing.assert_close(e.logit_bias, out["logit_bias"])
+    else:
+        assert e.logit_bias is None
+
+
+def test_embed_custom_text_clip_and_wrappers():
+    torch.manual_seed(0)
+    model = open_clip.model.CustomTextCLIP(**TINY_CLIP_CFG, output_dict=True).eval()
+    images, texts = make_pair_batches(1, b=4)[0]
+    with torch.no_grad():
+        out = model(images, texts)
+        e = embed(nn.DataParallel(model), (images, texts, ["k"] * 4))  # unwrapped, extras ignored
+    torch.testing.assert_close(e.image, out["image_features"])
+    torch.testing.assert_close(e.text, out["text_features"])
+    assert embed.__module__ == "jeststream.adapters.open_clip"
+    # same as the loader's default for a float32 model
+    d = default_embed(model, (images, texts))
+    torch.testing.assert_close(d.image, e.image)
+
+
+def test_embed_casts_images_for_reduced_precision_models():
+    # open_clip_train --precision pure_bf16 keeps float32 images in the loader
+    model = make_tiny_clip(0).eval().to(torch.bfloat16)
+    images, texts = make_pair_batches(1, b=4)[0]
+    with torch.no_grad():
+        e = embed(model, (images, texts))
+        d = embed(model, {"image": images, "text": texts})
+    assert e.image.shape == (4, 32) and torch.isfinite(e.image.float()).all()
+    torch.testing.assert_close(e.image, d.image)
+
+
+# -- jestify ---------------------------------------------------------------------------------------
+
+
+class _Batches:
+    """An open_clip-style training loader: iterable of (images, texts) with num_batches/samples."""
+
+    def __init__(self, batches, world_size=1):
+        self.batches = batches
+        self.num_batches = len(batches)
+        self.num_samples = len(batches) * len(batches[0][0]) * world_size
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _data_info(n_batches=10, b=4, world_size=1):
+    loader = _Batches(make_pair_batches(n_batches, b=b), world_size)
+    return ocdata.DataInfo(dataloader=loader, shared_epoch=ocdata.SharedEpoch(0))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_jestify_counts_like_open_clip(world_size):
+    learner, reference = make_tiny_clip(0), make_tiny_clip(1)
+    info = _data_info(n_batches=10, b=4, world_size=world_size)
+    base = info.dataloader
+    wrapped = jestify(info, learner, reference, 0.25, loss="softmax", n_chunks=2,
+                      async_scoring=False)
+    try:
+        loader = wrapped.dataloader
+        assert isinstance(loader, JESTLoader) and isinstance(loader, OpenCLIPJESTLoader)
+        assert type(wrapped) is ocdata.DataInfo and info.dataloader is base  # a copy
+        assert loader.num_batches == 10 // 4
+        assert loader.num_samples == loader.num_batches * 4 * world_size
+        batches = list(loader)
+        assert len(batches) == loader.num_batches
+        assert all(imgs.shape[0] == 4 and txt.shape[0] == 4 for imgs, txt in batches)
+        assert loader.num_samples == loader.num_batches * 4 * world_size  # unchanged once b known
+    finally:
+        wrapped.dataloader.close()
+
+
+def test_jestify_set_epoch_reaches_open_clip_and_the_loader():
+    info = _data_info()
+    wrapped = jestify(info, make_tiny_clip(0), make_tiny_clip(1), 0.5, n_chunks=2)
+    try:
+        wrapped.set_epoch(3)
+        assert wrapped.shared_epoch.get_value() == 3
+        assert wrapped.dataloader.epoch == 3
+        assert info.shared_epoch is wrapped.shared_epoch
+    finally:
+        wrapped.dataloader.close()
+
+
+def test_jestify_on_yield_sees_each_batch_info():
+    seen = []
+    wrapped = jestify(_data_info(n_batches=8), make_tiny_clip(0), make_tiny_clip(1), 0.5,
+                      n_chunks=2, on_yield=lambda i, ld: seen.append((i, ld.last_info.step)))
+    try:
+        n = sum(1 for _ in wrapped.dataloader)
+    finally:
+        wrapped.dataloader.close()
+    assert n == 4 and seen == [(0, 0), (1, 1), (2, 2), (3, 3)]
+
+
+def test_jestify_errors():
+    learner, reference = make_tiny_clip(0), make_tiny_clip(1)
+    with pytest.raises(ValueError, match="fewer than the n=4 base batches"):
+        jestify(_data_info(n_batches=3), learner, reference, 0.25)
+    with pytest.raises(TypeError, match="DataInfo"):
+        jestify(object(), learner, reference, 0.25)
+    wrapped = jestify(_data_info(), learner, reference, 0.25, n_chunks=2)
+    try:
+        with pytest.raises(ValueError, match="already a JESTLoader"):
+            jestify(wrapped, learner, reference, 0.25)
+    finally:
+        wrapped.dataloader.close()
+
+
+# -- reference loading -----------------------------------------------------------------------------
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
+def test_load_reference_from_open_clip_train_checkpoint(tmp_path, tiny_name, siglip):
+    model = make_tiny_clip(3, siglip=siglip)
+    if siglip:
+        with torch.no_grad():
+            model.logit_bias.fill_(-7.5)
+    run = tmp_path / "logs" / "stage1"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "epoch_2.pt"
+    # what open_clip_train saves under DDP: module.-prefixed keys, plus optimizer state
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 2, "name": "stage1", "state_dict": sd, "optimizer": {}}, ckpt)
+    ref = load_reference(ckpt, model=tiny_name)
+    assert _same_weights(ref, model)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    # the architecture is read from the run's params.txt when not given
+    (run / "params.txt").write_text(f"lr: 0.001\nmodel: {tiny_name}\nsiglip: {siglip}\n")
+    assert _same_weights(load_reference(str(ckpt)), model)
+    assert set(read_checkpoint_state_dict(ckpt)) == set(model.state_dict())
+
+
+def test_load_reference_local_dir_and_dtype(tmp_path):
+    model = make_tiny_clip(4, siglip=True)
+    spec = write_local_dir(model, TINY_CLIP_CFG, tmp_path / "ref")
+    assert spec == f"local-dir:{tmp_path / 'ref'}"
+    ref = load_reference(spec)
+    assert _same_weights(ref, model)
+    ref16 = load_reference(spec, dtype=torch.bfloat16)
+    assert next(ref16.parameters()).dtype == torch.bfloat16
+
+
+def test_load_reference_errors(tmp_path, tiny_name):
+    with pytest.raises(ValueError, match="without weights"):
+        load_reference(tiny_name)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_reference(str(tmp_path / "missing" / "epoch_1.pt"))
+    with pytest.raises(ValueError, match="open_clip_config.json"):
+        load_reference(f"local-dir:{tmp_path}")
+    ckpt = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": make_tiny_clip(0).state_dict()}, ckpt)
+    with pytest.raises(ValueError, match="name its architecture"):
+        load_reference(ckpt)
+    other = dict(TINY_CLIP_CFG, embed_dim=16)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    open_clip.add_model_config(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="does not fit the architecture"):
+        load_reference(ckpt, model="other")
+
+
+def test_check_compatible_rejects_other_tokenizer_or_image_size():
+    learner = make_tiny_clip(0)
+    check_compatible(learner, make_tiny_clip(1))
+    cfg = json.loads(json.dumps(TINY_CLIP_CFG))
+    cfg["text_cfg"]["context_length"] = 8
+    cfg["vision_cfg"]["image_size"] = 16
+    with pytest.raises(ValueError, match="context_length 16 .* vs 8.*image size"):
+        check_compatible(learner, open_clip.model.CLIP(**cfg))

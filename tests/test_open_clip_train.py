@@ -1,0 +1,378 @@
+"""`jeststream openclip-train`: flag splitting, version gate, and end-to-end runs on a tiny model.
+
+The end-to-end runs write real webdataset shards (PNG bytes + captions, sizes.json), register a
+tiny open_clip config, and run open_clip_train in-process on CPU (no downloads): stage 1 trains a
+reference on curated shards (this is also the parity run against plain open_clip_train), stage 2
+trains with JEST on noisy shards, with --siglip and without, then resumes from epoch 1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import tarfile
+from pathlib import Path
+
+import open_clip
+import open_clip_train.main  # noqa: F401 -- dev extra: a missing one must fail, not skip
+import PIL.Image as PIL
+import pytest
+import torch
+import webdataset  # noqa: F401 -- dev extra: a missing one must fail, not skip
+
+from jeststream.adapters import open_clip_train as oct_
+from jeststream.selection_log import read_selection_log
+
+TINY = "jeststream-tiny-e2e"
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20),
+    "purple": (140, 20, 160), "orange": (250, 140, 0), "black": (5, 5, 5), "white": (250, 250, 250),
+}
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def register_tiny(folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(folder / f"{TINY}.json")
+    return TINY
+
+
+def png_bytes(rgb: tuple[int, int, int], size: int = 32) -> bytes:
+    # Solid colours: open_clip's random-resized-crop leaves them unchanged, so a run's first
+    # batch does not depend on open_clip's time-seeded sample shuffle (see the parity test).
+    buf = io.BytesIO()
+    PIL.new("RGB", (size, size), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, n_shards: int, per_shard: int, noise: float, seed: int = 0) -> str:
+    """Shards of coloured squares with captions (a ``noise`` fraction mismatched); -> wds spec."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    names = list(COLOURS)
+    sizes = {}
+    for s in range(n_shards):
+        name = f"shard-{s:06d}.tar"
+        with tarfile.open(folder / name, "w") as tar:
+            for j in range(per_shard):
+                colour = names[int(torch.randint(len(names), (1,), generator=g))]
+                said = colour
+                if float(torch.rand((), generator=g)) < noise:
+                    said = names[int(torch.randint(len(names), (1,), generator=g))]
+                for ext, data in (("png", png_bytes(COLOURS[colour])),
+                                  ("txt", f"a photo of a {said} square".encode())):
+                    info = tarfile.TarInfo(f"{s:03d}{j:05d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        sizes[name] = per_shard
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    last = n_shards - 1
+    return str(folder / f"shard-{{000000..{last:06d}}}.tar")
+
+
+class _RootLogging:
+    """open_clip_train adds root handlers per run; undo that so in-process runs don't pile up."""
+
+    def __enter__(self):
+        self.handlers = list(logging.root.handlers)
+        self.levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
+                       if isinstance(lg, logging.Logger)}
+        self.level = logging.root.level
+        return self
+
+    def __exit__(self, *exc):
+        for h in list(logging.root.handlers):
+            if h not in self.handlers:
+                logging.root.removeHandler(h)
+                h.close()
+        logging.root.setLevel(self.level)
+        for name, lg in logging.root.manager.loggerDict.items():
+            if isinstance(lg, logging.Logger):
+                lg.setLevel(self.levels.get(name, logging.NOTSET))
+
+
+def run(argv: list[str], plain: bool = False) -> int:
+    with _RootLogging():
+        if plain:
+            import open_clip_train.main as ocm
+
+            result = ocm.main(argv)
+            return 0 if result is None else 1
+        return oct_.main(argv)
+
+
+def common(tmp: Path, name: str, data: str, *, batch: int, samples: int, epochs: int) -> list[str]:
+    return [
+        "--train-data", data, "--dataset-type", "webdataset", "--train-num-samples", str(samples),
+        "--model", TINY, "--device", "cpu", "--precision", "fp32", "--workers", "0",
+        "--batch-size", str(batch), "--epochs", str(epochs), "--lr", "1e-3", "--warmup", "2",
+        "--seed", "0", "--log-every-n-steps", "1", "--logs", str(tmp / "logs"), "--name", name,
+        "--report-to", "",
+    ]
+
+
+def log_of(tmp: Path, name: str) -> str:
+    return (tmp / "logs" / name / "out.log").read_text()
+
+
+def train_lines(log: str, epoch: int) -> list[str]:
+    return [ln for ln in log.splitlines() if f"Train Epoch: {epoch} [" in ln]
+
+
+def first_loss(log: str) -> float:
+    m = re.search(r"Train Epoch: 0 \[.*? Loss: ([0-9.eE+-]+)", log)
+    assert m, log[-2000:]
+    return float(m.group(1))
+
+
+# -- fast tests --------------------------------------------------------------------------------------
+
+
+def test_split_jest_argv_separates_flags_and_values():
+    jest, rest = oct_.split_jest_argv(
+        ["--model", "X", "--jest-ratio", "0.2", "--siglip", "--jest-reference=ref.pt",
+         "--batch-size", "8", "--jest-n-chunks", "4"]
+    )
+    assert jest == ["--jest-ratio", "0.2", "--jest-reference=ref.pt", "--jest-n-chunks", "4"]
+    assert rest == ["--model", "X", "--siglip", "--batch-size", "8"]
+    assert oct_.split_jest_argv(["--model", "X"]) == ([], ["--model", "X"])
+
+
+@pytest.mark.parametrize("argv", [["--jest-ratoi", "0.2"], ["--jest-ratio"]])
+def test_bad_jest_flags_are_rejected(argv, capsys):
+    assert oct_.main(argv) == 2
+    assert "--jest-ratio" in capsys.readouterr().err
+
+
+def test_installed_version_is_supported():
+    assert oct_.check_open_clip_version() == oct_._installed_open_clip_version()
+
+
+@pytest.mark.parametrize("version", ["2.32.0", "4.0.0", "1.3.0"])
+def test_unsupported_version_fails_loudly(monkeypatch, version):
+    monkeypatch.setattr(oct_, "_installed_open_clip_version", lambda: version)
+    with pytest.raises(RuntimeError, match=rf"supports open_clip_torch >=.*found {re.escape(version)}"):
+        oct_.check_open_clip_version()
+
+def test_command_refuses_unsupported_version_before_training(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(oct_, "_installed_open_clip_version", lambda: "2.20.0")
+    argv = ["--jest-ratio", "0.25", "--jest-reference", "x", "--train-data", "x",
+            "--logs", str(tmp_path)]
+    assert oct_.main(argv) == 2
+    assert "found 2.20.0" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_help_lists_jest_flags_then_open_clip_train_flags(capsys):
+    assert oct_.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--jest-reference-pretrained" in out and "--train-num-samples" in out
+
+
+@pytest.mark.parametrize("version", ["3.0.0", "3.3.0", "3.99.1"])
+def test_supported_versions_pass(monkeypatch, version):
+    monkeypatch.setattr(oct_, "_installed_open_clip_version", lambda: version)
+    assert oct_.check_open_clip_version() == version
+
+
+def test_changed_open_clip_train_structure_fails_loudly(monkeypatch):
+    import open_clip_train.main as ocm
+
+    monkeypatch.delattr(ocm, "get_data")
+    with pytest.raises(RuntimeError, match="cannot replace its training loader"):
+        oct_.check_open_clip_version()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--jest-reference", "r.pt"], "--jest-ratio is required"),
+        (["--jest-ratio", "0.25"], "needs a reference model"),
+        (["--jest-ratio", "0.25", "--jest-reference", "r.pt", "--jest-n-chunks", "16"],
+         "exceeds --batch-size 4"),
+        (["--jest-ratio", "0.25", "--jest-reference", "r.pt", "--jest-score-dtype", "int8"],
+         "int8"),
+    ],
+)
+def test_flag_validation(tmp_path, capsys, extra, message):
+    argv = ["--train-data", "x.tar", "--batch-size", "4", "--logs", str(tmp_path)] + extra
+    assert oct_.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """Shards, the tiny model, and stage 1 (the reference) trained by `jeststream openclip-train`
+    without --jest-* flags and, for parity, by plain open_clip_train."""
+    tmp = tmp_path_factory.mktemp("openclip_e2e")
+    register_tiny(tmp / "configs")
+    # curated: one batch of 16 per epoch, so the first batch is the whole (shuffled) set
+    curated = write_shards(tmp / "curated", 1, 16, noise=0.0, seed=1)
+    noisy = write_shards(tmp / "noisy", 2, 32, noise=0.5, seed=2)
+    stage1 = common(tmp, "stage1", curated, batch=16, samples=16, epochs=2) + ["--siglip"]
+    assert run(stage1) == 0
+    plain = common(tmp, "stage1-plain", curated, batch=16, samples=16, epochs=1) + ["--siglip"]
+    assert run(plain, plain=True) == 0
+    ckpt = tmp / "logs" / "stage1" / "checkpoints" / "epoch_2.pt"
+    assert ckpt.is_file()
+    return {"tmp": tmp, "noisy": noisy, "reference": str(ckpt)}
+
+
+@pytest.mark.slow
+def test_without_jest_flags_trains_exactly_like_open_clip_train(e2e):
+    ours = log_of(e2e["tmp"], "stage1")
+    plain = log_of(e2e["tmp"], "stage1-plain")
+    assert "JEST" not in ours
+    assert first_loss(ours) == pytest.approx(first_loss(plain), rel=1e-4)
+    assert len(train_lines(ours, 0)) == len(train_lines(plain, 0)) == 1
+
+
+def _stage2(e2e, name: str, *extra: str, epochs: int = 2) -> tuple[list[str], str]:
+    tmp = e2e["tmp"]
+    # 64 samples / batch 4 = 16 base batches per epoch -> 4 JEST super-batches of 16
+    argv = common(tmp, name, e2e["noisy"], batch=4, samples=64, epochs=epochs) + [
+        "--jest-ratio", "0.25", "--jest-reference", e2e["reference"],
+        "--jest-reference-model", TINY, "--jest-n-chunks", "2", *extra,
+    ]
+    assert run(argv) == 0
+    return argv, log_of(tmp, name)
+
+
+def _check_jest_run(log: str, epochs: int = 2, start: int = 0) -> None:
+    assert "JEST: ratio 1/4, 16 base batches -> 4 selected batches per epoch (16 samples)" in log
+    for epoch in range(start, epochs):
+        steps = train_lines(log, epoch)
+        assert len(steps) == 4, steps  # optimizer steps per epoch == the JEST num_batches
+        assert "[16/16 (100%)]" in steps[-1]  # open_clip's sample counter agrees with num_samples
+        jest = [ln for ln in log.splitlines() if f"JEST Epoch: {epoch} [" in ln]
+        assert len(jest) == 4, jest
+        m = re.search(r"Selected learnability: (\S+) Super-batch learnability: (\S+) "
+                      r"Scoring share: (\S+) Wait share: (\S+) Staleness: \d+ Fallbacks: 0", jest[-1])
+        assert m, jest[-1]
+        assert all(map(lambda v: v == v, map(float, m.groups())))  # no NaN
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("siglip", [True, False], ids=["siglip", "clip"])
+def test_jest_two_epochs_and_resume(e2e, siglip, tmp_path):
+    flags = ["--siglip"] if siglip else []
+    name = "jest-siglip" if siglip else "jest-clip"
+    sel_log = tmp_path / "selection.jsonl"
+    argv, log = _stage2(e2e, name, *flags, "--jest-selection-log", str(sel_log))
+    _check_jest_run(log)
+    cols = read_selection_log(sel_log)
+    assert len(cols["step"]) == 2 * 4 * 16  # 2 epochs x 4 super-batches of 16
+    assert int(cols["selected"].sum()) == 2 * 4 * 4
+    ckpt_dir = e2e["tmp"] / "logs" / name / "checkpoints"
+    assert (ckpt_dir / "epoch_1.pt").is_file() and (ckpt_dir / "epoch_2.pt").is_file()
+    if not siglip:
+        return
+    # resume from the epoch-1 checkpoint for a third epoch, under a new name
+    resume = [a for a in argv if a != str(sel_log)]
+    resume = [*_replace(resume, "--name", f"{name}-resumed"), "--resume",
+              str(ckpt_dir / "epoch_1.pt")]
+    resume = _replace(resume, "--epochs", "3")
+    resume = [a for a in resume if a != "--jest-selection-log"]
+    assert run(resume) == 0
+    log = log_of(e2e["tmp"], f"{name}-resumed")
+    assert "resuming checkpoint" in log and "(epoch 1)" in log
+    assert not train_lines(log, 0)
+    _check_jest_run(log, epochs=3, start=1)
+    assert (e2e["tmp"] / "logs" / f"{name}-resumed" / "checkpoints" / "epoch_3.pt").is_file()
+
+
+def _replace(argv: list[str], flag: str, value: str) -> list[str]:
+    out = list(argv)
+    out[out.index(flag) + 1] = value
+    return out
+
+
+# -- selection statistics through open_clip's logging ----------------------------------------------
+
+
+class _FakeWriter:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, name, value, step):
+        self.scalars.append((name, value, step))
+
+    def close(self):
+        pass
+
+
+class _FakeLoader:
+    def __init__(self, num_batches, epoch):
+        import types
+
+        self.num_batches, self.epoch, self.stats = num_batches, epoch, {"fallbacks": 1}
+        self.last_info = types.SimpleNamespace(
+            selected_mean=2.0, super_batch_mean=1.0, scored_s=0.0, waited_s=0.0, staleness=1
+        )
+
+
+def test_reporter_logs_at_open_clip_cadence_to_log_tensorboard_and_wandb(monkeypatch, caplog):
+    import argparse
+    import sys
+    import types
+
+    logged = []
+    fake_wandb = types.SimpleNamespace(log=lambda data, step, commit: logged.append((data, step,
+                                                                                     commit)))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    args = argparse.Namespace(accum_freq=1, log_every_n_steps=2, tensorboard=True,
+                              tensorboard_path="unused", wandb=True, rank=0, local_rank=0)
+    reporter = oct_._SelectionReporter(args, "learnability")
+    reporter.writer = _FakeWriter()
+    loader = _FakeLoader(num_batches=5, epoch=1)
+    with caplog.at_level(logging.INFO, logger=oct_.__name__):
+        for i in range(5):
+            reporter(i, loader)
+    # open_clip logs steps 0, 2, 4 (every 2, and the last), at step = 5 * epoch + i
+    steps = sorted({s for _, _, s in reporter.writer.scalars})
+    assert steps == [5, 7, 9]
+    names = {n for n, _, _ in reporter.writer.scalars}
+    assert {"jest/selected_mean", "jest/super_batch_mean", "jest/scoring_share",
+            "jest/fallbacks"} <= names
+    assert [s for _, s, _ in logged] == [5, 7, 9] and all(c is False for _, _, c in logged)
+    lines = [r.getMessage() for r in caplog.records if "JEST Epoch: 1" in r.getMessage()]
+    assert len(lines) == 3 and "Selected learnability: 2" in lines[0] and "Fallbacks: 1" in lines[0]
+    # other ranks stay quiet
+    args.rank = 1
+    reporter.writer = _FakeWriter()
+    reporter(0, loader)
+    assert not reporter.writer.scalars
+
+
+@pytest.mark.slow
+def test_two_stage_example_script(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "openclip_two_stage.sh"
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, EPOCHS="1",
+               STAGE1_EPOCHS="1", CURATED_PER_SHARD="16", NOISY_PER_SHARD="32",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "out" / "logs" / "stage2" / "out.log").read_text()
+    assert "JEST: ratio 1/4, 8 base batches -> 2 selected batches per epoch (32 samples)" in log
+    assert len(train_lines(log, 0)) == 2 and "JEST Epoch: 0 [2/2]" in log
+    assert (tmp_path / "out" / "logs" / "stage2" / "checkpoints" / "epoch_1.pt").is_file()
