@@ -217,3 +217,24 @@ def test_cuda_stream_path(tiny_clip, pair_batches, no_thread_leak):
     moved = to_device(host, dev)
     assert moved["x"].device.type == "cuda" and moved["k"] == host["k"]
     assert torch.equal(moved["x"].cpu(), host["x"])
+
+
+def test_pipeline_benchmark_quick_prints_json():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=240,
+        check=True,
+    ).stdout
+    result = json.loads(out)
+    assert [(o["T_ms"], o["S_ms"]) for o in result["overlap"]] == [(50, 30), (30, 50)]
+    for o in result["overlap"]:
+        assert o["async_ms"] > 0 and o["sync_ms"] > 0 and o["ideal_ms"] == 50
+    for part in ("consumer", "cpu"):
+        ov = result["overhead"][part]
+        assert ov["plain_ms_per_step"] > 0 and ov["async_ms_per_step"] > 0
+        assert "wrapper_overhead_async" in ov
