@@ -76,6 +76,13 @@ class OpenCLIPJESTLoader(JESTLoader):
     ``num_samples`` is global (all ranks), as open_clip's own loaders report it, and
     ``on_yield(i, loader)`` -- if given -- is called for each yielded batch of a pass, after
     ``last_info`` is set (the open_clip_train command logs selection statistics from it).
+
+    Steps follow open_clip's axis: ``set_epoch(e)`` puts the step counter at
+    ``e * num_batches`` (unless a ``load_state_dict`` is pending), so that a run resumed from an
+    epoch checkpoint (open_clip_train ``--resume``, which does not hold the loader's state)
+    numbers its super-batches -- and its selection-log records -- as the uninterrupted run did.
+    ``append_log=True`` appends to an existing selection log instead of overwriting it (use it
+    when resuming; the reader keeps the last record of a step written twice).
     """
 
     def __init__(
@@ -86,6 +93,7 @@ class OpenCLIPJESTLoader(JESTLoader):
         ratio: float = 0.2,
         *,
         on_yield: Callable[[int, OpenCLIPJESTLoader], None] | None = None,
+        append_log: bool = False,
         **jest_kwargs: Any,
     ) -> None:
         if on_yield is not None and not callable(on_yield):
@@ -93,14 +101,29 @@ class OpenCLIPJESTLoader(JESTLoader):
         jest_kwargs.setdefault("embed", embed)
         super().__init__(base_loader, learner, reference, ratio, **jest_kwargs)
         self.on_yield = on_yield
+        # JESTLoader appends only after load_state_dict(); an epoch-checkpoint resume has none.
+        self._log_append = bool(append_log)
         base_batches = getattr(base_loader, "num_batches", None)
         base_samples = getattr(base_loader, "num_samples", None)
-        # open_clip: num_samples == num_batches * batch_size * world_size (the global batch).
-        self._global_batch = (
-            base_samples // base_batches
-            if isinstance(base_batches, int) and isinstance(base_samples, int) and base_batches > 0
-            else None
-        )
+        base_b = getattr(base_loader, "batch_size", None)
+        if isinstance(base_b, int) and base_b > 0:
+            # map-style (csv, synthetic): num_samples is len(dataset), not a multiple of the batch
+            self._global_batch: int | None = base_b * _world_size()
+        elif isinstance(base_batches, int) and isinstance(base_samples, int) and base_batches > 0:
+            # webdataset: num_samples == num_batches * batch_size * world_size (the global batch)
+            self._global_batch = base_samples // base_batches
+        else:
+            self._global_batch = None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if not self._restored:
+            try:
+                per_epoch = self.num_batches
+            except TypeError:
+                return
+            self._step = int(epoch) * per_epoch
+            self._snapshot.reset_steps(self._step)
 
     @property
     def num_samples(self) -> int:
@@ -121,6 +144,12 @@ class OpenCLIPJESTLoader(JESTLoader):
                 yield batch
         finally:
             it.close()
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 @dataclasses.dataclass

@@ -328,7 +328,11 @@ class WebDatasetLoader:
     """
 
     def __init__(
-        self, pipeline: _Pipeline, loader: DataLoader, num_samples: int | None = None
+        self,
+        pipeline: _Pipeline,
+        loader: DataLoader,
+        num_samples: int | None = None,
+        world_size: int = 1,
     ) -> None:
         self.dataset = pipeline
         self.loader = loader
@@ -336,6 +340,7 @@ class WebDatasetLoader:
         self.sampler = None
         self._counter = pipeline.counter
         self._num_samples = num_samples
+        self._world = max(1, int(world_size))  # ranks sharing num_samples (split_by_node)
         self._yielded = 0
         self._skip = 0
 
@@ -354,8 +359,23 @@ class WebDatasetLoader:
         return self.dataset.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's shard order (with ``shuffle_shards``); call before iterating."""
-        self.dataset.epoch = int(epoch)
+        """Select the epoch's shard order (with ``shuffle_shards``); call before iterating.
+
+        A restored position belongs to the restored epoch: moving to another epoch drops it
+        (a checkpoint taken at the end of epoch e must not skip batches of epoch e + 1).
+        """
+        epoch = int(epoch)
+        if epoch != self.dataset.epoch and self._skip:
+            logger.info(
+                "webdataset: set_epoch(%d) after resuming inside epoch %d; starting epoch %d "
+                "from its beginning",
+                epoch,
+                self.dataset.epoch,
+                epoch,
+            )
+            self._skip = 0
+            self._yielded = 0
+        self.dataset.epoch = epoch
 
     @property
     def num_batches(self) -> int:
@@ -365,10 +385,11 @@ class WebDatasetLoader:
                 "the number of batches of a webdataset stream is unknown; pass num_samples= to "
                 "webdataset_loader (e.g. from your dataset's sizes.json)"
             )
-        return self._num_samples // self.batch_size
+        return self._num_samples // (self.batch_size * self._world)
 
     @property
     def num_samples(self) -> int:
+        """Examples this rank yields per epoch (``num_batches * batch_size``)."""
         return self.num_batches * self.batch_size
 
     def __len__(self) -> int:
@@ -466,7 +487,9 @@ def webdataset_loader(
         num_workers: DataLoader workers; shards are split between them (and between ranks).
         image_exts / text_exts: sample fields tried in order for the image and the caption.
         shuffle_shards: shuffle the shard order each epoch, seeded by ``seed`` and the epoch.
-        num_samples: examples per epoch, if known (gives ``len``/``num_batches``).
+        num_samples: examples per epoch over all ranks, if known (e.g. the sum of
+            ``sizes.json``, like open_clip's ``--train-num-samples``); gives ``len`` /
+            ``num_batches`` = ``num_samples // (batch_size * world_size)`` per rank.
         on_bad_shard: "warn" (count and continue) or "raise".
         **dataloader_kwargs: passed to ``torch.utils.data.DataLoader``.
     """
@@ -478,6 +501,12 @@ def webdataset_loader(
         raise TypeError(f"tokenizer must be callable list[str] -> tensor, got {tokenizer!r}")
     if "batch_size" in dataloader_kwargs or "collate_fn" in dataloader_kwargs:
         raise TypeError("batching happens in the pipeline; do not pass batch_size/collate_fn")
+    if dataloader_kwargs.get("persistent_workers"):
+        raise TypeError(
+            "persistent_workers=True is not supported: the workers must be restarted each pass "
+            "to see set_epoch() and a resumed position; drop the argument"
+        )
+    dataloader_kwargs.pop("persistent_workers", None)
     url_list = expand_urls(urls)
     from webdataset.utils import pytorch_worker_info
 
@@ -508,7 +537,7 @@ def webdataset_loader(
         persistent_workers=False,  # workers must see set_epoch()/resume each pass
         **dataloader_kwargs,
     )
-    return WebDatasetLoader(pipeline, loader, num_samples)
+    return WebDatasetLoader(pipeline, loader, num_samples, world_size=world)
 
 
 def normalize_batch(

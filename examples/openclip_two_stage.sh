@@ -10,13 +10,16 @@
 # --model and the sizes; with a released reference use
 #   --jest-reference ViT-B-32 --jest-reference-pretrained <tag>   (or local-dir:PATH).
 #
-# Environment: OUT (work folder, default runs/openclip_two_stage), PYTHON (default python),
+# Environment: OUT (work folder, default runs/openclip_two_stage), PYTHON (default: the
+# project's .venv/bin/python when it exists, else python3),
 # DEVICE (default cpu), EPOCHS (stage 2, default 2), STAGE1_EPOCHS (default 4),
 # CURATED_PER_SHARD (2 shards, default 128), NOISY_PER_SHARD (4 shards, default 256).
 set -euo pipefail
 
 OUT=${OUT:-runs/openclip_two_stage}
-PY=${PYTHON:-python}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -z "${PYTHON:-}" && -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; fi
+PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cpu}
 EPOCHS=${EPOCHS:-2}
 STAGE1_EPOCHS=${STAGE1_EPOCHS:-4}
@@ -93,7 +96,7 @@ test -f "$REFERENCE"
     --jest-ratio 0.25 --jest-reference "$REFERENCE" --jest-reference-model "local-dir:$OUT/tiny" \
     --jest-n-chunks 4 --jest-selection-log "$OUT/stage2_selection.jsonl"
 
-"$PY" -m jeststream.cli inspect "$OUT/stage2_selection.jsonl" || true
+"$PY" -m jeststream.cli inspect "$OUT/stage2_selection.jsonl"
 echo "JEST statistics (open_clip log):"
 grep "JEST Epoch" "$OUT/logs/stage2/out.log" | tail -n 3
 echo "done: $OUT/logs/stage2/checkpoints/epoch_$EPOCHS.pt"

@@ -20,12 +20,14 @@ describe the resumed run exactly.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import math
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,20 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ("key", "epoch", "step", "pos", "score", "selected")
 _PARQUET_MAGIC = b"PAR1"
+
+
+# Logs still open at interpreter exit (a loader never closed, an unhandled exception) are
+# closed then: a Parquet file without its footer cannot be read at all.
+_OPEN_LOGS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_logs() -> None:
+    for log in list(_OPEN_LOGS):
+        try:
+            log.close()
+        except Exception:  # noqa: BLE001 -- report, and close the others
+            logger.exception("could not close selection log %s at exit", log.path)
 
 
 def _have_pyarrow() -> bool:
@@ -104,23 +120,49 @@ class SelectionLog:
         self.mode = mode
         self.rows_written = 0
         self._lock = threading.Lock()
-        self._buf: dict[str, list] = {c: [] for c in COLUMNS}
+        self._chunks: list[dict[str, Any]] = []  # one per write(): numpy columns + keys
         self._n_buf = 0
         self._file = None
         self._writer = None
         self._open()
         self._closed = False
+        _OPEN_LOGS.add(self)
 
     # -- opening -----------------------------------------------------------------------------
 
     def _open(self) -> None:
         exists = self.path.exists() and self.path.stat().st_size > 0
         if self.format == "jsonl":
+            torn = False
+            if exists and self.mode == "a":
+                with open(self.path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    torn = f.read(1) != b"\n"
             self._file = open(self.path, "a" if self.mode == "a" else "w", encoding="utf-8")
+            if torn:  # a crash cut the last record: end it, so the next record stays readable
+                self._file.write("\n")
             return
         import pyarrow.parquet as pq
 
         old = None
+        if exists and self.mode == "a":
+            try:
+                pq.ParquetFile(str(self.path)).close()
+            except Exception as exc:  # noqa: BLE001 -- e.g. no footer: the writer was killed
+                # A run killed before close() leaves a Parquet file without its footer; nothing
+                # in it can be read back. Keep it for forensics, start a new log, say so.
+                aside = self.path.with_name(self.path.name + ".unreadable")
+                os.replace(self.path, aside)
+                logger.warning(
+                    "selection log %s cannot be read (%s: %s), probably because the previous run "
+                    "was killed before closing it; moved it to %s and starting a new log (use a "
+                    ".jsonl path for a log that survives crashes)",
+                    self.path,
+                    type(exc).__name__,
+                    exc,
+                    aside,
+                )
+                exists = False
         if exists and self.mode == "a":
             # Parquet files cannot be appended to: move the old file aside and stream its row
             # groups into the new one (one row group in memory at a time).
@@ -169,14 +211,17 @@ class SelectionLog:
                 f"got {len(keys)} keys for a super-batch of {size} scores; pass one key per "
                 "example or keys=None"
             )
+        # Columns stay numpy until written: write() runs on the training loop's thread.
+        chunk = {
+            "key": [None] * size if keys is None else [str(k) for k in keys],
+            "epoch": np.full(size, int(epoch), dtype=np.int64),
+            "step": np.full(size, int(step), dtype=np.int64),
+            "pos": np.arange(size, dtype=np.int32),
+            "score": scores_np.copy(),  # the caller's tensor may be reused
+            "selected": selected_np.copy(),
+        }
         with self._lock:
-            buf = self._buf
-            buf["key"].extend([None] * size if keys is None else [str(k) for k in keys])
-            buf["epoch"].extend([int(epoch)] * size)
-            buf["step"].extend([int(step)] * size)
-            buf["pos"].extend(range(size))
-            buf["score"].extend(scores_np.tolist())
-            buf["selected"].extend(selected_np.tolist())
+            self._chunks.append(chunk)
             self._n_buf += size
             if self._n_buf >= self.flush_every:
                 self._flush_locked()
@@ -189,22 +234,41 @@ class SelectionLog:
     def _flush_locked(self) -> None:
         if self._n_buf == 0:
             return
-        buf = self._buf
+        chunks = self._chunks
         if self.format == "parquet":
             import pyarrow as pa
 
-            self._writer.write_table(pa.table(buf, schema=_schema()))
+            columns = {
+                c: (
+                    [k for ch in chunks for k in ch[c]]
+                    if c == "key"
+                    else np.concatenate([ch[c] for ch in chunks])
+                )
+                for c in COLUMNS
+            }
+            self._writer.write_table(pa.table(columns, schema=_schema()))
         else:
+            # the same lines as json.dumps(record, separators=(",", ":")), JSON has no NaN
+            enc = json.encoder.encode_basestring_ascii
             lines = []
-            for row in zip(*(buf[c] for c in COLUMNS)):
-                rec = dict(zip(COLUMNS, row))
-                if not math.isfinite(rec["score"]):
-                    rec["score"] = None  # JSON has no NaN
-                lines.append(json.dumps(rec, separators=(",", ":")))
+            for ch in chunks:
+                for k, e, s, p, sc, sel in zip(
+                    ch["key"],
+                    ch["epoch"].tolist(),
+                    ch["step"].tolist(),
+                    ch["pos"].tolist(),
+                    ch["score"].tolist(),
+                    ch["selected"].tolist(),
+                ):
+                    lines.append(
+                        f'{{"key":{"null" if k is None else enc(k)},"epoch":{e},"step":{s},'
+                        f'"pos":{p},"score":{repr(sc) if math.isfinite(sc) else "null"},'
+                        f'"selected":{"true" if sel else "false"}}}'
+                    )
             self._file.write("\n".join(lines) + "\n")
             self._file.flush()
         self.rows_written += self._n_buf
-        self._buf = {c: [] for c in COLUMNS}
+        self._chunks = []
         self._n_buf = 0
 
     def close(self) -> None:
@@ -370,7 +434,7 @@ def selected_keys(cols: dict[str, Any]) -> list[str]:
     return out
 
 
-def _format(summary: dict[str, Any], path: Path) -> str:
+def _format(summary: dict[str, Any], path: Path | str) -> str:
     lines = [f"selection log: {path}"]
     lines.append(
         f"examples seen: {summary['examples_seen']} in {summary['super_batches']} super-batches"
@@ -403,13 +467,27 @@ def _format(summary: dict[str, Any], path: Path) -> str:
     return "\n".join(lines)
 
 
+def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(parts) == 1:
+        return parts[0]
+    return {
+        c: ([k for p in parts for k in p[c]] if c == "key" else np.concatenate([p[c] for p in parts]))
+        for c in COLUMNS
+    }
+
+
 def inspect_main(argv: Sequence[str] | None = None) -> int:
-    """`jeststream inspect LOG [--top N] [--export-selected OUT.txt] [--json]`."""
+    """`jeststream inspect LOG [LOG ...] [--top N] [--export-selected OUT.txt] [--json]`."""
     parser = argparse.ArgumentParser(
         prog="jeststream inspect",
         description="Summarise a JEST selection log (Parquet or JSON lines).",
     )
-    parser.add_argument("log", help="selection log written by JESTLoader(selection_log=...)")
+    parser.add_argument(
+        "log",
+        nargs="+",
+        help="selection log(s) written by JESTLoader(selection_log=...); several logs (one per "
+        "rank, e.g. sel.rank*.jsonl) are summarised together",
+    )
     parser.add_argument("--top", type=int, default=10, help="top/bottom keys to list (default 10)")
     parser.add_argument(
         "--export-selected",
@@ -420,13 +498,17 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.top < 0:
         parser.error(f"--top must be >= 0, got {args.top}")
-    path = Path(args.log)
+    paths = [Path(p) for p in args.log]
     try:
-        cols = read_selection_log(path)
+        # each rank numbers its own steps: resume-dedupe per file, then concatenate
+        parts = [read_selection_log(p) for p in paths]
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"jeststream inspect: {exc}", file=sys.stderr)
         return 2
+    cols = _concat(parts)
+    path = paths[0] if len(paths) == 1 else f"{len(paths)} logs ({', '.join(map(str, paths))})"
     summary = summarize(cols, top=args.top)
+    summary["super_batches"] = sum(int(len(np.unique(p["step"]))) for p in parts)
     if args.export_selected:
         keys = selected_keys(cols)
         out = Path(args.export_selected)

@@ -249,3 +249,37 @@ def test_lengths_only_when_num_samples_is_given(shards, models):
     assert len(sized) == sized.num_batches == 12 and sized.num_samples == 48
     with _jest(sized, models) as jest:
         assert len(jest) == 6 and jest.num_samples == 24
+
+
+def test_resume_from_end_of_epoch_then_next_epoch_is_whole(shards):
+    """A checkpoint taken after the last batch of epoch 0 must not skip batches of epoch 1."""
+    urls, keys_by_shard = shards
+    base = webdataset_loader(urls, B)
+    base.set_epoch(0)
+    n = sum(1 for _ in base)
+    state = base.state_dict()
+    assert state["batches"] == n
+
+    resumed = webdataset_loader(urls, B)
+    resumed.load_state_dict(state)
+    assert list(resumed) == []  # epoch 0 was finished
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)  # the training loop moves on to the next epoch
+    keys = [k for _, _, ks in resumed for k in ks]
+    assert sorted(keys) == sorted(k for ks in keys_by_shard.values() for k in ks)
+
+
+def test_persistent_workers_is_refused_with_the_reason(shards):
+    urls, _ = shards
+    with pytest.raises(TypeError, match="persistent_workers=True is not supported"):
+        webdataset_loader(urls, B, num_workers=1, persistent_workers=True)
+    assert webdataset_loader(urls, B, persistent_workers=False).loader.num_workers == 0
+
+
+def test_num_batches_is_per_rank(shards, monkeypatch):
+    urls, _ = shards
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    base = webdataset_loader(urls, B, num_samples=48)  # 48 examples over 2 ranks
+    assert base.num_batches == len(base) == 6 and base.num_samples == 24
+    assert sum(1 for _ in base) == 6  # rank 1 reads shards 1 and 3: 24 examples

@@ -145,6 +145,48 @@ def test_jestify_on_yield_sees_each_batch_info():
     assert n == 4 and seen == [(0, 0), (1, 1), (2, 2), (3, 3)]
 
 
+def test_jestify_num_samples_of_a_map_style_loader():
+    # open_clip's csv/synthetic loaders: num_samples = len(dataset), num_batches = len(loader)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images, texts = make_pair_batches(1, b=42)[0]
+    base = DataLoader(TensorDataset(images, texts), batch_size=4, drop_last=True)
+    base.num_samples, base.num_batches = 42, len(base)  # 10 batches
+    info = ocdata.DataInfo(dataloader=base, shared_epoch=ocdata.SharedEpoch(0))
+    wrapped = jestify(info, make_tiny_clip(0), make_tiny_clip(1), 0.5, n_chunks=2)
+    try:
+        assert wrapped.dataloader.num_batches == 5
+        assert wrapped.dataloader.num_samples == 5 * 4  # not 5 * (42 // 10)
+    finally:
+        wrapped.dataloader.close()
+
+
+def test_jestify_resumed_from_an_epoch_checkpoint_continues_the_selection_log(tmp_path):
+    """open_clip_train --resume builds a fresh loader at epoch e: its steps and selection-log
+    records must continue the interrupted run's (not restart at 0, not overwrite the log)."""
+    from jeststream.selection_log import read_selection_log
+
+    log = tmp_path / "sel.jsonl"
+
+    def run(epochs, **kw):
+        wrapped = jestify(_data_info(n_batches=8), make_tiny_clip(0), make_tiny_clip(1), 0.5,
+                          n_chunks=2, selection_log=log, **kw)
+        try:
+            for epoch in epochs:
+                wrapped.set_epoch(epoch)
+                steps = [wrapped.dataloader.last_info.step for _ in wrapped.dataloader]
+        finally:
+            wrapped.dataloader.close()
+        return steps
+
+    run([0, 1])  # crashed after epoch 1's records were written, checkpoint epoch_1.pt
+    assert run([1, 2], append_log=True) == [8, 9, 10, 11]  # open_clip's step axis
+    cols = read_selection_log(log)
+    assert cols["step"].tolist() == [s for s in range(12) for _ in range(8)]
+    assert cols["epoch"].tolist() == [e for e in range(3) for _ in range(32)]
+    assert len(read_selection_log(log, dedupe=False)["step"]) == 4 * 32  # epoch 1 rewritten
+
+
 def test_jestify_errors():
     learner, reference = make_tiny_clip(0), make_tiny_clip(1)
     with pytest.raises(ValueError, match="fewer than the n=4 base batches"):

@@ -118,3 +118,88 @@ def test_inspect_summary_and_export(tmp_path, name, capsys):
 def test_inspect_missing_file(tmp_path, capsys):
     assert inspect_main([str(tmp_path / "nope.parquet")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_after_a_crash_that_left_a_footerless_parquet(tmp_path, caplog):
+    """A killed run never closes its ParquetWriter: the file has no footer. Resuming must not
+    crash on it (that is exactly when one resumes), and must say what happened."""
+    path = tmp_path / "log.parquet"
+    with SelectionLog(path) as log:
+        _write_steps(log, range(2))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # as if killed mid-run
+    with caplog.at_level("WARNING", logger="jeststream.selection_log"):
+        with SelectionLog(path) as log:
+            _write_steps(log, range(2, 4))
+    assert "cannot be read" in caplog.text and "log.parquet.unreadable" in caplog.text
+    assert (tmp_path / "log.parquet.unreadable").read_bytes() == data[: len(data) // 2]
+    assert read_selection_log(path)["step"].tolist() == [2] * 6 + [3] * 6
+
+
+def test_resume_after_a_crash_that_cut_a_jsonl_record(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with SelectionLog(path) as log:
+        _write_steps(log, range(2))
+    text = path.read_text()
+    path.write_text(text[: len(text) - 10])  # the last record is cut
+    with SelectionLog(path) as log:
+        _write_steps(log, range(2, 3))
+    cols = read_selection_log(path)
+    # only the cut record is lost; every record of the resumed run is readable
+    assert cols["step"].tolist() == [0] * 6 + [1] * 5 + [2] * 6
+
+
+def test_inspect_merges_per_rank_logs(tmp_path, capsys):
+    """openclip-train writes sel.rank{R}.jsonl under torchrun; ranks share step numbers, so
+    the logs are summarised together without one rank's records replacing another's."""
+    paths = []
+    for rank in range(2):
+        path = tmp_path / f"sel.rank{rank}.jsonl"
+        with SelectionLog(path) as log:
+            for step in range(3):
+                log.write(keys=[f"r{rank}s{step}_{i}" for i in range(4)], epoch=0, step=step,
+                          scores=torch.arange(4.0), selected=torch.tensor([1, 0, 0, 0]).bool())
+        paths.append(str(path))
+    out_txt = tmp_path / "curated.txt"
+    assert inspect_main([*paths, "--json", "--export-selected", str(out_txt)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["examples_seen"] == 24 and summary["super_batches"] == 6
+    assert summary["unique_keys"] == 24 and summary["selected"] == 6
+    assert len(out_txt.read_text().split()) == 6
+    assert inspect_main(paths) == 0
+    assert "2 logs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_log_left_open_is_closed_at_exit(tmp_path, name):
+    """A loader that is never closed (an exception ends the script) must still leave a
+    readable log: a Parquet file without its footer is lost entirely."""
+    import subprocess
+    import sys
+
+    path = tmp_path / name
+    code = (
+        "import torch\n"
+        "from jeststream.selection_log import SelectionLog\n"
+        f"log = SelectionLog({str(path)!r})\n"
+        "log.write(keys=['a', 'b'], epoch=0, step=0, scores=torch.zeros(2),"
+        " selected=torch.tensor([True, False]))\n"
+        "log.cycle = [log]  # e.g. held by a loader in a reference cycle\n"
+        "raise SystemExit('training crashed')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1 and "training crashed" in proc.stderr
+    assert read_selection_log(path)["key"] == ["a", "b"]
+
+
+def test_jsonl_records_are_standard_json_with_odd_keys(tmp_path):
+    path = tmp_path / "log.jsonl"
+    keys = ['a"b\\c', "ü→é", "k\n2", "plain"]
+    scores = torch.tensor([0.1, math.nan, -math.inf, 2.5])
+    with SelectionLog(path) as log:
+        log.write(keys=keys, epoch=1, step=3, scores=scores, selected=torch.tensor([1, 0, 1, 0]))
+        scores.zero_()  # the caller reusing its tensor must not change what was logged
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["key"] for r in recs] == keys
+    assert [r["score"] for r in recs] == [pytest.approx(0.1), None, None, 2.5]
+    assert [r["selected"] for r in recs] == [True, False, True, False]
