@@ -7,8 +7,10 @@ of batch it would have seen without JEST.
 
 Rule that disambiguates lists: a list or tuple is a *container* when at least one element is a
 tensor, array, mapping, list or tuple; otherwise it is a *per-example list* (one entry per
-example, e.g. a list of strings). Anything else (ints, None, ...) is per-batch metadata and is
-carried through unchanged from the first base batch.
+example, e.g. a list of strings). One exception: a list or tuple whose elements are all mappings
+without any tensor or array inside is a per-example list of *records* (webdataset collates a
+``.json`` column into a list of dicts, one per example). Anything else (ints, None, ...) is
+per-batch metadata and is carried through unchanged from the first base batch.
 """
 
 from __future__ import annotations
@@ -31,10 +33,22 @@ __all__ = [
 _CONTAINER_ELEMS = (torch.Tensor, np.ndarray, Mapping, list, tuple)
 
 
+def _holds_array(m: Mapping) -> bool:
+    return any(
+        isinstance(v, (torch.Tensor, np.ndarray)) or (isinstance(v, Mapping) and _holds_array(v))
+        for v in m.values()
+    )
+
+
 def _is_container_seq(x: Any) -> bool:
     # Only the first few elements are looked at: structure tuples are short, and per-example
     # lists (thousands of captions) are homogeneous -- scanning them all cost ~1 ms per batch.
-    return isinstance(x, (list, tuple)) and any(isinstance(e, _CONTAINER_ELEMS) for e in x[:8])
+    if not isinstance(x, (list, tuple)):
+        return False
+    head = x[:8]
+    if head and all(isinstance(e, Mapping) and not _holds_array(e) for e in head):
+        return False  # per-example records (e.g. decoded .json metadata), not a structure
+    return any(isinstance(e, _CONTAINER_ELEMS) for e in head)
 
 
 def _is_namedtuple(x: Any) -> bool:

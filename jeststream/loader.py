@@ -209,6 +209,8 @@ class _Producer:
                     generator=ld._generator,
                 ).cpu()
         selected_s = time.perf_counter() - t0
+        # Tensors made under inference_mode reject in-place use outside it; these reach the user.
+        idx, per_example = idx.clone(), per_example.clone()
         batch = index_batch(s.super_batch, idx)
         resume = ld._make_state(s.base_state, step + 1)
         chosen = per_example[idx]
@@ -279,10 +281,10 @@ class _JESTIterator:
             raise StopIteration
         ld = self._loader
         step = ld._step
-        if ld.refresh_every and step > self._start_step and step % ld.refresh_every == 0:
-            ld._snapshot.refresh(step)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # a refresh waits for a forward in progress: that is waiting too
         try:
+            if ld.refresh_every and step > self._start_step and step % ld.refresh_every == 0:
+                ld._snapshot.refresh(step)
             if self._prefetcher is not None:
                 item = self._prefetcher.get()
             else:
@@ -384,6 +386,15 @@ class JESTLoader:
                 "reference is the learner itself; pass a separate frozen reference model "
                 "(freezing it would stop the learner from training)"
             )
+        if reference is not None:
+            live = {id(p): n for n, p in unwrap_model(learner).named_parameters()}
+            shared = [live[id(p)] for p in unwrap_model(reference).parameters() if id(p) in live]
+            if shared:
+                raise ValueError(
+                    f"the reference shares {len(shared)} parameter(s) with the learner (e.g. "
+                    f"{shared[:3]}); freezing the reference would freeze them in the learner too. "
+                    "Pass an independent reference, e.g. copy.deepcopy of the reference model"
+                )
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio < 1:
             raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
         n = round(1 / ratio)
@@ -457,6 +468,9 @@ class JESTLoader:
         )
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
+        # set_epoch()'s reseed, applied when the next pass starts: a producer still running for
+        # the current pass may be drawing from the generator at that moment.
+        self._pending_seed: int | None = None
 
         self._step = 0  # batches yielded (== super-batches consumed), across passes
         self._fallbacks = 0
@@ -544,10 +558,11 @@ class JESTLoader:
         reseeded from ``(seed, epoch)``, so each epoch's selection randomness is reproducible
         without the loader's state (open_clip_train resumes from epoch checkpoints that do not
         hold it); right after ``load_state_dict`` for the same epoch the restored generator is kept.
+        The reseed takes effect when the next pass starts, never in the middle of a running one.
         """
         epoch = int(epoch)
         if not (self._restored and epoch == self.epoch):
-            self._generator.manual_seed(_epoch_seed(self.seed, epoch))
+            self._pending_seed = _epoch_seed(self.seed, epoch)
         self.epoch = epoch
         if hasattr(self.base_loader, "set_epoch"):
             self.base_loader.set_epoch(epoch)
@@ -572,6 +587,7 @@ class JESTLoader:
         if self._closed:
             raise RuntimeError("this JESTLoader was closed; build a new one to iterate again")
         self._close_active()
+        self._apply_pending_seed()
         it = _JESTIterator(self)
         self._active = weakref.ref(it)
         return it
@@ -581,6 +597,11 @@ class JESTLoader:
         if it is not None:
             it.close()
         self._active = None
+
+    def _apply_pending_seed(self) -> None:
+        if self._pending_seed is not None:
+            self._generator.manual_seed(self._pending_seed)
+            self._pending_seed = None
 
     def _on_yield(self, item: _Item, info: SelectionInfo) -> None:
         self._step = info.step + 1
@@ -650,6 +671,7 @@ class JESTLoader:
             state["fallbacks"] = self._fallbacks
             state["epoch"] = self.epoch
             return state
+        self._apply_pending_seed()  # no pass has started, so no producer uses the generator
         return self._make_state(self._base_state(), self._step)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -672,6 +694,7 @@ class JESTLoader:
         if state["base"] is not None:
             self.base_loader.load_state_dict(state["base"])
         self._generator.set_state(state["generator"])
+        self._pending_seed = None
         self._step = int(state["step"])
         self.epoch = int(state.get("epoch", self.epoch))
         self._fallbacks = int(state.get("fallbacks", 0))

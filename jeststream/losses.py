@@ -16,7 +16,9 @@ Softmax (CLIP) loss. Its sum form, |A|·ClipLoss(A) = Σ_{i∈A} [CE^{i→t}_i(A
 with CE^{i→t}_i(A) = −l_ii + log Σ_{j∈A} exp(l_ij), has no pairwise decomposition: the
 normalisers of every i ∈ A change when m joins. :class:`SoftmaxGain` keeps running row and column
 log-sum-exps over A and gives the *exact* conditional gain L(A ∪ {m}) − L(A) for every candidate
-in O(B·|A|) per call. (β cancels inside a softmax, so the softmax code ignores it.)
+in O(B·|A|·d) time per call (the [chunk, B] logit blocks of earlier chunks are recomputed, not
+kept, so memory stays O(B·d + B·chunk) instead of O(B·k)). (β cancels inside a softmax, so the
+softmax code ignores it.)
 
 Criteria turn a learner's and a reference model's loss into a score to maximise:
 ``learnability`` = learner − reference (the paper's default), ``hard_learner`` = learner,
@@ -264,7 +266,9 @@ class SoftmaxGain:
     c_m = log Σ_{j∈A} exp l_jm (A's images against text m); for i ∈ A these are exactly i's own
     row and column normalisers. :meth:`add` folds a new chunk into r and c with one
     [chunk, B] and one [B, chunk] block; :meth:`gains` recomputes the second sum, whose terms
-    all change when r_i and c_i grow, in O(B·|A|) time and O(B·chunk) memory.
+    all change when r_i and c_i grow, in O(B·|A|·d) time (earlier chunks' logit blocks are
+    recomputed by matmul rather than cached, which would cost O(B·k) memory) and O(B·chunk)
+    memory.
 
     With A empty every gain is 0 (a singleton's CLIP loss is zero), so the joint sampler scores
     its first chunk with :func:`clip_example_losses` instead.

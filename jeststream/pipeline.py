@@ -6,7 +6,10 @@ callable that returns one item per call (or ``END``); everything about super-bat
 the loader.
 
 Guarantees:
-- at most ``prefetch`` items are buffered (the producer blocks on the bounded queue);
+- at most ``prefetch`` items are in flight -- being made, between stages or buffered -- beyond
+  the one the consumer holds: the producer takes a slot before it starts an item and the
+  consumer gives it back when it takes the item (so a multi-stage pipeline is not ``prefetch``
+  plus one per stage ahead, which would make scoring that many learner steps staler);
 - an exception in the producer re-raises in the consumer at its next ``get()`` with the
   original chained (``raise ... from original``), never a hang;
 - ``close()`` (called by the iterator's ``close``/``__del__``, ``with`` exit, loader GC, and at
@@ -137,6 +140,7 @@ def _run_source(
     stop: threading.Event,
     device: torch.device,
     num_threads: int,
+    slots: threading.Semaphore,
 ) -> None:
     # Only plain objects are referenced here (never the consumer's iterator), so the iterator
     # can be garbage-collected -- which is what stops this thread after a `break`.
@@ -144,6 +148,8 @@ def _run_source(
         stream, ctx = _stream_context(device, num_threads)
         with ctx:
             while not stop.is_set():
+                if not slots.acquire(timeout=_POLL_S):
+                    continue  # re-check the stop flag
                 item = produce(stop.is_set)
                 if item is None:  # stopped mid-way
                     return
@@ -201,7 +207,7 @@ class Prefetcher:
         stages: further ``(fn, tensors)`` steps, each in its own thread (and stream), so that
             e.g. selection of super-batch k overlaps with scoring of k+1. Between stages the
             queue holds one item.
-        prefetch: capacity of the final queue (items made ahead of the consumer).
+        prefetch: items in flight ahead of the consumer, in any stage or queue (at most).
         device: the device items live on; an accelerator gets a dedicated stream per thread.
         cross_stream_tensors: final item -> the device tensors the consumer will use.
     """
@@ -223,6 +229,7 @@ class Prefetcher:
         self.device = torch.device(device)
         self._cross = cross_stream_tensors
         self._stop = threading.Event()
+        self._slots = threading.Semaphore(prefetch)
         self._done = False
         queues = [queue.Queue(maxsize=1) for _ in stages] + [queue.Queue(maxsize=prefetch)]
         self._queues = queues
@@ -231,7 +238,7 @@ class Prefetcher:
         threads = [
             threading.Thread(
                 target=_run_source,
-                args=(produce, queues[0], self._stop, self.device, num_threads),
+                args=(produce, queues[0], self._stop, self.device, num_threads, self._slots),
                 name=name,
                 daemon=True,
             )
@@ -295,6 +302,7 @@ class Prefetcher:
             self.close()
             reraise_from_producer(got.exc)
         item, event = got
+        self._slots.release()  # the producer may start the next item
         if event is not None:
             consumer = torch.accelerator.current_stream(self.device)
             consumer.wait_event(event)

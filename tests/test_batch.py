@@ -107,3 +107,19 @@ def test_find_keys():
     assert find_keys((torch.zeros(2), ["c1", "c2"], torch.zeros(2), ("x", "y"))) == ["x", "y"]
     assert find_keys({"image": torch.zeros(1)}) is None
     assert find_keys((torch.zeros(2),), key_fn=lambda b: [1, 2]) == ["1", "2"]
+
+
+def test_per_example_records_are_a_per_example_list():
+    """webdataset collates a .json column into a list of dicts, one per example: those dicts are
+    examples, not fields of the batch, and partial batches must still concatenate."""
+    b1 = [torch.zeros(2, 3), ["a", "b"], [{"w": 1, "tags": ["x"]}, {"w": 2, "tags": ["y", "z"]}]]
+    b2 = [torch.ones(1, 3), ["c"], [{"w": 3, "tags": []}]]
+    assert batch_size(b1) == 2
+    sb = concat_batches([b1, b2])
+    assert batch_size(sb) == 3 and [r["w"] for r in sb[2]] == [1, 2, 3]
+    sub = index_batch(sb, torch.tensor([2, 0]))
+    assert sub[1] == ["c", "a"] and [r["w"] for r in sub[2]] == [3, 1]
+    assert torch.equal(sub[0][:, 0], torch.tensor([1.0, 0.0]))
+    # a list of dicts that hold per-example tensors is still a structure
+    nested = [{"x": torch.zeros(2)}, {"y": torch.ones(2)}]
+    assert batch_size(nested) == 2 and len(concat_batches([nested, nested])) == 2

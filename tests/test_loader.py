@@ -226,8 +226,19 @@ def test_refresh_every_and_staleness_sync():
     assert [i.snapshot_version for i in infos] == [1, 1, 1, 2, 2, 2, 3]
 
 
-def test_refresh_tracks_learner_updates():
-    learner = TinyDual()
+_DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_refresh_tracks_learner_updates(device):
+    """On CUDA this exercises the snapshot's events: refresh copies queued on the consumer's
+    stream after the "optimizer step", forwards on the producer's stream ordered after them."""
+    learner = TinyDual().to(device)
     with JESTLoader(
         make_vector_batches(12, 4), learner, TinyDual(seed=1), 0.5, n_chunks=2,
         embed=tiny_dual_embed, prefetch=1, return_info=True,
@@ -408,6 +419,13 @@ def test_reference_must_not_be_the_learner():
     learner = TinyDual()
     with pytest.raises(ValueError, match="reference is the learner"):
         JESTLoader([], learner, torch.nn.DataParallel(learner), 0.5, embed=tiny_dual_embed)
+    assert learner.training and all(p.requires_grad for p in learner.parameters())
+
+    # a reference that shares a tower with the learner: freezing it would freeze the learner
+    reference = TinyDual(seed=1)
+    reference.txt = learner.txt
+    with pytest.raises(ValueError, match=r"shares 4 parameter\(s\).*txt\.0\.weight"):
+        JESTLoader([], learner, reference, 0.5, embed=tiny_dual_embed)
     assert learner.training and all(p.requires_grad for p in learner.parameters())
 
 
@@ -818,3 +836,70 @@ def test_selection_log_directory_checked_at_construction(tmp_path):
             [], TinyDual(), TinyDual(seed=1), 0.25, n_chunks=2, embed=tiny_dual_embed,
             selection_log=blocker / "sub" / "sel.jsonl",
         )
+
+
+@pytest.mark.parametrize("async_scoring", [True, False])
+def test_set_epoch_mid_pass_takes_effect_at_the_next_pass(async_scoring, no_thread_leak):
+    """set_epoch() while a pass is running must neither change that pass's selections nor race
+    with its producer, which may be drawing from the generator (prefetch) at that moment."""
+    batches = make_vector_batches(16, 4)
+
+    def make():
+        return _dual_loader(batches, seed=3, async_scoring=async_scoring, return_info=True)
+
+    with make() as ld:
+        ld.set_epoch(0)
+        epoch0 = [info.indices for _, info in ld]
+        ld.set_epoch(1)
+        epoch1 = [info.indices for _, info in ld]
+    with make() as ld:
+        ld.set_epoch(0)
+        it = iter(ld)
+        got0 = [next(it)[1].indices for _ in range(2)]
+        ld.set_epoch(1)  # the running pass (and its prefetching producer) is still alive
+        got0 += [info.indices for _, info in it]
+        got1 = [info.indices for _, info in ld]
+    assert len(epoch0) == len(got0) == 4
+    assert all(torch.equal(a, b) for a, b in zip(epoch0, got0))
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, got1))
+
+
+def test_info_tensors_are_ordinary_tensors():
+    with _dual_loader(make_vector_batches(4, 8), return_info=True) as ld:
+        batch, info = next(iter(ld))
+    assert not info.indices.is_inference() and not info.scores.is_inference()
+    info.indices.add_(0)  # in-place use in the training loop must work
+    assert not batch[0].is_inference()
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_async_staleness_is_bounded_by_prefetch(prefetch, no_thread_leak):
+    """At most ``prefetch`` super-batches are scored ahead of the consumer, so with a refresh per
+    step a yielded batch was scored by a snapshot at most ``prefetch`` steps old."""
+    import time
+
+    with _dual_loader(
+        make_vector_batches(24, 4), ratio=0.5, prefetch=prefetch, return_info=True
+    ) as ld:
+        staleness = []
+        for _, info in ld:
+            time.sleep(0.02)  # a training step: the producer runs as far ahead as it may
+            staleness.append(info.staleness)
+    assert len(staleness) == 12 and max(staleness) <= prefetch
+
+
+def test_refresh_failure_stops_the_producer(no_thread_leak):
+    """A refresh that fails in next() (the learner's parameter changed shape) closes the pass
+    like any other failure: no producer thread keeps running behind the caller's back."""
+    learner = TinyDual()
+    ld = JESTLoader(
+        make_vector_batches(40, 4), learner, TinyDual(seed=1), 0.5, n_chunks=2,
+        embed=tiny_dual_embed,
+    )
+    it = iter(ld)
+    next(it)
+    learner.txt[0].weight = torch.nn.Parameter(torch.zeros(3, 12))
+    with pytest.raises(ValueError, match="shape changed"):
+        next(it)
+    assert _producer_threads() == []  # `it` is still referenced here
+    ld.close()

@@ -49,10 +49,25 @@ def test_queue_is_bounded(no_thread_leak):
     p = Prefetcher(produce, prefetch=3, device=CPU)
     assert p.get() == 1
     time.sleep(0.3)  # let the producer run as far as it can
-    # consumed 1, buffered <= 3, plus at most one made item waiting to be put
-    assert state["made"] <= 1 + 3 + 1
+    # consumed 1, at most 3 in flight
+    assert state["made"] <= 1 + 3
     p.close()
     assert not p.thread.is_alive()
+
+
+def test_stages_do_not_add_to_the_prefetch_bound(no_thread_leak):
+    """Items between stages count against ``prefetch`` too: with two stages and prefetch=2 the
+    producer is at most 2 items ahead of the consumer (not 2 + one per stage + one waiting)."""
+    produce, state = _counting_producer()
+    p = Prefetcher(produce, stages=[(lambda x: x * 10, None)], prefetch=2, device=CPU)
+    assert p.get() == 10
+    time.sleep(0.3)
+    assert state["made"] <= 1 + 2
+    assert p.get() == 20
+    time.sleep(0.3)
+    assert state["made"] <= 2 + 2
+    p.close()
+    assert all(not t.is_alive() for t in p.threads)
 
 
 class _Custom(Exception):
