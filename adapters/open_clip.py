@@ -99,10 +99,11 @@ class OpenCLIPJESTLoader(JESTLoader):
         if on_yield is not None and not callable(on_yield):
             raise TypeError(f"on_yield must be callable (i, loader) -> None, got {on_yield!r}")
         jest_kwargs.setdefault("embed", embed)
+        # JESTLoader appends only after load_state_dict(); an epoch-checkpoint resume has none.
+        if append_log:
+            jest_kwargs["selection_log_mode"] = "a"
         super().__init__(base_loader, learner, reference, ratio, **jest_kwargs)
         self.on_yield = on_yield
-        # JESTLoader appends only after load_state_dict(); an epoch-checkpoint resume has none.
-        self._log_append = bool(append_log)
         base_batches = getattr(base_loader, "num_batches", None)
         base_samples = getattr(base_loader, "num_samples", None)
         base_b = getattr(base_loader, "batch_size", None)

@@ -344,6 +344,9 @@ class JESTLoader:
         on_bad_scores: "raise" or "uniform" for super-batches with NaN/inf scores.
         return_info: yield ``(batch, SelectionInfo)`` instead of ``batch``.
         selection_log: path of a selection log (jeststream.selection_log.SelectionLog).
+        selection_log_mode: "auto" (overwrite an old log at that path, but append after
+            ``load_state_dict``), "a" (always append: a run resumed from a checkpoint that holds
+            no loader state) or "w" (always overwrite).
         key_fn: ``batch -> list[str]`` of per-example keys for the selection log.
     """
 
@@ -370,6 +373,7 @@ class JESTLoader:
         on_bad_scores: str = "raise",
         return_info: bool = False,
         selection_log: str | os.PathLike | None = None,
+        selection_log_mode: str = "auto",
         key_fn: Callable[[Any], Sequence[str]] | None = None,
     ) -> None:
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
@@ -490,7 +494,13 @@ class JESTLoader:
                     f"selection_log={self._log_path!r}: directory {parent!r} is not writable; "
                     "pass a path in a writable directory"
                 )
-        self._log_append = False
+        if selection_log_mode not in ("auto", "a", "w"):
+            raise ValueError(
+                f"selection_log_mode={selection_log_mode!r} must be 'auto', 'a' (append) or 'w' "
+                "(overwrite)"
+            )
+        self._log_mode = selection_log_mode
+        self._log_append = selection_log_mode == "a"
         self._closed = False
 
     # -- sizes -------------------------------------------------------------------------------
@@ -700,5 +710,5 @@ class JESTLoader:
         self._fallbacks = int(state.get("fallbacks", 0))
         self._resume = dict(state)
         self._restored = True
-        self._log_append = True
+        self._log_append = self._log_mode != "w"
         self._snapshot.reset_steps(self._step)

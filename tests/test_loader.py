@@ -903,3 +903,21 @@ def test_refresh_failure_stops_the_producer(no_thread_leak):
         next(it)
     assert _producer_threads() == []  # `it` is still referenced here
     ld.close()
+
+
+def test_selection_log_mode_append_and_invalid(tmp_path, no_thread_leak):
+    from jeststream.selection_log import read_selection_log
+
+    path = tmp_path / "sel.jsonl"
+    batches = make_vector_batches(8, 4)
+    for mode, expected_rows in (("w", 32), ("a", 64), ("w", 32)):
+        with JESTLoader(
+            batches, TinyDual(), TinyDual(seed=1), 0.5, n_chunks=2, embed=tiny_dual_embed,
+            selection_log=path, selection_log_mode=mode,
+        ) as ld:
+            list(ld)
+        # "a" appends a second run's records (read without resume de-duplication)
+        assert len(read_selection_log(path, dedupe=False)["step"]) == expected_rows
+    with pytest.raises(ValueError, match="selection_log_mode='x'"):
+        JESTLoader(batches, TinyDual(), TinyDual(seed=1), 0.5, n_chunks=2, embed=tiny_dual_embed,
+                   selection_log=path, selection_log_mode="x")
