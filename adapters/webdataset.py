@@ -21,7 +21,19 @@ collation also makes the output identical under webdataset 0.2.x (lists) and 1.0
 
 Distributed: shards are split by node (``wds.split_by_node``: torch.distributed rank or
 RANK/WORLD_SIZE) and then by DataLoader worker (``wds.split_by_worker``); each worker drops its
-last partial batch, so every batch has ``batch_size`` examples.
+last partial batch, so every batch has ``batch_size`` examples. Without ``num_samples`` an epoch
+is one pass over the shards, so ranks whose shares differ (uneven split, a bad shard) yield
+different numbers of batches -- and DDP hangs at the end of the epoch, the longer rank waiting in
+an all-reduce. With ``num_samples`` every rank yields exactly ``num_samples // (batch_size *
+world_size)`` batches (open_clip's ``with_epoch`` over resampled shards, made deterministic):
+worker w of W gets a fixed share (``rank_batches // W``, plus one for the first ``rank_batches %
+W`` workers) and, when its shards run out first, reads them again -- pass p reshuffled by (seed,
+epoch, p) with ``shuffle_shards`` -- each pass dropping its partial batch; it never yields more
+than its share. A bad shard is reported once per epoch; its samples before the damage are read
+again in every pass. A worker that must yield batches but has no shard (more ranks x workers
+than shards), or whose shards give no full batch in a whole pass, raises ValueError: borrowing
+another worker's shards would duplicate data silently, so the fix (fewer workers, more shards)
+is left to you. Resume (below) stays exact: the passes are part of the deterministic replay.
 
 Resume: a tar stream has no random access, so :meth:`WebDatasetLoader.state_dict` records
 ``(epoch, batches yielded)`` and ``load_state_dict`` replays the epoch's deterministic order
@@ -193,8 +205,14 @@ def _split_name(fname: str) -> tuple[str, str]:
     return fname[:dot], fname[dot + 1 :].lower()
 
 
-def _shard_samples(url: str, counter: ShardErrorCounter) -> Iterator[dict[str, Any]]:
-    """Group a shard's files by key into raw samples {"__key__", "__url__", ext: bytes}."""
+def _shard_samples(
+    url: str, counter: ShardErrorCounter, reported: set[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Group a shard's files by key into raw samples {"__key__", "__url__", ext: bytes}.
+
+    ``reported``: urls already reported bad (by an earlier pass over the same shards); such a
+    shard's samples before the damage are read again, its failure is not reported twice.
+    """
     current: dict[str, Any] | None = None
     try:
         for fname, data in _tar_members(url):
@@ -208,6 +226,10 @@ def _shard_samples(url: str, counter: ShardErrorCounter) -> Iterator[dict[str, A
             current[ext] = data
     except Exception as exc:  # noqa: BLE001 -- every reading failure is a bad shard
         # The sample being assembled when the shard broke may be incomplete: drop it.
+        if reported is not None:
+            if url in reported:
+                return
+            reported.add(url)
         counter.shard_error(url, exc)
         return
     if current is not None:
@@ -244,8 +266,12 @@ class _Pipeline(IterableDataset):
         shuffle_shards: bool,
         seed: int,
         counter: ShardErrorCounter,
+        num_samples: int | None = None,
+        world_size: int = 1,
     ) -> None:
         super().__init__()
+        self.num_samples = num_samples  # over all ranks; None: one pass over the shards
+        self.world_size = world_size  # the world num_samples was divided by (at construction)
         self.urls = urls
         self.batch_size = batch_size
         self.transform = transform
@@ -263,6 +289,29 @@ class _Pipeline(IterableDataset):
             # same order on every rank and worker: seeded by (seed, epoch), before splitting
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)
         return urls
+
+    def rank_batches(self) -> int | None:
+        """Batches each rank yields per epoch (None without ``num_samples``: one pass)."""
+        if self.num_samples is None:
+            return None
+        return self.num_samples // (self.batch_size * self.world_size)
+
+    def worker_batches(self, worker: int, num_workers: int) -> int | None:
+        """Worker ``worker``'s fixed share of :meth:`rank_batches` (the shares sum to it)."""
+        total = self.rank_batches()
+        if total is None:
+            return None
+        return total // num_workers + (1 if worker < total % num_workers else 0)
+
+    def _pass_order(self, shards: list[str], pass_: int) -> list[str]:
+        # pass 0 is the epoch's order; later passes (only with num_samples) reshuffle the
+        # worker's own shards by (seed, epoch, pass): a str seed is hashed with sha512, so the
+        # order is the same in every process (resume replays it)
+        if pass_ == 0 or not self.shuffle_shards:
+            return shards
+        out = list(shards)
+        random.Random(f"jeststream-wds:{self.seed}:{self.epoch}:{pass_}").shuffle(out)
+        return out
 
     def _decode(self, raw: dict[str, Any]) -> tuple[Any, str, str] | None:
         key, url = raw["__key__"], raw["__url__"]
@@ -301,13 +350,12 @@ class _Pipeline(IterableDataset):
             texts = self.tokenizer(texts)
         return images, texts, [s[2] for s in samples]
 
-    def __iter__(self) -> Iterator[tuple[Any, Any, list[str]]]:
-        import webdataset as wds
-
-        shards = wds.split_by_worker(wds.split_by_node(iter(self.shard_order())))
+    def _batches(
+        self, shards: Sequence[str], reported: set[str] | None = None
+    ) -> Iterator[tuple[Any, Any, list[str]]]:
         pending: list[tuple[Any, str, str]] = []
         for url in shards:
-            for raw in _shard_samples(url, self.counter):
+            for raw in _shard_samples(url, self.counter, reported):
                 sample = self._decode(raw)
                 if sample is None:
                     continue
@@ -315,7 +363,59 @@ class _Pipeline(IterableDataset):
                 if len(pending) == self.batch_size:
                     yield self._collate(pending)
                     pending = []
-        # the worker's last partial batch is dropped: every batch has batch_size examples
+        # the last partial batch is dropped: every batch has batch_size examples
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, list[str]]]:
+        import webdataset as wds
+        from webdataset.utils import pytorch_worker_info
+
+        shards = list(wds.split_by_worker(wds.split_by_node(iter(self.shard_order()))))
+        if self.num_samples is None:
+            yield from self._batches(shards)  # one pass: the epoch ends with the shards
+            return
+        rank, world, worker, num_workers = pytorch_worker_info()
+        if world != self.world_size:
+            raise ValueError(
+                f"webdataset_loader was built for world size {self.world_size} but iterates "
+                f"in world size {world}: num_samples={self.num_samples} per rank would not "
+                "match len(); build the loader after init_process_group (or set RANK/"
+                "WORLD_SIZE before building it)"
+            )
+        quota = self.worker_batches(worker, num_workers)
+        assert quota is not None
+        if quota == 0:
+            return
+        if not shards:
+            per_rank = len(self.urls) // world
+            fewer = f"num_workers={per_rank} or " if 0 < per_rank < num_workers else ""
+            raise ValueError(
+                f"rank {rank} DataLoader worker {worker} has no shard ({len(self.urls)} shards "
+                f"for {world} ranks x {num_workers} workers) but must yield {quota} of the "
+                f"rank's {self.rank_batches()} batches (num_samples={self.num_samples}); use "
+                f"{fewer}at least {world * num_workers} shards"
+            )
+        bad: set[str] = set()  # reported once per epoch, however many passes read them
+        done = pass_ = 0
+        while True:
+            before = done
+            for batch in self._batches(self._pass_order(shards, pass_), bad):
+                yield batch
+                done += 1
+                if done == quota:
+                    return  # never more than the share: every rank yields the same count
+            if done == before:
+                raise ValueError(
+                    f"rank {rank} DataLoader worker {worker}: a whole pass over its "
+                    f"{len(shards)} shard(s) gave no batch of {self.batch_size} (bad shards: "
+                    f"{sorted(bad) or 'none'}), so it cannot yield its {quota} batches "
+                    f"(num_samples={self.num_samples}); fix or drop the bad shards, or use "
+                    "fewer workers so that each has more shards"
+                )
+            pass_ += 1
+            logger.info(
+                "webdataset: rank %d worker %d read its %d shards; pass %d for batches %d..%d",
+                rank, worker, len(shards), pass_, done, quota,
+            )
 
 
 class WebDatasetLoader:
@@ -489,7 +589,10 @@ def webdataset_loader(
         shuffle_shards: shuffle the shard order each epoch, seeded by ``seed`` and the epoch.
         num_samples: examples per epoch over all ranks, if known (e.g. the sum of
             ``sizes.json``, like open_clip's ``--train-num-samples``); gives ``len`` /
-            ``num_batches`` = ``num_samples // (batch_size * world_size)`` per rank.
+            ``num_batches`` = ``num_samples // (batch_size * world_size)`` per rank, and every
+            rank then yields exactly that many batches per epoch, reading its shards again
+            when they run out first (so that DDP ranks end the epoch together; module doc).
+            None: an epoch is one pass over the shards.
         on_bad_shard: "warn" (count and continue) or "raise".
         **dataloader_kwargs: passed to ``torch.utils.data.DataLoader``.
     """
@@ -513,10 +616,12 @@ def webdataset_loader(
     _, world, _, _ = pytorch_worker_info()
     if len(url_list) < world * max(1, num_workers):
         logger.warning(
-            "%d shards for %d ranks x %d workers: some workers get no shard and produce nothing",
+            "%d shards for %d ranks x %d workers: some workers get no shard and produce "
+            "nothing%s",
             len(url_list),
             world,
             max(1, num_workers),
+            "" if num_samples is None else " (with num_samples= iterating raises ValueError)",
         )
     pipeline = _Pipeline(
         url_list,
@@ -528,6 +633,8 @@ def webdataset_loader(
         shuffle_shards,
         seed,
         ShardErrorCounter(on_bad_shard, dataloader_kwargs.get("multiprocessing_context")),
+        num_samples,
+        world,
     )
     loader = DataLoader(
         pipeline,

@@ -283,3 +283,119 @@ def test_num_batches_is_per_rank(shards, monkeypatch):
     base = webdataset_loader(urls, B, num_samples=48)  # 48 examples over 2 ranks
     assert base.num_batches == len(base) == 6 and base.num_samples == 24
     assert sum(1 for _ in base) == 6  # rank 1 reads shards 1 and 3: 24 examples
+
+
+# -- num_samples: the same number of full batches on every rank (no DDP hang) -----------------
+
+UNEVEN = 5  # shards: rank 0 reads 0, 2, 4 (36 examples), rank 1 reads 1, 3 (24)
+
+
+def _rank_epoch(urls, monkeypatch, rank, num_workers=2, **kw):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    base = webdataset_loader(urls, B, num_workers=num_workers, shuffle_shards=True, seed=1, **kw)
+    base.set_epoch(1)
+    return base, [list(ks) for _, _, ks in base]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("uneven"), n_shards=UNEVEN)
+
+
+def test_uneven_shards_without_num_samples_differ_per_rank(uneven, monkeypatch):
+    """The failure mode num_samples= fixes: one pass per epoch, ranks disagree on its length."""
+    urls, _ = uneven
+    counts = [len(_rank_epoch(urls, monkeypatch, r)[1]) for r in (0, 1)]
+    assert counts == [6 + 3, 3 + 3]  # rank 0: workers with 2 shards and 1; rank 1: 1 and 1
+
+
+def test_num_samples_gives_every_rank_the_same_full_batches(uneven, monkeypatch):
+    urls, keys_by_shard = uneven
+    per_rank = []
+    for rank in (0, 1):
+        base, batches = _rank_epoch(urls, monkeypatch, rank, num_samples=80)
+        assert len(batches) == base.num_batches == len(base) == 80 // (B * 2)
+        assert all(len(ks) == B for ks in batches)
+        own = {k for u in base.dataset.shard_order()[rank::2] for k in keys_by_shard[u]}
+        keys = [k for ks in batches for k in ks]
+        assert set(keys) <= own
+        shares = [base.dataset.worker_batches(w, 2) for w in (0, 1)]
+        assert shares == [5, 5] and sum(shares) == base.num_batches
+        per_rank.append(keys)
+        # deterministic: the same epoch again (a new DataLoader pass) yields the same keys
+        assert [list(ks) for _, _, ks in base] == batches
+    # rank 0 has 36 examples and rank 1 24 for 40 each: both read shards again (cycling)
+    for rank, keys in enumerate(per_rank):
+        assert Counter(keys).most_common(1)[0][1] == 2, rank
+    assert len(set(per_rank[1])) == 24  # rank 1 read every one of its examples
+    # uneven shares: the first worker takes the extra batch, the total stays exact
+    odd = webdataset_loader(urls, B, num_samples=72)  # still 2 ranks: 9 batches per rank
+    assert [odd.dataset.worker_batches(w, 4) for w in range(4)] == [3, 2, 2, 2]
+
+
+def test_num_samples_cycling_reshuffles_each_pass(uneven):
+    urls, _ = uneven
+    base = webdataset_loader(urls[:3], B, shuffle_shards=True, seed=1)
+    orders = {tuple(base.dataset._pass_order(urls[:3], p)) for p in range(1, 8)}
+    assert len(orders) > 1 and all(sorted(o) == sorted(urls[:3]) for o in orders)
+    assert base.dataset._pass_order(urls[:3], 0) == urls[:3]  # pass 0: the epoch's own order
+    plain = webdataset_loader(urls[:3], B)
+    assert plain.dataset._pass_order(urls[:3], 5) == urls[:3]
+
+
+def test_num_samples_resume_mid_epoch_after_cycling_is_exact(uneven, monkeypatch):
+    urls, _ = uneven
+    _, full = _rank_epoch(urls, monkeypatch, 1, num_samples=80)  # sets RANK=1 of 2
+    first = webdataset_loader(urls, B, num_workers=2, shuffle_shards=True, seed=1, num_samples=80)
+    first.set_epoch(1)
+    it = iter(first)
+    head = [list(next(it)[2]) for _ in range(8)]  # past both workers' first pass (3 batches)
+    state = first.state_dict()
+    del it
+    assert state == {"epoch": 1, "batches": 8, "seed": 1}
+    resumed = webdataset_loader(
+        urls, B, num_workers=2, shuffle_shards=True, seed=1, num_samples=80
+    )
+    resumed.load_state_dict(state)
+    tail = [list(ks) for _, _, ks in resumed]
+    assert head + tail == full and len(tail) == resumed.num_batches - 8
+
+
+def test_num_samples_with_a_bad_shard_on_one_rank(tmp_path, monkeypatch):
+    urls, _ = write_shards(tmp_path / "shards", n_shards=UNEVEN)
+    with open(urls[4], "r+b") as f:  # rank 0, worker 0 (with shard 0): cut in half
+        f.truncate(len(open(urls[4], "rb").read()) // 2)
+    counts = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        base = webdataset_loader(urls, B, num_samples=120)  # 15 per rank: 2-3 passes each
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = [ks for _, _, ks in base]
+        counts.append(len(batches))
+        assert all(len(ks) == B for ks in batches)
+        bad = [w for w in caught if issubclass(w.category, BadShardWarning)]
+        # read in every pass, reported once per epoch (warning + counter)
+        assert (len(bad), base.stats["bad_shards"]) == ((1, 1) if rank == 0 else (0, 0))
+    assert counts == [15, 15]
+
+
+def test_num_samples_worker_without_shard_or_batch_raises(tmp_path, monkeypatch):
+    urls, _ = write_shards(tmp_path / "shards", n_shards=3)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    # rank 1 has shard 1 only: its second worker has none but must yield half the batches
+    base = webdataset_loader(urls, B, num_workers=2, num_samples=48)
+    with pytest.raises(ValueError, match=r"worker 1 has no shard \(3 shards for 2 ranks x 2"):
+        list(base)
+    # ... unless its share is 0: 1 batch per rank, all from worker 0
+    assert len(list(webdataset_loader(urls, B, num_workers=2, num_samples=8))) == 1
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "shards" / "shard-0000.tar").write_bytes(b"not a tar" * 100)
+    broken = webdataset_loader(urls[:1], B, num_samples=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadShardWarning)
+        with pytest.raises(ValueError, match="gave no batch of 4"):
+            list(broken)

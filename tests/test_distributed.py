@@ -15,7 +15,9 @@ from test_adapters_webdataset import CTX, N_SHARDS, PER_SHARD, B, tokenize, writ
 WORLD = 2
 
 
-def _rank_main(rank: int, init_file: str, urls: list[str], out_dir: str) -> None:
+def _rank_main(
+    rank: int, init_file: str, urls: list[str], out_dir: str, num_samples: int | None = None
+) -> None:
     from conftest import make_tiny_clip
     from open_clip.loss import SigLipLoss
 
@@ -30,7 +32,8 @@ def _rank_main(rank: int, init_file: str, urls: list[str], out_dir: str) -> None
         reference = make_tiny_clip(seed=1, siglip=True)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         loss_fn = SigLipLoss()  # world_size 1: the consumer's loss; DDP all-reduces the grads
-        base = webdataset_loader(urls, B, tokenizer=tokenize)  # split_by_node reads the rank
+        # split_by_node reads the rank
+        base = webdataset_loader(urls, B, tokenizer=tokenize, num_samples=num_samples)
         seen, losses = [], []
         with JESTLoader(base, ddp, reference, ratio=0.5, n_chunks=2, loss="sigmoid") as jest:
             for images, texts, keys in jest:
@@ -73,3 +76,22 @@ def test_two_rank_gloo_split_by_node_with_ddp_learner(tmp_path):
         assert all(torch.isfinite(torch.tensor(res["losses"])))
         assert res["replicas_equal"]
     assert not per_rank[0] & per_rank[1]
+
+
+def test_uneven_shards_with_num_samples_end_the_epoch_together(tmp_path):
+    """5 shards over 2 ranks (36 vs 24 examples): one pass would give rank 0 a 5th DDP step that
+    rank 1 never takes (a hang in the all-reduce); num_samples= makes both take the same."""
+    urls, keys_by_shard = write_shards(tmp_path / "shards", n_shards=5)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    num_samples = 80  # 10 batches of 4 per rank, 5 super-batches of 2 x 4
+    mp.start_processes(
+        _rank_main, args=(str(tmp_path / "init"), urls, str(out_dir), num_samples),
+        nprocs=WORLD, join=True, start_method="spawn",
+    )
+    results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for r, res in enumerate(results):
+        assert len(res["losses"]) == num_samples // (2 * B * WORLD)  # same steps on every rank
+        own = {k for i, u in enumerate(urls) if i % WORLD == r for k in keys_by_shard[u]}
+        assert set(res["keys"]) <= own
+        assert res["replicas_equal"]
