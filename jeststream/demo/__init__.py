@@ -1,1 +1,390 @@
-"""The embedded demo: JEST vs uniform on a noisy image-caption set built from sklearn digits."""
+"""The embedded demo: JEST vs uniform on a noisy image-caption set built from sklearn digits.
+
+`jeststream demo` (what `make demo` runs) trains the same tiny open_clip SigLIP model with
+uniform sampling, with JEST (through JESTLoader) and on the clean pairs only, then prints a table
+and writes ``runs/demo/results.json`` and ``runs/demo/learning_curves.png``. ``--full`` runs
+every baseline over three seeds (also ``benchmarks/learning.py``); ``--quick`` is the smoke
+test the test suite runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+__all__ = ["build_parser", "config_from_args", "main", "run_comparison"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = "runs/demo"
+HEADLINE_METHODS = ("uniform", "jest", "oracle")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the None/False of flags whose default the help already explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jeststream.demo.data import DataConfig
+    from jeststream.demo.runs import METHODS, RunConfig
+
+    d, r = DataConfig(), RunConfig()
+    p = argparse.ArgumentParser(
+        prog="jeststream demo",
+        description=(
+            "Train one tiny open_clip SigLIP model per method on a noisy image-caption pool built "
+            "from sklearn's handwritten digits (no download), with the same steps, batch size, "
+            "optimizer and seeds for every method, and compare held-out zero-shot accuracy. "
+            "Writes OUT/results.json and OUT/learning_curves.png."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    mode = p.add_argument_group("presets")
+    ex = mode.add_mutually_exclusive_group()
+    ex.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny pool, a few dozen steps, every method (checks the pipeline, "
+        "not the headline figure)",
+    )
+    ex.add_argument(
+        "--full",
+        action="store_true",
+        help="the full comparison: every method, seeds 0 1 2, twice the default steps (over an "
+        "hour on 2 busy cores; --scale or --methods shorten it)",
+    )
+    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (shards, cache, results)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no tqdm progress bars (on stderr by default)"
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)} "
+        f"(default: {','.join(r.methods)}; --full: all)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="model/data-order seeds (default: 0; --full: 0 1 2)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply learner and reference steps (and eval interval) by this",
+    )
+
+    t = p.add_argument_group("training (the same for every method)")
+    t.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"learner steps per method (default {r.steps}; --full {2 * r.steps})",
+    )
+    t.add_argument("--batch-size", type=int, default=r.batch_size, help="training batch size b")
+    t.add_argument("--lr", type=float, default=r.lr, help="AdamW peak learning rate")
+    t.add_argument("--weight-decay", type=float, default=r.weight_decay)
+    t.add_argument("--warmup", type=int, default=r.warmup, help="linear warm-up steps")
+    t.add_argument(
+        "--eval-every",
+        type=int,
+        default=r.eval_every,
+        help="evaluate on the held-out split every N steps",
+    )
+    t.add_argument("--threads", type=int, default=r.threads, help="torch intra-op threads")
+
+    s = p.add_argument_group("selection")
+    s.add_argument(
+        "--ratio", type=float, default=r.ratio, help="JEST filtering ratio b/B (0.2 keeps 1 in 5)"
+    )
+    s.add_argument("--n-chunks", type=int, default=r.n_chunks, help="JEST sampling chunks")
+    s.add_argument(
+        "--ref-steps",
+        type=int,
+        default=r.ref_steps,
+        help="reference training steps on the curated split",
+    )
+    s.add_argument(
+        "--static-keep",
+        type=float,
+        default=r.static_keep,
+        help="share of the pool kept by static (CLIP-score style) filtering",
+    )
+    s.add_argument(
+        "--sync-scoring",
+        action="store_true",
+        help="score inline instead of on JESTLoader's background thread",
+    )
+
+    g = p.add_argument_group(
+        "data (pool noise shares are fractions of the pool; the rest is clean)"
+    )
+    g.add_argument(
+        "--mismatched",
+        type=float,
+        default=d.mismatched,
+        help="captions unrelated to the image (web junk text)",
+    )
+    g.add_argument(
+        "--wrong-class", type=float, default=d.wrong_class, help="captions naming another digit"
+    )
+    g.add_argument(
+        "--garbage",
+        type=float,
+        default=d.garbage,
+        help="blank, noise or scribble images with a digit caption",
+    )
+    g.add_argument(
+        "--duplicate", type=float, default=d.duplicate, help="near-duplicates of a few scans"
+    )
+    g.add_argument("--pool-size", type=int, default=d.pool_size, help="training pool examples")
+    g.add_argument(
+        "--curated-scans",
+        type=int,
+        default=d.curated_scans,
+        help="scans reserved for the curated (reference) split",
+    )
+    g.add_argument(
+        "--curated-size", type=int, default=d.curated_size, help="augmented curated examples"
+    )
+    g.add_argument(
+        "--heldout-scans",
+        type=int,
+        default=d.heldout_scans,
+        help="scans reserved for the held-out split",
+    )
+    g.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels")
+    g.add_argument("--data-seed", type=int, default=d.seed, help="seed of the data set itself")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """RunConfig from parsed arguments, presets applied."""
+    from jeststream.demo.data import DataConfig
+    from jeststream.demo.model import ModelConfig
+    from jeststream.demo.runs import METHODS, RunConfig
+
+    data = DataConfig(
+        image_size=args.image_size,
+        pool_size=args.pool_size,
+        curated_scans=args.curated_scans,
+        curated_size=args.curated_size,
+        heldout_scans=args.heldout_scans,
+        mismatched=args.mismatched,
+        wrong_class=args.wrong_class,
+        garbage=args.garbage,
+        duplicate=args.duplicate,
+        seed=args.data_seed,
+    )
+    steps = RunConfig().steps if args.steps is None else args.steps
+    ref_steps, eval_every = args.ref_steps, args.eval_every
+    batch_size = args.batch_size
+    methods = RunConfig().methods
+    seeds: tuple[int, ...] = (0,)
+    if args.quick:
+        data = dataclasses.replace(data, pool_size=1500, curated_size=256, duplicate_sources=8)
+        ref_steps, eval_every, batch_size = 12, 4, 32
+        steps = 12 if args.steps is None else args.steps
+        methods = METHODS
+    elif args.full:
+        # Twice the default run's budget, so that uniform is near its plateau.
+        methods, seeds = METHODS, (0, 1, 2)
+        if args.steps is None:
+            steps = 2 * steps
+    if args.scale != 1.0:
+        steps = max(1, round(steps * args.scale))
+        ref_steps = max(1, round(ref_steps * args.scale))
+        eval_every = max(1, round(eval_every * args.scale))
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; choose from {','.join(METHODS)}")
+    if args.seeds:
+        seeds = tuple(args.seeds)
+    return RunConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=min(args.warmup, max(1, steps // 4)),
+        eval_every=eval_every,
+        ratio=args.ratio,
+        n_chunks=args.n_chunks,
+        ref_steps=ref_steps,
+        static_keep=args.static_keep,
+        seeds=seeds,
+        methods=methods,
+        threads=args.threads,
+        async_scoring=not args.sync_scoring,
+        data=data,
+        model=ModelConfig(image_size=args.image_size, context_length=data.context_length),
+    )
+
+
+def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
+    """Run every (seed, method) of `cfg`; write results.json and the plot; return the results."""
+    import torch
+
+    from jeststream.demo import report
+    from jeststream.demo.data import WordTokenizer, prepare_shards
+    from jeststream.demo.model import build_model
+    from jeststream.demo.runs import (
+        load_split,
+        measure_flops,
+        reference_scores,
+        run_method,
+        subset_shards,
+        train_reference,
+    )
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        def bar(**kw):
+            return tqdm(leave=False, dynamic_ncols=True, **kw)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    shards = prepare_shards(cfg.data, out_dir / "data")
+    data_dir = Path(shards["pool"][0]).parent
+    tokenizer = WordTokenizer(cfg.data.context_length)
+    s = cfg.data.image_size
+    curated = load_split(shards["curated"], tokenizer, s)
+    heldout = load_split(shards["heldout"], tokenizer, s)
+    pool = load_split(shards["pool"], tokenizer, s)
+    noise_of = dict(zip(pool["key"], pool["noise"]))
+    flops = measure_flops(build_model(cfg.model, tokenizer.vocab_size, seed=0), cfg, tokenizer)
+    setup_s = time.perf_counter() - t_start
+
+    ref_tag = report.fingerprint(
+        {
+            "data": dataclasses.asdict(cfg.data),
+            "model": dataclasses.asdict(cfg.model),
+            "ref_steps": cfg.ref_steps,
+            "lr": cfg.lr,
+            "wd": cfg.weight_decay,
+            "warmup": cfg.warmup,
+            "b": cfg.batch_size,
+        }
+    )
+    runs: list[dict] = []
+    references: dict[int, dict] = {}
+    models: dict[int, object] = {}
+
+    def reference_for(seed: int):
+        if seed not in models:
+            t0 = time.perf_counter()
+            models[seed], ref_eval = train_reference(
+                cfg,
+                curated,
+                heldout,
+                tokenizer,
+                seed,
+                cache=out_dir / "cache" / f"reference-{ref_tag}-seed{seed}.pt",
+                progress=bar,
+            )
+            references[seed] = {
+                **ref_eval,
+                "train_flops": cfg.ref_steps * flops["train_step"],
+                "wall_s": time.perf_counter() - t0,
+            }
+        return models[seed]
+
+    # The headline methods run first over every seed, the other baselines after, so that a run
+    # cut short still has the headline; results.json is rewritten after every run.
+    order = sorted(
+        ((seed, method) for seed in cfg.seeds for method in cfg.methods),
+        key=lambda sm: (sm[1] not in HEADLINE_METHODS, sm[0], cfg.methods.index(sm[1])),
+    )
+    for seed, method in order:
+        reference = reference_for(seed)
+        upfront = 0.0
+        if method == "static":
+            scores = reference_scores(reference, pool)
+            n_keep = max(cfg.batch_size, round(cfg.static_keep * len(scores)))
+            keep = {pool["key"][i] for i in scores.argsort()[:n_keep].tolist()}
+            train = subset_shards(
+                shards["pool"],
+                keep,
+                data_dir,
+                f"static-{ref_tag}-seed{seed}-{cfg.static_keep}",
+                cfg.data.shard_size,
+            )
+            upfront = len(scores) * flops["per_example_forward"]
+        elif method == "oracle":
+            keep = {k for k, n in noise_of.items() if n == "clean"}
+            train = subset_shards(shards["pool"], keep, data_dir, "oracle", cfg.data.shard_size)
+        else:
+            train = shards["pool"]
+        result = run_method(
+            method,
+            cfg,
+            seed,
+            train,
+            heldout,
+            noise_of,
+            reference,
+            tokenizer,
+            flops,
+            upfront_flops=upfront,
+            progress=bar,
+        )
+        runs.append(result)
+        logger.info(
+            "%s seed %d: final accuracy %.3f in %.1fs",
+            method,
+            seed,
+            result["curve"][-1]["accuracy"],
+            result["wall_s"],
+        )
+        partial = report.summarise(cfg, runs, references, flops)
+        partial["wall_s"] = {"total": time.perf_counter() - t_start, "setup": setup_s}
+        partial["complete"] = False
+        (out_dir / "results.json").write_text(json.dumps(partial, indent=1))
+    results = report.summarise(cfg, runs, references, flops)
+    results["wall_s"] = {"total": time.perf_counter() - t_start, "setup": setup_s}
+    results["complete"] = True
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    try:
+        report.plot(results, out_dir / "learning_curves.png")
+    except ImportError as exc:  # matplotlib is an optional extra of the demo
+        logger.warning("no plot (%s); install jeststream[demo]", exc)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jeststream demo` entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    from jeststream.demo import report
+
+    t0 = time.perf_counter()
+    results = run_comparison(cfg, Path(args.out), progress=not args.no_progress)
+    print(report.table(results))
+    print(
+        f"\nresults: {Path(args.out) / 'results.json'}   "
+        f"plot: {Path(args.out) / 'learning_curves.png'}   "
+        f"total {time.perf_counter() - t0:.0f}s"
+    )
+    return 0

@@ -1,0 +1,325 @@
+"""The embedded image-caption set: sklearn's handwritten digits with web-like noise.
+
+Three splits come from disjoint scans: a small clean *curated* split (trains the reference), a
+large *pool* whose pairs carry injected noise (the training stream), and a clean *held-out*
+split (evaluation). Every pool example records its noise type so the demo can report what each
+method actually selects. The splits are written as webdataset shards and read back through the
+same adapter a user's data would go through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+SHARD_FORMAT = 3  # bump when the shards' layout changes, so old caches are not reused
+
+NOISE_TYPES = ("clean", "mismatched", "wrong_class", "garbage", "duplicate")
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# Several phrasings per class, as alt-text and captions vary on the web. Zero-shot evaluation
+# averages the text embeddings over all of them (CLIP's prompt ensembling).
+TEMPLATES = (
+    "a handwritten {word}",
+    "the digit {digit}",
+    "a scan of the number {word}",
+    "a photo of a handwritten {digit}",
+    "the number {word} written by hand",
+    "a small scan showing a {word}",
+    "digit {digit} in black and white",
+    "a drawing of the numeral {word}",
+)
+
+# Captions that say nothing about the image, the commonest web noise (filenames, shop text).
+JUNK_CAPTIONS = (
+    "click here to enlarge",
+    "free shipping on all orders",
+    "stock photo royalty free",
+    "untitled image",
+    "view full size",
+    "logo design vector illustration",
+    "best price guaranteed buy now",
+    "thumbnail photo gallery",
+    "my holiday pictures",
+    "page not found",
+    "share this on social media",
+    "a red car parked on a street",
+    "a cat sleeping on a sofa",
+    "sunset over the sea",
+    "download wallpaper in high resolution",
+    "image may contain text",
+)
+
+
+def caption(label: int, template: int) -> str:
+    """The caption of class `label` under template number `template`."""
+    return TEMPLATES[template].format(word=DIGIT_WORDS[label], digit=str(label))
+
+
+class WordTokenizer:
+    """A tiny closed-vocabulary word tokenizer for the demo's captions.
+
+    open_clip's BPE tokenizer would work too, but its 49k-row embedding table would dominate
+    the tiny text tower's compute on CPU. The end-of-text token has the largest id so that
+    open_clip's default `argmax` text pooling finds it, as with the real tokenizer.
+    """
+
+    PAD, SOT, UNK = 0, 1, 2
+
+    def __init__(self, context_length: int = 16) -> None:
+        if context_length < 4:
+            raise ValueError(f"context_length={context_length} is too short; use at least 4")
+        words: set[str] = set()
+        for label in range(10):
+            for t in range(len(TEMPLATES)):
+                words.update(caption(label, t).split())
+        for text in JUNK_CAPTIONS:
+            words.update(text.split())
+        self.vocab = {w: i + 3 for i, w in enumerate(sorted(words))}
+        self.EOT = len(self.vocab) + 3
+        self.vocab_size = self.EOT + 1
+        self.context_length = context_length
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.vocab.get(w, self.UNK) for w in text.lower().split()]
+            ids = [self.SOT, *ids[: self.context_length - 2], self.EOT]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+@dataclass
+class DataConfig:
+    """What the embedded data set looks like. Shares of the pool are fractions of its size."""
+
+    image_size: int = 16
+    pool_size: int = 16384
+    curated_scans: int = 300
+    curated_size: int = 4096
+    heldout_scans: int = 500
+    mismatched: float = 0.25
+    wrong_class: float = 0.20
+    garbage: float = 0.15
+    duplicate: float = 0.10
+    duplicate_sources: int = 16
+    context_length: int = 12
+    shard_size: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        shares = (self.mismatched, self.wrong_class, self.garbage, self.duplicate)
+        if any(s < 0 for s in shares) or sum(shares) >= 1:
+            raise ValueError(
+                f"noise shares {shares} must be non-negative and sum to less than 1 "
+                "(the rest of the pool is clean)"
+            )
+        if self.curated_scans + self.heldout_scans >= 1797 - 100:
+            raise ValueError(
+                f"curated_scans + heldout_scans = {self.curated_scans + self.heldout_scans} "
+                "leaves fewer than 100 of the 1797 scans for the pool; lower them"
+            )
+
+    @property
+    def clean_share(self) -> float:
+        return 1.0 - (self.mismatched + self.wrong_class + self.garbage + self.duplicate)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({**asdict(self), "format": SHARD_FORMAT}, sort_keys=True).encode()
+        return hashlib.sha1(blob).hexdigest()[:10]
+
+
+def _load_scans() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # [1797, 8, 8] in [0, 1]
+    return images, torch.tensor(digits.target, dtype=torch.long)
+
+
+def _augment(scans: torch.Tensor, size: int, gen: torch.Generator, strength: float = 1.0):
+    """Upsample 8x8 scans to size x size with a small random affine jitter and pixel noise."""
+    n = scans.shape[0]
+    x = F.interpolate(scans[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    angle = (torch.rand(n, generator=gen) - 0.5) * 2 * math.radians(12) * strength
+    scale = 1 + (torch.rand(n, generator=gen) - 0.5) * 0.2 * strength
+    shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.16 * strength
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    contrast = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen)
+    x = x * contrast + 0.06 * strength * torch.randn(x.shape, generator=gen)
+    return x.clamp(0, 1)[:, 0]
+
+
+def _garbage_images(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Blank pages, pure noise and random strokes: images that show no digit at all."""
+    kind = torch.randint(0, 3, (n,), generator=gen)
+    out = torch.zeros(n, size, size)
+    level = torch.rand(n, 1, 1, generator=gen)
+    out = torch.where((kind == 0)[:, None, None], level * 0.3, out)
+    noise = torch.rand(n, size, size, generator=gen)
+    out = torch.where((kind == 1)[:, None, None], noise, out)
+    ys = torch.arange(size).float()[:, None]
+    xs = torch.arange(size).float()[None, :]
+    for i in torch.nonzero(kind == 2).flatten().tolist():
+        img = torch.zeros(size, size)
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            a, b, c = torch.randn(3, generator=gen)
+            dist = (a * xs + b * ys - c * size / 2 - (a + b) * size / 4).abs()
+            img = torch.maximum(img, (1 - dist / (a.abs() + b.abs() + 1e-3)).clamp(0, 1))
+        out[i] = img
+    return out
+
+
+def build_splits(cfg: DataConfig) -> dict[str, dict[str, list | torch.Tensor]]:
+    """Generate the three splits in memory.
+
+    Returns {split: {"image": uint8 [N,S,S], "label": [N], "caption": list[str],
+    "noise": list[str], "scan": [N]}}. `label` is the digit actually shown (-1 for garbage).
+    """
+    scans, targets = _load_scans()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(scans), generator=gen)
+    curated_ids = order[: cfg.curated_scans]
+    heldout_ids = order[cfg.curated_scans : cfg.curated_scans + cfg.heldout_scans]
+    pool_ids = order[cfg.curated_scans + cfg.heldout_scans :]
+    n_t = len(TEMPLATES)
+
+    def clean_split(ids: torch.Tensor, n: int, cycle: bool) -> dict:
+        pick = (
+            ids.repeat(math.ceil(n / len(ids)))[:n]
+            if cycle
+            else ids[torch.randint(0, len(ids), (n,), generator=gen)]
+        )
+        labels = targets[pick]
+        temps = torch.randint(0, n_t, (n,), generator=gen)
+        return {
+            "image": _augment(scans[pick], cfg.image_size, gen),
+            "label": labels,
+            "caption": [caption(int(c), int(t)) for c, t in zip(labels, temps)],
+            "noise": ["clean"] * n,
+            "scan": pick,
+        }
+
+    curated = clean_split(curated_ids, cfg.curated_size, cycle=False)
+    heldout = clean_split(heldout_ids, len(heldout_ids), cycle=True)
+
+    n = cfg.pool_size
+    counts = {
+        "mismatched": round(cfg.mismatched * n),
+        "wrong_class": round(cfg.wrong_class * n),
+        "garbage": round(cfg.garbage * n),
+        "duplicate": round(cfg.duplicate * n),
+    }
+    counts["clean"] = n - sum(counts.values())
+    noise = [t for t in NOISE_TYPES for _ in range(counts[t])]
+    pick = pool_ids[torch.randint(0, len(pool_ids), (n,), generator=gen)]
+    labels = targets[pick].clone()
+    temps = torch.randint(0, n_t, (n,), generator=gen)
+    noise_t = torch.tensor([NOISE_TYPES.index(t) for t in noise])
+    # Near-duplicates: a handful of source scans copied many times with only a faint jitter.
+    dup = noise_t == NOISE_TYPES.index("duplicate")
+    sources = pool_ids[torch.randperm(len(pool_ids), generator=gen)[: cfg.duplicate_sources]]
+    pick[dup] = sources[torch.randint(0, len(sources), (int(dup.sum()),), generator=gen)]
+    labels[dup] = targets[pick[dup]]
+    images = _augment(scans[pick], cfg.image_size, gen)
+    if dup.any():
+        images[dup] = _augment(scans[pick[dup]], cfg.image_size, gen, strength=0.15)
+    garbage = noise_t == NOISE_TYPES.index("garbage")
+    if garbage.any():
+        images[garbage] = _garbage_images(int(garbage.sum()), cfg.image_size, gen)
+    # Caption class: the shown digit, except wrong-class pairs (another digit) and garbage
+    # images (alt text that claims some digit the image does not show).
+    caption_class = labels.clone()
+    wrong = noise_t == NOISE_TYPES.index("wrong_class")
+    caption_class[wrong] = (
+        labels[wrong] + torch.randint(1, 10, (int(wrong.sum()),), generator=gen)
+    ) % 10
+    caption_class[garbage] = torch.randint(0, 10, (int(garbage.sum()),), generator=gen)
+    labels[garbage] = -1
+    junk = torch.randint(0, len(JUNK_CAPTIONS), (n,), generator=gen)
+    captions = [
+        JUNK_CAPTIONS[int(j)] if t == "mismatched" else caption(int(c), int(tp))
+        for t, c, tp, j in zip(noise, caption_class, temps, junk)
+    ]
+    perm = torch.randperm(n, generator=gen)
+    pool = {
+        "image": images[perm],
+        "label": labels[perm],
+        "caption": [captions[i] for i in perm.tolist()],
+        "noise": [noise[i] for i in perm.tolist()],
+        "scan": pick[perm],
+    }
+    splits = {"curated": curated, "pool": pool, "heldout": heldout}
+    for split in splits.values():
+        split["image"] = (split["image"] * 255).round().to(torch.uint8)
+    return splits
+
+
+def write_shards(splits: dict, out_dir: Path, cfg: DataConfig) -> dict[str, list[str]]:
+    """Write each split as webdataset shards (png + txt per sample).
+
+    The per-example metadata (digit shown, injected noise type, source scan) goes to a sidecar
+    ``{split}-meta.json`` keyed by ``__key__``, as DataComp ships its metadata next to the
+    shards: the training stream does not parse what only the evaluation needs.
+    """
+    import webdataset as wds
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[str]] = {}
+    for name, split in splits.items():
+        pattern = str(out_dir / f"{name}-%05d.tar")
+        meta: dict[str, dict] = {}
+        # mtime=0: an integer mtime needs no PAX header, which halves the tar headers to parse.
+        with wds.ShardWriter(pattern, maxcount=cfg.shard_size, verbose=0, mtime=0) as sink:
+            for i in range(len(split["caption"])):
+                key = f"{name}-{i:06d}"
+                buf = io.BytesIO()
+                Image.fromarray(split["image"][i].numpy(), mode="L").save(buf, format="PNG")
+                meta[key] = {
+                    "label": int(split["label"][i]),
+                    "noise": split["noise"][i],
+                    "scan": int(split["scan"][i]),
+                }
+                sink.write({"__key__": key, "png": buf.getvalue(), "txt": split["caption"][i]})
+        (out_dir / f"{name}-meta.json").write_text(json.dumps(meta))
+        written[name] = sorted(str(p) for p in out_dir.glob(f"{name}-*.tar"))
+    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), sort_keys=True))
+    return written
+
+
+def prepare_shards(cfg: DataConfig, out_dir: Path) -> dict[str, list[str]]:
+    """Build the splits and write them, or reuse shards written earlier with the same config."""
+    out_dir = Path(out_dir) / f"data-{cfg.fingerprint()}"
+    done = out_dir / "config.json"
+    if done.exists():
+        return {
+            name: sorted(str(p) for p in out_dir.glob(f"{name}-*.tar"))
+            for name in ("curated", "pool", "heldout")
+        }
+    logger.info("writing the demo's shards to %s", out_dir)
+    return write_shards(build_splits(cfg), out_dir, cfg)
+
+
+def to_model_input(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,S,S] -> float [N,3,S,S] normalised to [-1, 1] (open_clip ViTs take 3 channels)."""
+    x = images_u8.float().div_(127.5).sub_(1.0)
+    return x[:, None].expand(-1, 3, -1, -1).contiguous()

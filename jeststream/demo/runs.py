@@ -1,0 +1,423 @@
+"""Training runs of the demo: one tiny SigLIP learner per method, same everything but the data.
+
+Every method trains the same model (same init per seed), with the same optimizer, schedule,
+batch size b and number of learner steps. Only what the learner sees differs:
+
+- ``uniform``: the plain loader over the noisy pool;
+- ``jest``: JESTLoader, learnability, joint sampling in ``n_chunks`` chunks;
+- ``independent``: JESTLoader with ``n_chunks=1`` (each example's own learnability, sampled
+  independently, RHO-LOSS style);
+- ``hard_learner`` / ``easy_reference``: independent sampling by learner loss / −reference loss;
+- ``static``: keep the pool's top share by reference score once before training, then uniform;
+- ``oracle``: uniform over the pool's pairs that carry no injected noise (the upper bound).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jeststream.demo.data import NOISE_TYPES, DataConfig, WordTokenizer, to_model_input
+from jeststream.demo.model import ModelConfig, build_model, evaluate, siglip_loss
+
+logger = logging.getLogger(__name__)
+
+METHODS = (
+    "uniform",
+    "jest",
+    "independent",
+    "hard_learner",
+    "easy_reference",
+    "static",
+    "oracle",
+)
+# Methods that go through JESTLoader, with their (criterion, n_chunks or None for the default).
+LOADER_METHODS = {
+    "jest": ("learnability", None),
+    "independent": ("learnability", 1),
+    "hard_learner": ("hard_learner", 1),
+    "easy_reference": ("easy_reference", 1),
+}
+
+
+@dataclass
+class RunConfig:
+    """Every knob of a comparison. The same values apply to every method."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup: int = 50
+    eval_every: int = 50
+    ratio: float = 0.2
+    n_chunks: int = 16
+    ref_steps: int = 600
+    static_keep: float = 0.3
+    seeds: tuple[int, ...] = (0,)
+    methods: tuple[str, ...] = ("uniform", "jest", "oracle")
+    threads: int = 1
+    async_scoring: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the shards back
+# ---------------------------------------------------------------------------------------------
+
+
+def _decode_sample(sample: dict) -> tuple[torch.Tensor, str, str]:
+    from PIL import Image
+
+    image = torch.frombuffer(
+        bytearray(Image.open(io.BytesIO(sample["png"])).tobytes()), dtype=torch.uint8
+    )
+    return image, sample["txt"].decode(), sample["__key__"]
+
+
+def iter_samples(shards: list[str], seed: int | None = None) -> Iterator[tuple]:
+    """Decoded (image uint8 flat, caption, key) samples from webdataset shards.
+
+    With a seed, the shard order and a 2,048-sample buffer are shuffled (webdataset's own
+    shuffle stage), as a user's training pipeline would.
+    """
+    import webdataset as wds
+
+    stages: list = [wds.SimpleShardList(list(shards))]
+    if seed is not None:
+        stages.append(wds.shuffle(len(shards), rng=random.Random(seed)))
+    stages.append(wds.tarfile_to_samples())
+    if seed is not None:
+        stages.append(wds.shuffle(2048, initial=2048, rng=random.Random(seed + 1)))
+    stages.append(wds.map(_decode_sample))
+    return iter(wds.DataPipeline(*stages))
+
+
+def load_split(shards: list[str], tokenizer: WordTokenizer, image_size: int) -> dict:
+    """A whole split in memory (curated, held-out; the pool for static scoring)."""
+    images, captions, keys, labels, noise = [], [], [], [], []
+    split = Path(shards[0]).name.rsplit("-", 1)[0]
+    meta = json.loads((Path(shards[0]).parent / f"{split}-meta.json").read_text())
+    for image, text, key in iter_samples(shards):
+        images.append(image)
+        captions.append(text)
+        keys.append(key)
+        labels.append(meta[key]["label"])
+        noise.append(meta[key]["noise"])
+    images_u8 = torch.stack(images).view(-1, image_size, image_size)
+    return {
+        "image": to_model_input(images_u8),
+        "text": tokenizer(captions),
+        "label": torch.tensor(labels),
+        "key": keys,
+        "noise": noise,
+    }
+
+
+def subset_shards(
+    src: list[str], keep: set[str], out_dir: Path, name: str, shard_size: int
+) -> list[str]:
+    """Copy the samples whose key is in `keep` into new shards (filter, then re-shard)."""
+    import webdataset as wds
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = out_dir / f"{name}.done"
+    if not done.exists():
+        for old in out_dir.glob(f"{name}-*.tar"):
+            old.unlink()
+        with wds.ShardWriter(
+            str(out_dir / f"{name}-%05d.tar"), maxcount=shard_size, verbose=0
+        ) as sink:
+            for sample in wds.DataPipeline(
+                wds.SimpleShardList(list(src)), wds.tarfile_to_samples()
+            ):
+                if sample["__key__"] in keep:
+                    sink.write(
+                        {
+                            k: v
+                            for k, v in sample.items()
+                            if k == "__key__" or not k.startswith("__")
+                        }
+                    )
+        done.write_text(str(len(keep)))
+    return sorted(str(p) for p in out_dir.glob(f"{name}-*.tar"))
+
+
+class StreamLoader:
+    """The base loader: the webdataset adapter's batches, epoch after epoch.
+
+    `jeststream.adapters.webdataset.webdataset_loader` reads one epoch of (images, texts, keys)
+    batches; this re-iterates it (a new shard order per epoch) until ``num_batches`` batches
+    have been yielded, so that a JESTLoader on top runs for exactly num_batches // n steps.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        batch_size: int,
+        num_batches: int,
+        tokenizer: WordTokenizer,
+        seed: int,
+        num_workers: int = 1,
+        passes: int = 16,
+    ) -> None:
+        from jeststream.adapters.webdataset import webdataset_loader
+
+        # One adapter "epoch" lists the shards `passes` times (shuffled together), so that a
+        # DataLoader worker is started once per `passes` passes over the pool, not every pass;
+        # the worker decodes in parallel with training and scoring.
+        self.epoch_loader = webdataset_loader(
+            list(shards) * passes,
+            batch_size,
+            tokenizer=tokenizer,
+            transform=_image_transform,
+            shuffle_shards=True,
+            seed=seed,
+            num_workers=num_workers,
+            # JESTLoader's producer thread starts the worker: forking a threaded process can
+            # deadlock, so the worker is started fresh.
+            # prefetch_factor: JESTLoader draws n base batches per super-batch; the default 2
+            # would make its producer wait on the worker for the rest of every super-batch.
+            **({"multiprocessing_context": "spawn", "prefetch_factor": 16} if num_workers else {}),
+        )
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple]:
+        produced, epoch = 0, 0
+        while True:
+            self.epoch_loader.set_epoch(epoch)
+            before = produced
+            for batch in self.epoch_loader:
+                yield batch
+                produced += 1
+                if produced == self.num_batches:
+                    return
+            if produced == before:
+                raise ValueError("the shards hold fewer samples than one batch; lower batch_size")
+            epoch += 1
+
+
+def _image_transform(image) -> torch.Tensor:
+    """PIL grey-level image -> [3,S,S] in [-1, 1], the model's input (as `to_model_input`).
+
+    numpy, not torch: per-sample torch calls on a 16x16 image cost more in dispatch than work.
+    """
+    arr = np.asarray(image, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+    return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(arr, (3, *arr.shape))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, steps: int):
+    """AdamW with linear warm-up and cosine decay to zero over `steps`."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / max(1, cfg.warmup))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_reference(
+    cfg: RunConfig,
+    curated: dict,
+    heldout: dict,
+    tokenizer: WordTokenizer,
+    seed: int,
+    cache: Path | None,
+    progress: Callable | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Train (or load from `cache`) the reference on the curated split; return it frozen."""
+    model = build_model(cfg.model, tokenizer.vocab_size, seed=10_000 + seed)
+    if cache is not None and cache.exists():
+        blob = torch.load(cache, map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["state_dict"])
+        ev = blob["eval"]
+    else:
+        model.train()
+        opt, sched = make_optimizer(model, cfg, cfg.ref_steps)
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        n, b = len(curated["label"]), cfg.batch_size
+        perm, pos = torch.randperm(n, generator=gen), 0
+        bar = progress(total=cfg.ref_steps, desc=f"reference seed {seed}") if progress else None
+        for _ in range(cfg.ref_steps):
+            if pos + b > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            idx = perm[pos : pos + b]
+            pos += b
+            loss = siglip_loss(model, curated["image"][idx], curated["text"][idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if bar:
+                bar.update()
+        if bar:
+            bar.close()
+        ev = evaluate(model, heldout["image"], heldout["label"], heldout["text"], tokenizer)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": model.state_dict(), "eval": ev}, cache)
+    model.eval().requires_grad_(False)
+    return model, ev
+
+
+@torch.inference_mode()
+def reference_scores(reference: torch.nn.Module, pool: dict, chunk: int = 2048) -> torch.Tensor:
+    """Each pool pair's own reference SigLIP loss (lower = more typical of curated data)."""
+    out = []
+    for s in range(0, len(pool["label"]), chunk):
+        img = reference.encode_image(pool["image"][s : s + chunk], normalize=True)
+        txt = reference.encode_text(pool["text"][s : s + chunk], normalize=True)
+        logit = reference.logit_scale.exp() * (img * txt).sum(-1) + reference.logit_bias
+        out.append(-F.logsigmoid(logit))
+    return torch.cat(out)
+
+
+def measure_flops(model: torch.nn.Module, cfg: RunConfig, tokenizer: WordTokenizer) -> dict:
+    """FLOPs of one training step at b and one scoring forward at B, counted once each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b = cfg.batch_size
+    big = b * round(1 / cfg.ratio)
+    s = cfg.model.image_size
+
+    def inputs(n: int):
+        return torch.zeros(n, 3, s, s), torch.zeros(n, cfg.model.context_length, dtype=torch.long)
+
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        siglip_loss(model, *inputs(b)).backward()
+    model.zero_grad(set_to_none=True)
+    train = counter.get_total_flops()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        x, t = inputs(big)
+        model.encode_image(x, normalize=True) @ model.encode_text(t, normalize=True).T
+    score = counter.get_total_flops()
+    return {
+        "train_step": train,
+        "score_forward_super_batch": score,
+        "per_example_forward": score / big,
+    }
+
+
+def run_method(
+    method: str,
+    cfg: RunConfig,
+    seed: int,
+    train_shards: list[str],
+    heldout: dict,
+    noise_of: dict[str, str],
+    reference: torch.nn.Module | None,
+    tokenizer: WordTokenizer,
+    flops: dict,
+    upfront_flops: float = 0.0,
+    progress: Callable | None = None,
+) -> dict:
+    """Train one learner with `method`; return its curve, composition and costs."""
+    from jeststream.loader import JESTLoader
+
+    learner = build_model(cfg.model, tokenizer.vocab_size, seed=seed)
+    learner.train()
+    opt, sched = make_optimizer(learner, cfg, cfg.steps)
+    n = round(1 / cfg.ratio)
+    selecting = method in LOADER_METHODS
+    base = StreamLoader(
+        train_shards, cfg.batch_size, cfg.steps * (n if selecting else 1), tokenizer, seed=seed
+    )
+    per_step = flops["train_step"]
+    if selecting:
+        criterion, n_chunks = LOADER_METHODS[method]
+        uses_reference = criterion != "hard_learner"
+        loader = JESTLoader(
+            base,
+            learner,
+            reference if uses_reference else None,
+            ratio=cfg.ratio,
+            n_chunks=n_chunks or cfg.n_chunks,
+            criterion=criterion,
+            async_scoring=cfg.async_scoring,
+            seed=seed,
+        )
+        per_step += flops["score_forward_super_batch"] * (2 if uses_reference else 1)
+    else:
+        loader = base
+
+    composition: Counter = Counter()
+    curve: list[dict] = []
+    t0 = time.perf_counter()
+    eval_s = 0.0
+
+    def record(step: int) -> None:
+        nonlocal eval_s
+        e0 = time.perf_counter()
+        ev = evaluate(learner, heldout["image"], heldout["label"], heldout["text"], tokenizer)
+        eval_s += time.perf_counter() - e0
+        curve.append(
+            {
+                "step": step,
+                "accuracy": ev["accuracy"],
+                "recall_at_1": ev["recall_at_1"],
+                "flops": upfront_flops + step * per_step,
+                "wall_s": time.perf_counter() - t0 - eval_s,
+            }
+        )
+
+    record(0)
+    bar = progress(total=cfg.steps, desc=f"{method} seed {seed}") if progress else None
+    step = 0
+    try:
+        for batch in loader:
+            images, texts, keys = batch
+            composition.update(noise_of[k] for k in keys)
+            loss = siglip_loss(learner, images, texts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if bar:
+                bar.update()
+                bar.set_postfix(acc=f"{curve[-1]['accuracy']:.3f}", refresh=False)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                record(step)
+            if step == cfg.steps:
+                break
+    finally:
+        if selecting:
+            loader.close()
+        if bar:
+            bar.close()
+    if step < cfg.steps:
+        raise RuntimeError(f"{method}: the loader ran dry after {step} of {cfg.steps} steps")
+    total = sum(composition.values())
+    return {
+        "method": method,
+        "seed": seed,
+        "curve": curve,
+        "composition": {t: composition[t] / total for t in NOISE_TYPES},
+        "wall_s": time.perf_counter() - t0 - eval_s,
+        "flops_per_step": per_step,
+        "upfront_flops": upfront_flops,
+    }

@@ -1,0 +1,110 @@
+"""The embedded demo: data set properties, CLI knobs, and a --quick end-to-end smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jeststream.demo import build_parser, config_from_args, main
+from jeststream.demo.data import (
+    NOISE_TYPES,
+    DataConfig,
+    WordTokenizer,
+    build_splits,
+)
+
+
+@pytest.fixture(scope="module")
+def small_splits():
+    return build_splits(DataConfig(pool_size=1000, curated_size=200, duplicate_sources=4))
+
+
+def test_splits_come_from_disjoint_scans(small_splits):
+    scans = {name: set(split["scan"].tolist()) for name, split in small_splits.items()}
+    assert not scans["curated"] & scans["pool"]
+    assert not scans["curated"] & scans["heldout"]
+    assert not scans["pool"] & scans["heldout"]
+
+
+def test_pool_noise_shares_and_labels(small_splits):
+    cfg = DataConfig()
+    pool = small_splits["pool"]
+    counts = {t: pool["noise"].count(t) for t in NOISE_TYPES}
+    assert counts["mismatched"] == round(cfg.mismatched * 1000)
+    assert counts["garbage"] == round(cfg.garbage * 1000)
+    assert sum(counts.values()) == 1000
+    assert pool["image"].dtype.is_floating_point is False
+    for i, noise in enumerate(pool["noise"]):
+        assert (pool["label"][i] == -1) == (noise == "garbage")
+    assert set(small_splits["heldout"]["noise"]) == {"clean"}
+    assert set(small_splits["curated"]["noise"]) == {"clean"}
+
+
+def test_bad_noise_shares_are_rejected():
+    with pytest.raises(ValueError, match="noise shares"):
+        DataConfig(mismatched=0.5, wrong_class=0.5)
+
+
+def test_tokenizer_end_token_is_the_largest_id():
+    tok = WordTokenizer(16)
+    ids = tok(["a handwritten seven", "something never seen before at all"])
+    assert ids.shape == (2, 16)
+    assert int(ids.max()) == tok.EOT == tok.vocab_size - 1
+    assert (ids.argmax(1) == (ids != 0).sum(1) - 1).all()  # argmax pooling finds the EOT
+
+
+def test_help_documents_the_knobs(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for knob in (
+        "--mismatched",
+        "--wrong-class",
+        "--garbage",
+        "--duplicate",
+        "--ratio",
+        "--steps",
+        "--seeds",
+        "--out",
+        "--quick",
+        "--full",
+        "--methods",
+        "--scale",
+    ):
+        assert knob in text
+
+
+def test_unknown_method_is_an_error():
+    args = build_parser().parse_args(["--methods", "uniform,nope"])
+    with pytest.raises(ValueError, match="nope"):
+        config_from_args(args)
+
+
+def test_full_preset_runs_every_method_over_three_seeds():
+    cfg = config_from_args(build_parser().parse_args(["--full"]))
+    assert len(cfg.seeds) == 3 and "static" in cfg.methods and "independent" in cfg.methods
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path, capsys):
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "JEST reaches" in out and "jest" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0
+    methods = results["methods"]
+    assert set(methods) == set(results["config"]["methods"])
+    for name, m in methods.items():
+        shares = sum(s["mean"] for s in m["composition"].values())
+        assert shares == pytest.approx(1.0), name
+    assert methods["oracle"]["composition"]["clean"]["mean"] == 1.0
+    steps = results["config"]["steps"]
+    for run in results["runs"]:
+        assert run["curve"][-1]["step"] == steps
+        assert run["curve"][-1]["flops"] > 0
+    # Selection methods pay for their scoring forwards.
+    by = {r["method"]: r for r in results["runs"]}
+    assert by["jest"]["flops_per_step"] > by["uniform"]["flops_per_step"]
+    assert "uniform_plateau_ok" in results["headline"]
