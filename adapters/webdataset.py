@@ -35,10 +35,14 @@ than shards), or whose shards give no full batch in a whole pass, raises ValueEr
 another worker's shards would duplicate data silently, so the fix (fewer workers, more shards)
 is left to you. Resume (below) stays exact: the passes are part of the deterministic replay.
 
+Shuffling: ``shuffle_shards`` shuffles the shard order per epoch (the same on every rank, before
+splitting); ``shuffle_buffer=N`` also shuffles samples through a buffer of N raw (undecoded)
+samples per worker, as open_clip's ``wds.shuffle`` stage does, seeded by (seed, epoch, rank,
+worker, pass) so that it is deterministic.
+
 Resume: a tar stream has no random access, so :meth:`WebDatasetLoader.state_dict` records
 ``(epoch, batches yielded)`` and ``load_state_dict`` replays the epoch's deterministic order
-(shards shuffled by ``seed + epoch``, or not at all; no sample shuffle buffer), skipping that
-many batches. Exact for the same shards, ``num_workers`` and world size; the skipped batches are
+(shard order and sample buffer both seeded), skipping that many batches. Exact for the same shards, ``num_workers`` and world size; the skipped batches are
 read and decoded again (cost proportional to the position in the epoch).
 """
 
@@ -236,6 +240,21 @@ def _shard_samples(
         yield current
 
 
+def _shuffled(items: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of ``bufsize`` items (webdataset's ``shuffle`` stage):
+    fill the buffer, then emit a random buffered item for each new one; drain at the end."""
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        i = rng.randrange(bufsize)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
 # -- decoding / batching ---------------------------------------------------------------------
 
 
@@ -268,8 +287,10 @@ class _Pipeline(IterableDataset):
         counter: ShardErrorCounter,
         num_samples: int | None = None,
         world_size: int = 1,
+        shuffle_buffer: int = 0,
     ) -> None:
         super().__init__()
+        self.shuffle_buffer = shuffle_buffer
         self.num_samples = num_samples  # over all ranks; None: one pass over the shards
         self.world_size = world_size  # the world num_samples was divided by (at construction)
         self.urls = urls
@@ -350,30 +371,42 @@ class _Pipeline(IterableDataset):
             texts = self.tokenizer(texts)
         return images, texts, [s[2] for s in samples]
 
+    def _raw_samples(
+        self, shards: Sequence[str], reported: set[str] | None, buffer_seed: str
+    ) -> Iterator[dict[str, Any]]:
+        raws = (raw for url in shards for raw in _shard_samples(url, self.counter, reported))
+        if self.shuffle_buffer <= 1:
+            return raws
+        return _shuffled(raws, self.shuffle_buffer, random.Random(buffer_seed))
+
     def _batches(
-        self, shards: Sequence[str], reported: set[str] | None = None
+        self, shards: Sequence[str], reported: set[str] | None = None, buffer_seed: str = ""
     ) -> Iterator[tuple[Any, Any, list[str]]]:
         pending: list[tuple[Any, str, str]] = []
-        for url in shards:
-            for raw in _shard_samples(url, self.counter, reported):
-                sample = self._decode(raw)
-                if sample is None:
-                    continue
-                pending.append(sample)
-                if len(pending) == self.batch_size:
-                    yield self._collate(pending)
-                    pending = []
+        for raw in self._raw_samples(shards, reported, buffer_seed):
+            sample = self._decode(raw)
+            if sample is None:
+                continue
+            pending.append(sample)
+            if len(pending) == self.batch_size:
+                yield self._collate(pending)
+                pending = []
         # the last partial batch is dropped: every batch has batch_size examples
+
+    def _buffer_seed(self, rank: int, worker: int, pass_: int) -> str:
+        # a str seed is hashed with sha512: the same stream in every process (resume replays it)
+        return f"jeststream-wds-buffer:{self.seed}:{self.epoch}:{rank}:{worker}:{pass_}"
 
     def __iter__(self) -> Iterator[tuple[Any, Any, list[str]]]:
         import webdataset as wds
         from webdataset.utils import pytorch_worker_info
 
         shards = list(wds.split_by_worker(wds.split_by_node(iter(self.shard_order()))))
-        if self.num_samples is None:
-            yield from self._batches(shards)  # one pass: the epoch ends with the shards
-            return
         rank, world, worker, num_workers = pytorch_worker_info()
+        if self.num_samples is None:
+            # one pass: the epoch ends with the shards
+            yield from self._batches(shards, None, self._buffer_seed(rank, worker, 0))
+            return
         if world != self.world_size:
             raise ValueError(
                 f"webdataset_loader was built for world size {self.world_size} but iterates "
@@ -398,7 +431,8 @@ class _Pipeline(IterableDataset):
         done = pass_ = 0
         while True:
             before = done
-            for batch in self._batches(self._pass_order(shards, pass_), bad):
+            order = self._pass_order(shards, pass_)
+            for batch in self._batches(order, bad, self._buffer_seed(rank, worker, pass_)):
                 yield batch
                 done += 1
                 if done == quota:
@@ -568,6 +602,7 @@ def webdataset_loader(
     image_exts: Sequence[str] = IMAGE_EXTS,
     text_exts: Sequence[str] = TEXT_EXTS,
     shuffle_shards: bool = False,
+    shuffle_buffer: int = 0,
     seed: int = 0,
     num_samples: int | None = None,
     on_bad_shard: str = "warn",
@@ -587,6 +622,8 @@ def webdataset_loader(
         num_workers: DataLoader workers; shards are split between them (and between ranks).
         image_exts / text_exts: sample fields tried in order for the image and the caption.
         shuffle_shards: shuffle the shard order each epoch, seeded by ``seed`` and the epoch.
+        shuffle_buffer: shuffle samples through a buffer of this many raw samples per worker
+            (0: off; open_clip uses 5000), seeded by (seed, epoch, rank, worker, pass).
         num_samples: examples per epoch over all ranks, if known (e.g. the sum of
             ``sizes.json``, like open_clip's ``--train-num-samples``); gives ``len`` /
             ``num_batches`` = ``num_samples // (batch_size * world_size)`` per rank, and every
@@ -600,6 +637,10 @@ def webdataset_loader(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+        raise ValueError(
+            f"shuffle_buffer must be an int >= 0 (samples; 0 turns it off), got {shuffle_buffer!r}"
+        )
     if tokenizer is not None and not callable(tokenizer):
         raise TypeError(f"tokenizer must be callable list[str] -> tensor, got {tokenizer!r}")
     if "batch_size" in dataloader_kwargs or "collate_fn" in dataloader_kwargs:
@@ -635,6 +676,7 @@ def webdataset_loader(
         ShardErrorCounter(on_bad_shard, dataloader_kwargs.get("multiprocessing_context")),
         num_samples,
         world,
+        shuffle_buffer,
     )
     loader = DataLoader(
         pipeline,

@@ -103,14 +103,21 @@ def test_jest_over_webdataset_shards(shards, models, tmp_path, num_workers):
     assert sorted(logged_selected) == sorted(seen)
 
 
+@pytest.mark.parametrize("shuffle_buffer", [0, 16])
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_mid_epoch_resume_replays_exactly(shards, models, tmp_path, num_workers):
+def test_mid_epoch_resume_replays_exactly(shards, models, tmp_path, num_workers, shuffle_buffer):
     urls, keys_by_shard = shards
     log = tmp_path / "sel.parquet"
 
     def make(**kw):
         base = webdataset_loader(
-            urls, B, tokenizer=tokenize, num_workers=num_workers, shuffle_shards=True, seed=3
+            urls,
+            B,
+            tokenizer=tokenize,
+            num_workers=num_workers,
+            shuffle_shards=True,
+            shuffle_buffer=shuffle_buffer,
+            seed=3,
         )
         return _jest(base, models, seed=7, **kw)
 
@@ -198,6 +205,33 @@ def test_shard_order_is_seeded_by_epoch(shards):
     assert orders[0] == orders[2] and sorted(orders[0]) == sorted(urls)
     assert any(webdataset_loader(urls, B, shuffle_shards=True, seed=s).dataset.shard_order()
                != urls for s in range(5))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_sample_shuffle_buffer_is_seeded_and_loses_nothing(shards, num_workers):
+    urls, keys_by_shard = shards
+    all_keys = sorted(k for ks in keys_by_shard.values() for k in ks)
+
+    def epoch_keys(epoch, seed=0, shuffle_buffer=16):
+        base = webdataset_loader(
+            urls, B, num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed
+        )
+        base.set_epoch(epoch)
+        return [k for _, _, keys in base for k in keys]
+
+    plain = epoch_keys(0, shuffle_buffer=0)
+    first = epoch_keys(0)
+    assert sorted(first) == sorted(plain) == all_keys  # 48 = 12 batches of 4: nothing dropped
+    assert first != plain  # samples really move across the stream (and across shards)
+    assert any(k not in keys_by_shard[urls[0]] for k in first[:PER_SHARD])
+    assert epoch_keys(0) == first  # deterministic: resume replays it
+    assert epoch_keys(1) != first and sorted(epoch_keys(1)) == all_keys
+    assert epoch_keys(0, seed=1) != first
+
+
+def test_bad_shuffle_buffer_is_refused(shards):
+    with pytest.raises(ValueError, match="shuffle_buffer must be an int >= 0.*-1"):
+        webdataset_loader(shards[0], B, shuffle_buffer=-1)
 
 
 def test_normalize_batch_across_collations(shards):
