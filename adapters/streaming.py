@@ -89,24 +89,39 @@ class StreamingImageText(StreamingDataset):
                 f"MDS sample {idx} has columns {sorted(row)}; set image_field/text_field "
                 f"(now {self.image_field!r}/{self.text_field!r})"
             ) from exc
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            from PIL import Image
-
-            image = Image.open(io.BytesIO(bytes(image)))
-        elif isinstance(image, np.ndarray):
-            from PIL import Image
-
-            image = Image.fromarray(image)
-        image = self.transform(image)
+        key = str(row[self.key_field]) if self.key_field and self.key_field in row else str(idx)
+        try:
+            image = self._decode_image(image)
+        except Exception as exc:
+            # A map-style sample cannot be skipped (the partitioning fixes every position), so a
+            # damaged one stops the run -- with the sample named, not PIL's bare message.
+            raise ValueError(
+                f"MDS sample {idx} (key {key!r}): cannot decode its {self.image_field!r} column "
+                f"({type(exc).__name__}: {exc}); re-encode or remove the sample and rewrite "
+                "the shard"
+            ) from exc
         if isinstance(text, bytes):
             text = text.decode("utf-8")
         if self.tokenizer is not None:
             tokens = self.tokenizer([text])
             text = tokens[0] if isinstance(tokens, torch.Tensor) and tokens.ndim == 2 else tokens
-        key = str(row[self.key_field]) if self.key_field and self.key_field in row else str(idx)
         if self.as_tuple:
             return image, text, key
         return {"image": image, "text": text, "__key__": key}
+
+
+    def _decode_image(self, image: Any) -> Any:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            from PIL import Image
+
+            with Image.open(io.BytesIO(bytes(image))) as im:
+                im.load()
+                return self.transform(im)
+        if isinstance(image, np.ndarray):
+            from PIL import Image
+
+            image = Image.fromarray(image)
+        return self.transform(image)
 
 
 class JESTStreamingDataLoader(StreamingDataLoader):

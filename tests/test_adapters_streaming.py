@@ -4,6 +4,7 @@ JESTLoader with a tiny open_clip model; exact mid-epoch resume through state_dic
 from __future__ import annotations
 
 import gc
+import io
 from collections import Counter
 
 import numpy as np
@@ -183,3 +184,19 @@ def test_bad_field_names_are_explained(mds):
     base = streaming_loader(local, B, image_field="img")
     with pytest.raises(KeyError, match="set image_field"):
         next(iter(base))
+
+
+def test_corrupt_image_bytes_name_the_sample(tmp_path, models):
+    out = tmp_path / "mds"
+    rng = np.random.default_rng(0)
+    with MDSWriter(out=str(out), columns={"key": "str", "image": "bytes", "text": "str"}) as w:
+        for i in range(2 * B):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+            data = buf.getvalue() if i != 5 else b"\x89PNG not really"
+            w.write({"key": f"c{i}", "image": data, "text": f"caption {i}"})
+    base = streaming_loader(str(out), B, tokenizer=tokenize)
+    with _jest(base, models) as jest, pytest.raises(ValueError) as err:
+        next(iter(jest))
+    text = "".join(str(e) for e in (err.value, err.value.__cause__))
+    assert "MDS sample 5 (key 'c5')" in text and "re-encode or remove" in text
