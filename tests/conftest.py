@@ -59,6 +59,15 @@ def make_tiny_clip(seed: int = 0, *, siglip: bool = False) -> nn.Module:
         return open_clip.model.CLIP(**TINY_CLIP_CFG, **kwargs)
 
 
+def toy_tokenize(texts: list[str]) -> torch.Tensor:
+    """A deterministic toy tokenizer within the tiny CLIP's vocab and context (16)."""
+    out = torch.zeros(len(texts), TINY_CONTEXT, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids = [1 + (ord(c) % 62) for c in t[:TINY_CONTEXT]]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
 class TinyDual(nn.Module):
     """A plain dual encoder with BatchNorm and Dropout (things scoring must not disturb)."""
 

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import open_clip  # noqa: F401 -- dev extra: a missing one must fail, not skip
 import pytest
-import torch
+from conftest import toy_tokenize
 from PIL import Image
 from streaming import MDSWriter
 from streaming.base.util import clean_stale_shared_memory
@@ -24,12 +24,7 @@ N = 48
 CTX = 16
 
 
-def tokenize(texts: list[str]) -> torch.Tensor:
-    out = torch.zeros(len(texts), CTX, dtype=torch.long)
-    for i, t in enumerate(texts):
-        ids = [1 + (ord(c) % 62) for c in t[:CTX]]
-        out[i, : len(ids)] = torch.tensor(ids)
-    return out
+tokenize = toy_tokenize
 
 
 @pytest.fixture(autouse=True)

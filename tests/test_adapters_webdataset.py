@@ -12,6 +12,7 @@ import open_clip  # noqa: F401 -- dev extra: a missing one must fail, not skip
 import pytest
 import torch
 import webdataset as wds
+from conftest import toy_tokenize
 from PIL import Image
 
 from jeststream.adapters.webdataset import (
@@ -28,13 +29,7 @@ PER_SHARD = 12
 CTX = 16
 
 
-def tokenize(texts: list[str]) -> torch.Tensor:
-    """A deterministic toy tokenizer within the tiny model's vocab (64) and context (16)."""
-    out = torch.zeros(len(texts), CTX, dtype=torch.long)
-    for i, t in enumerate(texts):
-        ids = [1 + (ord(c) % 62) for c in t[:CTX]]
-        out[i, : len(ids)] = torch.tensor(ids)
-    return out
+tokenize = toy_tokenize
 
 
 def _image_bytes(i: int, fmt: str) -> bytes:
