@@ -64,7 +64,7 @@ class RunConfig:
     eval_every: int = 50
     ratio: float = 0.2
     n_chunks: int = 16
-    ref_steps: int = 600
+    ref_steps: int = 1500
     static_keep: float = 0.3
     seeds: tuple[int, ...] = (0,)
     methods: tuple[str, ...] = ("uniform", "jest", "oracle")
