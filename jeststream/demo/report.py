@@ -209,7 +209,7 @@ def table(results: dict) -> str:
     out = [
         f"held-out zero-shot accuracy (mean over {len(seeds)} seed(s) {seeds}), {steps} learner "
         f"steps of b={cfg['batch_size']}, ratio {cfg['ratio']}; composition = share of trained "
-        "examples by injected noise type",
+        f"examples by injected noise type; acc@N = mean of the {SMOOTH} evaluations up to step N",
         *lines,
     ]
     h = results.get("headline")
@@ -233,6 +233,14 @@ def table(results: dict) -> str:
                 f"JEST FLOPs to get there (training + scoring forwards) ÷ uniform's: "
                 f"{fr['mean']:.2f}"
             )
+            ref_flops = [v.get("train_flops") for v in results.get("reference", {}).values()]
+            budget = results["flops"]["train_step"] * steps
+            if ref_flops and ref_flops[0]:
+                out.append(
+                    "  not counted: training the reference once on the curated split, "
+                    f"{ref_flops[0] / budget:.2f} × uniform's whole budget (shared by every run "
+                    "that uses it)"
+                )
         if gain["mean"] is not None:
             out.append(
                 f"uniform plateau check: last quarter gained {100 * gain['mean']:.1f} points "
