@@ -59,9 +59,12 @@ def test_embed_custom_text_clip_and_wrappers():
     torch.manual_seed(0)
     model = open_clip.model.CustomTextCLIP(**TINY_CLIP_CFG, output_dict=True).eval()
     images, texts = make_pair_batches(1, b=4)[0]
+    wrapped = nn.DataParallel(model)  # where CUDA exists this also moves the model to cuda:0
+    device = next(model.parameters()).device
+    images, texts = images.to(device), texts.to(device)
     with torch.no_grad():
         out = model(images, texts)
-        e = embed(nn.DataParallel(model), (images, texts, ["k"] * 4))  # unwrapped, extras ignored
+        e = embed(wrapped, (images, texts, ["k"] * 4))  # unwrapped, extras ignored
     torch.testing.assert_close(e.image, out["image_features"])
     torch.testing.assert_close(e.text, out["text_features"])
     assert embed.__module__ == "jeststream.adapters.open_clip"
