@@ -121,8 +121,11 @@ def check_embeddings(e: Any, who: str, super_batch_size: int) -> Embeddings:
             bias = torch.as_tensor(bias, device=image.device)
         if bias.numel() != 1:
             raise ValueError(f"the {who}'s logit_bias must be a scalar, got {tuple(bias.shape)}")
-        bias = bias.float().reshape(())
-    return Embeddings(image.float(), text.float(), scale.float().reshape(()), bias)
+        bias = bias.float().reshape(()).clone()
+    # The scalars are cloned: default_embed returns the snapshot's own logit_bias parameter (and
+    # a custom embed may return parameters), which the next refresh overwrites in place while
+    # selection still reads these embeddings.
+    return Embeddings(image.float(), text.float(), scale.float().reshape(()).clone(), bias)
 
 
 class ScoreResult(NamedTuple):

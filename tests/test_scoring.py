@@ -93,6 +93,25 @@ def test_scorer_runs_both_models_and_score_transform(vector_batches):
     assert not ref.training
 
 
+def test_scored_scalars_survive_a_snapshot_refresh(tiny_clip, pair_batches):
+    """default_embed hands back the snapshot's own logit_bias parameter; the scores must not
+    change when the next refresh copies the trained learner's bias into it in place, since
+    selection reads them after the snapshot is released."""
+    learner = tiny_clip(0, siglip=True)
+    snapshot = LearnerSnapshot(learner)
+    scorer = Scorer(snapshot, None)
+    batch = pair_batches(1, 4)[0]
+    result = scorer(batch, 4)
+    bias, scale = float(result.learner.logit_bias), float(result.learner.logit_scale)
+    with torch.no_grad():
+        learner.logit_bias.add_(5.0)
+        learner.logit_scale.add_(1.0)
+    snapshot.refresh(1)
+    assert float(result.learner.logit_bias) == bias
+    assert float(result.learner.logit_scale) == scale
+    assert float(scorer(batch, 4).learner.logit_bias) == pytest.approx(bias + 5.0)
+
+
 def test_scorer_bfloat16_snapshot_on_cpu(vector_batches):
     scorer = Scorer(LearnerSnapshot(TinyDual(), dtype=torch.bfloat16), TinyDual(seed=1), embed=tiny_dual_embed)
     res = scorer(vector_batches(1, 4)[0], 4)
