@@ -29,6 +29,7 @@ from jeststream.snapshot import unwrap_model
 
 __all__ = [
     "OpenCLIPJESTLoader",
+    "carry_webdataset_keys",
     "check_compatible",
     "embed",
     "jestify",
@@ -83,6 +84,9 @@ class OpenCLIPJESTLoader(JESTLoader):
     numbers its super-batches -- and its selection-log records -- as the uninterrupted run did.
     ``append_log=True`` appends to an existing selection log instead of overwriting it (use it
     when resuming; the reader keeps the last record of a step written twice).
+    ``strip_keys=True`` drops the third column of each yielded (images, texts, keys) batch:
+    the keys reach the selection log, open_clip's training step still unpacks two values (see
+    :func:`carry_webdataset_keys`).
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class OpenCLIPJESTLoader(JESTLoader):
         *,
         on_yield: Callable[[int, OpenCLIPJESTLoader], None] | None = None,
         append_log: bool = False,
+        strip_keys: bool = False,
         **jest_kwargs: Any,
     ) -> None:
         if on_yield is not None and not callable(on_yield):
@@ -104,6 +109,7 @@ class OpenCLIPJESTLoader(JESTLoader):
             jest_kwargs["selection_log_mode"] = "a"
         super().__init__(base_loader, learner, reference, ratio, **jest_kwargs)
         self.on_yield = on_yield
+        self.strip_keys = bool(strip_keys)
         base_batches = getattr(base_loader, "num_batches", None)
         base_samples = getattr(base_loader, "num_samples", None)
         base_b = getattr(base_loader, "batch_size", None)
@@ -134,17 +140,55 @@ class OpenCLIPJESTLoader(JESTLoader):
 
     def __iter__(self):
         it = super().__iter__()
-        if self.on_yield is None:
+        if self.on_yield is None and not self.strip_keys:
             return it
         return self._observed(it)
 
     def _observed(self, it: Any):
         try:
             for i, batch in enumerate(it):
-                self.on_yield(i, self)
+                if self.on_yield is not None:
+                    self.on_yield(i, self)
+                if self.strip_keys:
+                    if self.return_info:
+                        batch = (batch[0][:2], batch[1])
+                    else:
+                        batch = batch[:2]
                 yield batch
         finally:
             it.close()
+
+
+def carry_webdataset_keys(dataloader: Any) -> bool:
+    """Make an open_clip_train webdataset pipeline carry each sample's ``__key__``.
+
+    open_clip_train's ``get_wds_dataset`` ends its pipeline with ``to_tuple("image", "text")``,
+    so its batches hold no sample keys and a selection log could not name what was selected.
+    This replaces that one stage, in place and before any worker starts, by
+    ``to_tuple("image", "text", "__key__")``; pair it with ``OpenCLIPJESTLoader(strip_keys=True)``
+    so the training step still receives (images, texts). Returns False, changing nothing, when
+    the loader is not such a pipeline (csv, synthetic, or a different open_clip_train).
+    """
+    try:
+        import webdataset as wds
+        from webdataset.filters import FilterFunction, _to_tuple
+    except ImportError:
+        return False
+    # wds.WebLoader is a DataPipeline around a torch DataLoader around the wds.DataPipeline.
+    stages = getattr(dataloader, "pipeline", None) or []
+    inner = getattr(stages[0], "dataset", None) if stages else None
+    pipeline = getattr(inner, "pipeline", None)
+    if not isinstance(pipeline, list):
+        return False
+    for i, stage in enumerate(pipeline):
+        if (
+            isinstance(stage, FilterFunction)
+            and stage.f is _to_tuple
+            and tuple(stage.args) == ("image", "text")
+        ):
+            pipeline[i] = wds.to_tuple("image", "text", "__key__", **stage.kw)
+            return True
+    return False
 
 
 def _world_size() -> int:

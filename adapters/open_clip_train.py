@@ -289,7 +289,12 @@ class _Hook:
         return data
 
     def _jestify(self, args: Any, train: Any) -> Any:
-        from jeststream.adapters.open_clip import check_compatible, jestify, load_reference
+        from jeststream.adapters.open_clip import (
+            carry_webdataset_keys,
+            check_compatible,
+            jestify,
+            load_reference,
+        )
 
         if self.learner is None:
             raise RuntimeError(
@@ -311,6 +316,18 @@ class _Hook:
         if log_path and getattr(args, "world_size", 1) > 1:
             root, ext = os.path.splitext(log_path)
             log_path = f"{root}.rank{args.rank}{ext}"
+        keys = False
+        if log_path:
+            # open_clip's batches carry no sample keys; without them the log cannot name what
+            # was selected, so the pipeline's final to_tuple keeps __key__ (stripped on yield).
+            keys = carry_webdataset_keys(train.dataloader)
+            if not keys:
+                logger.warning(
+                    "JEST: the %s training data carries no sample keys; the selection log at %s "
+                    "records scores and choices without keys",
+                    getattr(args, "dataset_type", "?"),
+                    log_path,
+                )
         self.reporter = _SelectionReporter(args, jest.criterion)
         wrapped = jestify(
             train,
@@ -329,6 +346,7 @@ class _Hook:
             # --resume (already resolved by main() when get_data runs): continue the log
             append_log=bool(getattr(args, "resume", None)),
             on_yield=self.reporter,
+            strip_keys=keys,
         )
         self.loaders.append(wrapped.dataloader)
         return wrapped

@@ -295,6 +295,10 @@ def test_jest_two_epochs_and_resume(e2e, siglip, tmp_path):
     cols = read_selection_log(sel_log)
     assert len(cols["step"]) == 2 * 4 * 16  # 2 epochs x 4 super-batches of 16
     assert int(cols["selected"].sum()) == 2 * 4 * 4
+    # every record names its sample: open_clip's pipeline was made to carry __key__
+    assert set(cols["key"]) <= shard_keys(e2e["noisy"])
+    epoch0 = [k for k, e in zip(cols["key"], cols["epoch"]) if e == 0]
+    assert len(epoch0) == len(set(epoch0)) == 64  # each of the 64 samples seen once per epoch
     ckpt_dir = e2e["tmp"] / "logs" / name / "checkpoints"
     assert (ckpt_dir / "epoch_1.pt").is_file() and (ckpt_dir / "epoch_2.pt").is_file()
     if not siglip:
@@ -314,6 +318,17 @@ def test_jest_two_epochs_and_resume(e2e, siglip, tmp_path):
     assert not train_lines(log, 0)
     _check_jest_run(log, epochs=3, start=1)
     assert (e2e["tmp"] / "logs" / f"{name}-resumed" / "checkpoints" / "epoch_3.pt").is_file()
+
+
+def shard_keys(spec: str) -> set[str]:
+    """Every sample key in the shards of a brace spec written by ``write_shards``."""
+    import braceexpand
+
+    keys = set()
+    for path in braceexpand.braceexpand(spec):
+        with tarfile.open(path) as tar:
+            keys.update(m.name.split(".", 1)[0] for m in tar.getmembers())
+    return keys
 
 
 def _replace(argv: list[str], flag: str, value: str) -> list[str]:
