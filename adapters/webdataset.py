@@ -180,13 +180,125 @@ class TruncatedShardError(OSError):
     """The tar stream ended without its end-of-archive block (or with a corrupt header)."""
 
 
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR = (b"0", b"\0", b"7")  # tarfile's isreg(): REGTYPE, AREGTYPE, CONTTYPE
+# gzip, bzip2, xz: compressed shards go through tarfile's own stream decompression
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _tar_number(field: bytes) -> int:
+    """A header number: octal text, or GNU base-256 when the high bit of the first byte is set."""
+    if field and field[0] & 0x80:
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * len(field) - 8)) if field[0] & 0x40 else value
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _tar_number(header[148:156])
+    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    if stored == unsigned:
+        return True
+    signed = sum(np.frombuffer(header, dtype=np.int8).tolist()) - sum(
+        np.frombuffer(header[148:156], dtype=np.int8).tolist()
+    ) + 8 * 32
+    return stored == signed
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """'%d key=value\\n' records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+def _read_exact(stream: Any, n: int, what: str) -> bytes:
+    data = stream.read(n) if n else b""
+    if len(data) != n:
+        raise TruncatedShardError(f"tar stream ended early ({what}: {len(data)} of {n} bytes)")
+    return data
+
+
+def _ustar_members(stream: Any, first: bytes) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of an uncompressed tar stream whose first block has
+    already been read as ``first``. Reads headers directly: Python's tarfile parses every field
+    of every header in Python, which made it the costliest step of reading a shard."""
+    header, offset = first, 0
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        if len(header) != _BLOCK:
+            what = "no end-of-archive block" if not header else "truncated header"
+            raise TruncatedShardError(f"tar stream ended early ({what} at byte {offset})")
+        if header == _ZERO_BLOCK:
+            return  # the end-of-archive block: the only clean end
+        if not _checksum_ok(header):
+            raise TruncatedShardError(f"corrupt tar header at byte {offset} (bad checksum)")
+        size = _tar_number(header[124:136])
+        kind = header[156:157]
+        if "size" in pax:
+            size = int(pax["size"])
+        data = _read_exact(stream, size, f"member at byte {offset}")
+        _read_exact(stream, -size % _BLOCK, "padding")
+        offset += _BLOCK + size + (-size % _BLOCK)
+        if kind == b"x":  # pax header of the next member
+            pax = _pax_records(data)
+        elif kind == b"L":  # GNU long name of the next member
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind in (b"g", b"K"):  # pax global header, GNU long link name: nothing we use
+            pass
+        else:
+            if kind in _REGULAR:
+                name = pax.get("path") or long_name
+                if name is None:
+                    name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    if header[257:262] == b"ustar":
+                        prefix = header[345:500].split(b"\0", 1)[0]
+                        if prefix:
+                            name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+                yield name, data
+            long_name, pax = None, {}
+        header = stream.read(_BLOCK)
+
+
+class _Prepended:
+    """A read-only stream that replays ``head`` before the rest of ``stream`` (for tarfile)."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n is None or n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        if len(out) < n:
+            out += self.stream.read(n - len(out))
+        return out
+
+
 def _tar_members(url: str) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file of the shard at ``url``; raises on any damage."""
     from webdataset.gopen import gopen
 
     stream = gopen(url)
     try:
-        tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckingTarInfo)
+        first = stream.read(_BLOCK)
+        if not first.startswith(_COMPRESSED_MAGIC):
+            yield from _ustar_members(stream, first)
+            return
+        tf = tarfile.open(
+            fileobj=_Prepended(first, stream), mode="r|*", tarinfo=_EndCheckingTarInfo
+        )
         for info in tf:
             if info.isreg():
                 data = tf.extractfile(info).read()  # short data -> ReadError
@@ -663,6 +775,14 @@ def webdataset_loader(
             world,
             max(1, num_workers),
             "" if num_samples is None else " (with num_samples= iterating raises ValueError)",
+        )
+    if world > 1 and num_samples is None:
+        logger.warning(
+            "webdataset_loader under %d ranks without num_samples=: each rank yields the batches "
+            "its shards hold, and a DDP rank that runs out first leaves the others waiting in "
+            "their next all-reduce; pass num_samples= (the total over all ranks, e.g. the sum "
+            "of sizes.json) so that every rank yields the same number of batches",
+            world,
         )
     pipeline = _Pipeline(
         url_list,

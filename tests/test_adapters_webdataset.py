@@ -4,6 +4,8 @@ JESTLoader with a tiny open_clip model."""
 from __future__ import annotations
 
 import io
+import logging
+import tarfile
 import warnings
 from collections import Counter
 
@@ -17,6 +19,8 @@ from PIL import Image
 
 from jeststream.adapters.webdataset import (
     BadShardWarning,
+    TruncatedShardError,
+    _tar_members,
     normalize_batch,
     webdataset_loader,
 )
@@ -158,6 +162,58 @@ def test_truncated_shard_is_reported_not_silent(tmp_path, models):
     raising = webdataset_loader(urls, B, on_bad_shard="raise")
     with pytest.raises(ValueError, match="shard-0001.tar"):
         list(raising)
+
+
+def _tar_with(path, members, fmt=tarfile.PAX_FORMAT, mode="w"):
+    with tarfile.open(path, mode, format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("a/dir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)  # not a regular file: skipped
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar", "gz"])
+def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
+    """Long names (pax / GNU long-name / ustar prefix), non-ASCII names, empty members, and
+    gzip shards: the same members, in order, as Python's tarfile reads."""
+    members = [
+        ("k0.txt", b"hello"),
+        ("k0.png", _image_bytes(0, "PNG")),
+        ("deep/" * 20 + "k1.txt", b"x" * 512),  # 100+ characters: needs a long-name scheme
+        ("k2.txt", b""),
+        ("k3.json", b"{}" * 700),
+    ]
+    if fmt != "ustar":
+        members.append(("caf\u00e9/k4.txt", b"non-ascii"))
+    tar_format = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}.get(fmt, tarfile.USTAR_FORMAT)
+    if fmt == "gz":
+        tar_format = tarfile.PAX_FORMAT
+    path = _tar_with(tmp_path / f"s.{fmt}.tar", members, tar_format, "w:gz" if fmt == "gz" else "w")
+    assert list(_tar_members(str(path))) == members
+
+
+def test_tar_reader_refuses_every_truncation(tmp_path):
+    """Cut anywhere before the end-of-archive block, a shard raises; it never ends quietly."""
+    members = [(f"k{i}.txt", bytes([65 + i]) * (100 * i + 7)) for i in range(4)]
+    full = _tar_with(tmp_path / "full.tar", members).read_bytes()
+    # headers and padded data of the members, the directory's header, the end block
+    end = sum(512 + -(-len(d) // 512) * 512 for _, d in members) + 512 + 512
+    assert full[end - 512 : end] == bytes(512) and full[end - 1024 : end - 512] != bytes(512)
+    for cut in range(0, end, 97):
+        (tmp_path / "cut.tar").write_bytes(full[:cut])
+        with pytest.raises(TruncatedShardError):
+            list(_tar_members(str(tmp_path / "cut.tar")))
+    (tmp_path / "cut.tar").write_bytes(full[:end])  # the end block itself, no record padding
+    assert list(_tar_members(str(tmp_path / "cut.tar"))) == members
+    broken = bytearray(full)
+    broken[512 + 600] ^= 0xFF  # inside the second member's header: checksum no longer holds
+    (tmp_path / "bad.tar").write_bytes(bytes(broken))
+    with pytest.raises(TruncatedShardError, match="bad checksum"):
+        list(_tar_members(str(tmp_path / "bad.tar")))
 
 
 def test_bad_shards_counted_across_workers(tmp_path):
@@ -332,11 +388,19 @@ def uneven(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp("uneven"), n_shards=UNEVEN)
 
 
-def test_uneven_shards_without_num_samples_differ_per_rank(uneven, monkeypatch):
-    """The failure mode num_samples= fixes: one pass per epoch, ranks disagree on its length."""
+def test_uneven_shards_without_num_samples_differ_per_rank(uneven, monkeypatch, caplog):
+    """The failure mode num_samples= fixes: one pass per epoch, ranks disagree on its length
+    -- so building such a loader under several ranks warns, naming the fix."""
     urls, _ = uneven
-    counts = [len(_rank_epoch(urls, monkeypatch, r)[1]) for r in (0, 1)]
+    with caplog.at_level(logging.WARNING, logger="jeststream.adapters.webdataset"):
+        counts = [len(_rank_epoch(urls, monkeypatch, r)[1]) for r in (0, 1)]
     assert counts == [6 + 3, 3 + 3]  # rank 0: workers with 2 shards and 1; rank 1: 1 and 1
+    warned = [r.getMessage() for r in caplog.records if "without num_samples=" in r.getMessage()]
+    assert len(warned) == 2 and "under 2 ranks" in warned[0] and "pass num_samples=" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jeststream.adapters.webdataset"):
+        _rank_epoch(urls, monkeypatch, 0, num_samples=80)
+    assert not [r for r in caplog.records if "without num_samples=" in r.getMessage()]
 
 
 def test_num_samples_gives_every_rank_the_same_full_batches(uneven, monkeypatch):
