@@ -164,14 +164,12 @@ class _Producer:
             # Common path first: the selection maths validates finiteness itself (ValueError),
             # so the per-row scan below runs only when something is wrong.
             bad: torch.Tensor | None = None
+            own_scores: torch.Tensor | None = None  # on the scoring device, for the sampler
             try:
-                per_example = (
-                    example_scores(
-                        scored.learner, scored.reference, loss=ld.loss, criterion=ld.criterion
-                    )
-                    .float()
-                    .cpu()
+                own_scores = example_scores(
+                    scored.learner, scored.reference, loss=ld.loss, criterion=ld.criterion
                 )
+                per_example = own_scores.float().cpu()
             except ValueError:
                 bad = _bad_examples(scored.learner, scored.reference, size)
                 if bad is None:  # a genuine error, not bad scores
@@ -207,6 +205,7 @@ class _Producer:
                     n_chunks=min(ld.n_chunks, k),
                     temperature=ld.temperature,
                     generator=ld._generator,
+                    own_scores=own_scores,  # the first chunk's logits: not computed twice
                 ).cpu()
         selected_s = time.perf_counter() - t0
         # Tensors made under inference_mode reject in-place use outside it; these reach the user.
@@ -297,6 +296,14 @@ class _JESTIterator:
                     ) from exc
                 if item is END:
                     raise StopIteration
+        except StopIteration:
+            self.close()
+            # The pass is over and the base exhausted: from now on the state is the end of this
+            # epoch (a resumable base then starts the next one), not the last super-batch's
+            # boundary, which a StatefulDataLoader would resume as an empty rest of the epoch.
+            if not ld._restored:
+                ld._resume = ld._make_state(ld._base_state(), ld._step)
+            raise
         except BaseException:
             self.close()
             raise
@@ -680,6 +687,12 @@ class JESTLoader:
             state = dict(self._resume)
             state["fallbacks"] = self._fallbacks
             state["epoch"] = self.epoch
+            if self._pending_seed is not None:
+                # set_epoch() since the last yielded batch: the next pass starts from the
+                # epoch's seed, so a restore must too (not from the old pass's generator).
+                g = torch.Generator(device="cpu")
+                g.manual_seed(self._pending_seed)
+                state["generator"] = g.get_state()
             return state
         self._apply_pending_seed()  # no pass has started, so no producer uses the generator
         return self._make_state(self._base_state(), self._step)

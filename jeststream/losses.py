@@ -229,7 +229,9 @@ def sigmoid_pair_loss_cols(
 
 
 def _tile_rows(n_rows: int, n_cols: int) -> int:
-    return max(1, min(n_rows, _TILE_ELEMENTS // max(1, n_cols)))
+    # At most a sixteenth of the rows (no B×B block is ever materialised) and never more than
+    # _TILE_ELEMENTS entries. One tiling for every caller: the sums then round alike.
+    return max(1, min(-(-n_rows // 16), _TILE_ELEMENTS // max(1, n_cols)))
 
 
 def clip_example_losses(e: Embeddings) -> Tensor:
@@ -237,7 +239,8 @@ def clip_example_losses(e: Embeddings) -> Tensor:
 
     loss_m = [ (−l_mm + log Σ_j exp l_mj) + (−l_mm + log Σ_j exp l_jm) ] / 2, so that
     ``clip_example_losses(e).mean()`` equals ``open_clip.loss.ClipLoss()`` on the super-batch.
-    Computed in row tiles (O(tile·B) memory, no B×B matrix); the work is O(B²·d).
+    Computed in tiles of at most B/16 rows (and 2**24 entries), so no B×B matrix exists; the
+    work is O(B²·d).
     """
     image, text, scale, _ = _parts(e)
     image = image * scale  # β cancels in a softmax

@@ -25,7 +25,6 @@ indices for the same generator state.
 
 from __future__ import annotations
 
-import logging
 import math
 import operator
 from collections.abc import Callable
@@ -52,8 +51,6 @@ __all__ = [
     "joint_sample_from_embeddings",
     "topk_sample",
 ]
-
-logger = logging.getLogger(__name__)
 
 LOSSES = ("sigmoid", "softmax")
 
@@ -290,6 +287,7 @@ def joint_sample_from_embeddings(
     n_chunks: int = 16,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    own_scores: Tensor | None = None,
 ) -> Tensor:
     """Joint example selection straight from embeddings, without any B×B matrix.
 
@@ -309,6 +307,9 @@ def joint_sample_from_embeddings(
         k, n_chunks, temperature, generator: as in :func:`joint_sample`.
         loss: "sigmoid" (SigLIP) or "softmax" (CLIP).
         criterion: "learnability" (learner − reference), "hard_learner" or "easy_reference".
+        own_scores: optional [B], :func:`example_scores` of the same inputs when the caller
+            has it already. It is the first chunk's logits, so passing it saves computing them
+            again (for softmax a whole O(B²·d) pass); the indices are the same either way.
 
     Returns:
         LongTensor[k] of distinct indices in draw order, on the learner embeddings' device.
@@ -316,11 +317,22 @@ def joint_sample_from_embeddings(
     n, w_l, w_r = _check_models(learner, reference, loss, criterion)
     k = _check_k(k, n, n_chunks)
     temperature = _check_temperature(temperature)
+    if own_scores is not None:
+        if not isinstance(own_scores, Tensor) or tuple(own_scores.shape) != (n,):
+            raise ValueError(
+                f"own_scores must be a [B={n}] tensor from example_scores(), got "
+                f"{tuple(own_scores.shape) if isinstance(own_scores, Tensor) else own_scores!r}"
+            )
+        _check_finite(own_scores, "own_scores")
+        own_scores = own_scores.to(device=learner.image.device, dtype=compute_dtype(
+            learner.image.dtype))
 
     if loss == "sigmoid":
         blocks_l = SigmoidBlocks(learner) if w_l else None
         blocks_r = SigmoidBlocks(reference) if w_r else None
-        diag = _combine(w_l, w_r, lambda: blocks_l.diagonal(), lambda: blocks_r.diagonal())
+        diag = own_scores
+        if diag is None:
+            diag = _combine(w_l, w_r, lambda: blocks_l.diagonal(), lambda: blocks_r.diagonal())
         running = torch.zeros_like(diag)
 
         def next_logits(new: Tensor) -> Tensor:
@@ -343,9 +355,11 @@ def joint_sample_from_embeddings(
 
         return _chunked_sample(diag, k, n_chunks, temperature, generator, next_logits)
 
-    first = _combine(
-        w_l, w_r, lambda: clip_example_losses(learner), lambda: clip_example_losses(reference)
-    )
+    first = own_scores
+    if first is None:
+        first = _combine(
+            w_l, w_r, lambda: clip_example_losses(learner), lambda: clip_example_losses(reference)
+        )
     gain_l = SoftmaxGain(learner) if w_l else None
     gain_r = SoftmaxGain(reference) if w_r else None
 

@@ -139,6 +139,23 @@ def test_clip_example_losses_mean_is_open_clip_cliploss():
     )
 
 
+def test_clip_example_losses_never_builds_a_full_matrix(monkeypatch):
+    """The softmax first pass works in row tiles of at most B/16 rows, whatever B."""
+
+    widest = []
+    real = torch.Tensor.logsumexp
+
+    def spy(self, *args, **kwargs):
+        if self.dim() == 2:
+            widest.append(self.shape[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "logsumexp", spy)
+    clip_example_losses(make_embeddings(160, seed=5))
+    monkeypatch.undo()
+    assert widest and max(widest) <= 160 // 16
+
+
 def test_clip_example_losses_tiled(monkeypatch):
     import jeststream.losses as losses
 

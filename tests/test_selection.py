@@ -270,6 +270,37 @@ def test_sigmoid_embeddings_path_equals_matrix_path_float32(seed):
     assert torch.equal(got, expected)
 
 
+@FAST
+@given(
+    problem=problems(max_n=40),
+    seed=st.integers(0, 2**31),
+    loss=st.sampled_from(["sigmoid", "softmax"]),
+    criterion=st.sampled_from(CRITERIA),
+)
+def test_own_scores_are_the_first_chunk_logits(problem, seed, loss, criterion):
+    """Passing example_scores() back in (as JESTLoader does) changes nothing but the work."""
+    n, k, n_chunks = problem
+    learner = make_embeddings(n, seed=seed, dtype=torch.float32)
+    reference = make_embeddings(n, seed=seed + 1, dtype=torch.float32)
+    kw = dict(loss=loss, criterion=criterion, n_chunks=n_chunks)
+    own = example_scores(learner, reference, loss=loss, criterion=criterion)
+    expected = joint_sample_from_embeddings(learner, reference, k, generator=gen(seed), **kw)
+    got = joint_sample_from_embeddings(
+        learner, reference, k, generator=gen(seed), own_scores=own, **kw
+    )
+    assert torch.equal(got, expected)
+
+
+def test_own_scores_are_checked():
+    e = make_embeddings(10, seed=2)
+    with pytest.raises(ValueError, match=r"own_scores must be a \[B=10\] tensor"):
+        joint_sample_from_embeddings(e, e, 4, n_chunks=2, own_scores=torch.zeros(9))
+    with pytest.raises(ValueError, match="own_scores contain 1 NaN/inf"):
+        bad = torch.zeros(10)
+        bad[3] = math.nan
+        joint_sample_from_embeddings(e, e, 4, n_chunks=2, own_scores=bad)
+
+
 def test_hard_learner_needs_no_reference():
     learner = make_embeddings(20, seed=4)
     got = joint_sample_from_embeddings(
