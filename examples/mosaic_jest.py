@@ -10,6 +10,7 @@ curated data).
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 num_workers=args.workers,
                 shuffle=True,
             )
-            return JESTLoader(base, learner, reference, ratio=args.ratio,
+            # loss="softmax": the step below trains with open_clip's ClipLoss (CLIP, not SigLIP)
+            return JESTLoader(base, learner, reference, ratio=args.ratio, loss="softmax",
                               n_chunks=min(4, args.batch_size))
 
         def train(batches) -> int:
@@ -97,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         done = train(next(it) for _ in range(2))
         ckpt = {"model": learner.state_dict(), "opt": opt.state_dict(), "data": jest.state_dict()}
         print(f"checkpoint after {done} steps: data state {ckpt['data']['base']}")
-        del it
         jest.close()
+        # drop the old StreamingDataset before building the new one: streaming refuses a
+        # second dataset on the same local directory while the first is alive
+        del it, jest
+        gc.collect()
 
         # ... the job restarts: rebuild everything, then restore the checkpoint
         jest = make_loader()

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         opt = torch.optim.AdamW(learner.parameters(), lr=1e-3)
         loss_fn = ClipLoss()
         log = args.log or str(Path(tmp) / "selection.parquet")
-        jest = JESTLoader(base, learner, reference, ratio=args.ratio,
+        # loss="softmax": the step below trains with open_clip's ClipLoss (CLIP, not SigLIP)
+        jest = JESTLoader(base, learner, reference, ratio=args.ratio, loss="softmax",
                           n_chunks=min(4, args.batch_size), selection_log=log, return_info=True)
         with jest:
             for epoch in range(args.epochs):

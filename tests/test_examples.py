@@ -1,0 +1,44 @@
+"""The examples run as a user runs them: a fresh interpreter, data they write themselves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_webdataset_example_trains_two_epochs_and_inspects_its_log(tmp_path):
+    log = tmp_path / "selection.jsonl"
+    out = run_example("webdataset_jest.py", "--log", str(log))
+    # 4 shards x 64 samples, b=16, ratio 1/4: 16 base batches -> 4 JEST batches per epoch
+    assert "epoch 0 done: {'batches': 4, 'fallbacks': 0, 'bad_shards': 0}" in out
+    assert "epoch 1 done: {'batches': 8, 'fallbacks': 0, 'bad_shards': 0}" in out
+    assert "examples seen" in out and log.is_file()
+
+
+@pytest.mark.slow
+def test_mosaic_example_checkpoints_and_resumes():
+    out = run_example("mosaic_jest.py")
+    assert "checkpoint after 2 steps" in out
+    assert "resumed and finished the epoch: 2 + 2 steps of 16" in out
