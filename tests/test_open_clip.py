@@ -243,6 +243,25 @@ def test_load_reference_local_dir_and_dtype(tmp_path):
     assert next(ref16.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("by", ["tag", "file"])
+def test_load_reference_released_name_and_pretrained(tmp_path, tiny_name, monkeypatch, by):
+    """Route (a): a model name with a pretrained tag from open_clip's registry (here a tag whose
+    weights are a local file, as open_clip's registry allows, so nothing is downloaded), or
+    with a weights file."""
+    import open_clip.pretrained
+
+    model = make_tiny_clip(5)
+    weights = tmp_path / "released.bin"
+    torch.save(model.state_dict(), weights)
+    tag = str(weights)
+    if by == "tag":
+        monkeypatch.setitem(open_clip.pretrained._PRETRAINED, tiny_name, {"curated_s1m": {"file": str(weights)}})
+        tag = "curated_s1m"
+    ref = load_reference(tiny_name, pretrained=tag)
+    assert _same_weights(ref, model)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+
+
 def test_load_reference_errors(tmp_path, tiny_name):
     with pytest.raises(ValueError, match="without weights"):
         load_reference(tiny_name)
