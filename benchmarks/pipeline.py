@@ -126,23 +126,6 @@ def overlap(
     return out
 
 
-def _plain_epoch(batches, n: int, b: int, with_selection: bool, n_chunks: int) -> int:
-    g = torch.Generator().manual_seed(0)
-    emb_l, emb_r = _fixed_embeddings(n * b, seed=1), _fixed_embeddings(n * b, seed=2)
-    count = 0
-    for i in range(0, len(batches) - n + 1, n):
-        sb = concat_batches(batches[i : i + n])
-        if with_selection:
-            with torch.inference_mode():
-                example_scores(emb_l, emb_r, loss="sigmoid", criterion="learnability")
-                idx = joint_sample_from_embeddings(emb_l, emb_r, b, n_chunks=n_chunks, generator=g)
-        else:
-            idx = torch.randperm(n * b, generator=g)[:b]
-        index_batch(sb, idx)
-        count += 1
-    return count
-
-
 def _plain_steps(batches, n: int, b: int, with_selection: bool, n_chunks: int):
     """The loops without the wrapper, as generators: one training batch per step."""
     g = torch.Generator().manual_seed(0)
