@@ -72,6 +72,7 @@ def test_help_documents_the_knobs(capsys):
         "--full",
         "--methods",
         "--scale",
+        "--no-reference-cache",
     ):
         assert knob in text
 
@@ -85,6 +86,38 @@ def test_unknown_method_is_an_error():
 def test_full_preset_runs_every_method_over_three_seeds():
     cfg = config_from_args(build_parser().parse_args(["--full"]))
     assert len(cfg.seeds) == 3 and "static" in cfg.methods and "independent" in cfg.methods
+
+
+def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_path):
+    """The demo serves the frozen reference's embeddings from one pass over the pool; on the
+    batches JESTLoader actually sees they must equal running the reference on them."""
+    import torch
+
+    from jeststream.demo.data import prepare_shards
+    from jeststream.demo.model import ModelConfig, build_model
+    from jeststream.demo.runs import (
+        StreamLoader,
+        cached_reference_embed,
+        load_split,
+        reference_embeddings,
+    )
+    from jeststream.scoring import default_embed
+
+    data = DataConfig(pool_size=600, curated_size=64, duplicate_sources=4)
+    shards = prepare_shards(data, tmp_path)
+    tokenizer = WordTokenizer(data.context_length)
+    pool = load_split(shards["pool"], tokenizer, data.image_size)
+    reference = build_model(ModelConfig(), tokenizer.vocab_size, seed=3).eval()
+    learner = build_model(ModelConfig(), tokenizer.vocab_size, seed=4).eval()
+    embed = cached_reference_embed(reference, reference_embeddings(reference, pool), pool["key"])
+    batch = next(iter(StreamLoader(shards["pool"], 32, 1, tokenizer, seed=0, num_workers=0)))
+    with torch.inference_mode():
+        got, want = embed(reference, batch), default_embed(reference, batch)
+        assert embed(learner, batch).image.shape == (32, ModelConfig().embed_dim)
+    torch.testing.assert_close(got.image, want.image, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.text, want.text, atol=1e-5, rtol=1e-4)
+    assert float(got.logit_scale) == pytest.approx(float(want.logit_scale))
+    assert float(got.logit_bias) == pytest.approx(float(want.logit_bias))
 
 
 @pytest.mark.slow

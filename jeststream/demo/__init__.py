@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the pool kept by static (CLIP-score style) filtering",
     )
     s.add_argument(
+        "--no-reference-cache",
+        action="store_true",
+        help="run the frozen reference on every super-batch, instead of embedding the pool "
+        "with it once and looking its embeddings up by key (the same scores up to float "
+        "rounding, more compute)",
+    )
+    s.add_argument(
         "--sync-scoring",
         action="store_true",
         help="score inline instead of on JESTLoader's background thread",
@@ -230,6 +237,7 @@ def config_from_args(args: argparse.Namespace):
         methods=methods,
         threads=args.threads,
         async_scoring=not args.sync_scoring,
+        cache_reference=not args.no_reference_cache,
         data=data,
         model=ModelConfig(image_size=args.image_size, context_length=data.context_length),
     )
@@ -243,8 +251,11 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     from jeststream.demo.data import WordTokenizer, prepare_shards
     from jeststream.demo.model import build_model
     from jeststream.demo.runs import (
+        LOADER_METHODS,
+        cached_reference_embed,
         load_split,
         measure_flops,
+        reference_embeddings,
         reference_scores,
         run_method,
         subset_shards,
@@ -287,6 +298,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     runs: list[dict] = []
     references: dict[int, dict] = {}
     models: dict[int, object] = {}
+    pool_embeddings: dict[int, object] = {}  # the reference's embeddings of the pool, per seed
 
     def reference_for(seed: int):
         if seed not in models:
@@ -305,6 +317,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
                 "train_flops": cfg.ref_steps * flops["train_step"],
                 "wall_s": time.perf_counter() - t0,
             }
+            pool_embeddings[seed] = reference_embeddings(models[seed], pool)
         return models[seed]
 
     # The headline methods run first over every seed, the other baselines after, so that a run
@@ -316,8 +329,9 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     for seed, method in order:
         reference = reference_for(seed)
         upfront = 0.0
+        reference_embed = None
         if method == "static":
-            scores = reference_scores(reference, pool)
+            scores = reference_scores(pool_embeddings[seed])
             n_keep = max(cfg.batch_size, round(cfg.static_keep * len(scores)))
             keep = {pool["key"][i] for i in scores.argsort()[:n_keep].tolist()}
             train = subset_shards(
@@ -333,6 +347,13 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
             train = subset_shards(shards["pool"], keep, data_dir, "oracle", cfg.data.shard_size)
         else:
             train = shards["pool"]
+            criterion = LOADER_METHODS.get(method, ("hard_learner",))[0]
+            if cfg.cache_reference and criterion != "hard_learner":
+                # one reference pass over the pool, then looked up by key (see runs.py)
+                reference_embed = cached_reference_embed(
+                    reference, pool_embeddings[seed], pool["key"]
+                )
+                upfront = len(pool["key"]) * flops["per_example_forward"]
         result = run_method(
             method,
             cfg,
@@ -345,6 +366,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
             flops,
             upfront_flops=upfront,
             progress=bar,
+            reference_embed=reference_embed,
         )
         runs.append(result)
         logger.info(

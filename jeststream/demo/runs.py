@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from jeststream.demo.data import NOISE_TYPES, DataConfig, WordTokenizer, to_model_input
 from jeststream.demo.model import ModelConfig, build_model, evaluate, siglip_loss
+from jeststream.losses import Embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class RunConfig:
     methods: tuple[str, ...] = ("uniform", "jest", "oracle")
     threads: int = 1
     async_scoring: bool = True
+    cache_reference: bool = True  # embed the pool with the frozen reference once, look up by key
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -284,15 +286,45 @@ def train_reference(
 
 
 @torch.inference_mode()
-def reference_scores(reference: torch.nn.Module, pool: dict, chunk: int = 2048) -> torch.Tensor:
-    """Each pool pair's own reference SigLIP loss (lower = more typical of curated data)."""
-    out = []
+def reference_embeddings(reference: torch.nn.Module, pool: dict, chunk: int = 2048) -> Embeddings:
+    """The frozen reference's embeddings of every pool pair, in pool order (one pass)."""
+    images, texts = [], []
     for s in range(0, len(pool["label"]), chunk):
-        img = reference.encode_image(pool["image"][s : s + chunk], normalize=True)
-        txt = reference.encode_text(pool["text"][s : s + chunk], normalize=True)
-        logit = reference.logit_scale.exp() * (img * txt).sum(-1) + reference.logit_bias
-        out.append(-F.logsigmoid(logit))
-    return torch.cat(out)
+        images.append(reference.encode_image(pool["image"][s : s + chunk], normalize=True))
+        texts.append(reference.encode_text(pool["text"][s : s + chunk], normalize=True))
+    return Embeddings(
+        torch.cat(images),
+        torch.cat(texts),
+        reference.logit_scale.exp().clone(),
+        reference.logit_bias.clone(),
+    )
+
+
+def reference_scores(cached: Embeddings) -> torch.Tensor:
+    """Each pool pair's own reference SigLIP loss (lower = more typical of curated data)."""
+    logit = cached.logit_scale * (cached.image * cached.text).sum(-1) + cached.logit_bias
+    return -F.logsigmoid(logit)
+
+
+def cached_reference_embed(reference: torch.nn.Module, cached: Embeddings, keys: list[str]):
+    """A JESTLoader ``embed`` that looks the reference's embeddings up by sample key.
+
+    The reference is frozen and the demo's image transform is deterministic, so its
+    embeddings of a pool pair never change: they are computed once for the whole pool (and
+    counted once in the FLOPs) instead of on every super-batch. The learner snapshot is still
+    run on every super-batch, by the default open_clip embed.
+    """
+    from jeststream.scoring import default_embed
+
+    row = {k: i for i, k in enumerate(keys)}
+
+    def embed(model: torch.nn.Module, batch: tuple) -> Embeddings:
+        if model is not reference:
+            return default_embed(model, batch)
+        idx = torch.tensor([row[k] for k in batch[2]])
+        return cached._replace(image=cached.image[idx], text=cached.text[idx])
+
+    return embed
 
 
 def measure_flops(model: torch.nn.Module, cfg: RunConfig, tokenizer: WordTokenizer) -> dict:
@@ -334,8 +366,13 @@ def run_method(
     flops: dict,
     upfront_flops: float = 0.0,
     progress: Callable | None = None,
+    reference_embed: Callable | None = None,
 ) -> dict:
-    """Train one learner with `method`; return its curve, composition and costs."""
+    """Train one learner with `method`; return its curve, composition and costs.
+
+    ``reference_embed``: a JESTLoader ``embed`` that serves the reference's embeddings from a
+    cache (:func:`cached_reference_embed`); the caller counts that pass in ``upfront_flops``.
+    """
     from jeststream.loader import JESTLoader
 
     learner = build_model(cfg.model, tokenizer.vocab_size, seed=seed)
@@ -359,8 +396,12 @@ def run_method(
             criterion=criterion,
             async_scoring=cfg.async_scoring,
             seed=seed,
+            embed=reference_embed if uses_reference else None,
         )
-        per_step += flops["score_forward_super_batch"] * (2 if uses_reference else 1)
+        # the learner snapshot scores every super-batch; the reference does too, unless served
+        # from the cache (whose one pass over the pool the caller put in upfront_flops)
+        forwards = 1 if reference_embed is not None or not uses_reference else 2
+        per_step += flops["score_forward_super_batch"] * forwards
     else:
         loader = base
 
