@@ -251,8 +251,6 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     from jeststream.demo.data import WordTokenizer, prepare_shards
     from jeststream.demo.model import build_model
     from jeststream.demo.runs import (
-        LOADER_METHODS,
-        cached_reference_embed,
         load_split,
         measure_flops,
         reference_embeddings,
@@ -329,7 +327,6 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     for seed, method in order:
         reference = reference_for(seed)
         upfront = 0.0
-        reference_embed = None
         if method == "static":
             scores = reference_scores(pool_embeddings[seed])
             n_keep = max(cfg.batch_size, round(cfg.static_keep * len(scores)))
@@ -347,13 +344,6 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
             train = subset_shards(shards["pool"], keep, data_dir, "oracle", cfg.data.shard_size)
         else:
             train = shards["pool"]
-            criterion = LOADER_METHODS.get(method, ("hard_learner",))[0]
-            if cfg.cache_reference and criterion != "hard_learner":
-                # one reference pass over the pool, then looked up by key (see runs.py)
-                reference_embed = cached_reference_embed(
-                    reference, pool_embeddings[seed], pool["key"]
-                )
-                upfront = len(pool["key"]) * flops["per_example_forward"]
         result = run_method(
             method,
             cfg,
@@ -366,7 +356,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
             flops,
             upfront_flops=upfront,
             progress=bar,
-            reference_embed=reference_embed,
+            reference_cache=(pool_embeddings[seed], pool["key"]) if cfg.cache_reference else None,
         )
         runs.append(result)
         logger.info(

@@ -366,12 +366,13 @@ def run_method(
     flops: dict,
     upfront_flops: float = 0.0,
     progress: Callable | None = None,
-    reference_embed: Callable | None = None,
+    reference_cache: tuple[Embeddings, list[str]] | None = None,
 ) -> dict:
     """Train one learner with `method`; return its curve, composition and costs.
 
-    ``reference_embed``: a JESTLoader ``embed`` that serves the reference's embeddings from a
-    cache (:func:`cached_reference_embed`); the caller counts that pass in ``upfront_flops``.
+    ``reference_cache``: the reference's embeddings of the pool and the pool's keys
+    (:func:`reference_embeddings`); a method that scores with the reference then reads them by
+    key (:func:`cached_reference_embed`) and pays for that one pass up front.
     """
     from jeststream.loader import JESTLoader
 
@@ -387,6 +388,12 @@ def run_method(
     if selecting:
         criterion, n_chunks = LOADER_METHODS[method]
         uses_reference = criterion != "hard_learner"
+        embed = None
+        forwards = 2 if uses_reference else 1  # the learner snapshot, and the reference
+        if uses_reference and reference_cache is not None:
+            embed = cached_reference_embed(reference, *reference_cache)
+            upfront_flops += len(reference_cache[1]) * flops["per_example_forward"]
+            forwards = 1
         loader = JESTLoader(
             base,
             learner,
@@ -396,11 +403,8 @@ def run_method(
             criterion=criterion,
             async_scoring=cfg.async_scoring,
             seed=seed,
-            embed=reference_embed if uses_reference else None,
+            embed=embed,
         )
-        # the learner snapshot scores every super-batch; the reference does too, unless served
-        # from the cache (whose one pass over the pool the caller put in upfront_flops)
-        forwards = 1 if reference_embed is not None or not uses_reference else 2
         per_step += flops["score_forward_super_batch"] * forwards
     else:
         loader = base
