@@ -107,7 +107,7 @@ def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_p
     shards = prepare_shards(data, tmp_path)
     tokenizer = WordTokenizer(data.context_length)
     pool = load_split(shards["pool"], tokenizer, data.image_size)
-    reference = build_model(ModelConfig(), tokenizer.vocab_size, seed=3).eval()
+    reference = build_model(ModelConfig(), tokenizer.vocab_size, seed=3).eval().requires_grad_(False)
     learner = build_model(ModelConfig(), tokenizer.vocab_size, seed=4).eval()
     embed = cached_reference_embed(reference, reference_embeddings(reference, pool), pool["key"])
     batch = next(iter(StreamLoader(shards["pool"], 32, 1, tokenizer, seed=0, num_workers=0)))
