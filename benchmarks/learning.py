@@ -7,9 +7,11 @@ sampling, JEST, independent learnability / hard-learner / easy-reference samplin
 filtering and the clean-only oracle on the embedded noisy digits set; prints the table, then
 the headline figures as JSON (steps and FLOPs ratios to reach uniform's final held-out accuracy,
 uniform's plateau check, selected-example composition). Writes runs/learning/results.json and
-runs/learning/learning_curves.png. Measured on 2 shared CPU cores: about 34 min for the
-headline methods (uniform, JEST, oracle) over 3 seeds at 2,000 steps, plus about 25 min per seed
-for the four other baselines; pass --scale or --methods to shorten.
+runs/learning/learning_curves.png. Measured on 2 shared CPU cores: 43 min for the headline
+methods (uniform, JEST, oracle) over 3 seeds at 2,000 steps (a JEST run ~7.5 min, a uniform run
+~2.5 min). Each of the three other JESTLoader baselines costs about a JEST run and static
+filtering about a uniform run, so every method over 3 seeds is an estimated 100 min; pass
+--methods, --seeds or --scale to shorten.
 """
 
 from __future__ import annotations
