@@ -27,7 +27,7 @@ from torch import nn
 
 from jeststream.batch import batch_size as _batch_size
 from jeststream.batch import concat_batches, find_keys, index_batch, iter_tensors
-from jeststream.losses import CRITERIA, Embeddings
+from jeststream.losses import CRITERIA, Embeddings, criterion_weights
 from jeststream.pipeline import END, Prefetcher, to_device
 from jeststream.scoring import EmbedFn, Scorer, ScoreResult
 from jeststream.selection import LOSSES, example_scores, joint_sample_from_embeddings
@@ -474,8 +474,13 @@ class JESTLoader:
 
         self._snapshot = LearnerSnapshot(learner, dtype=snapshot_dtype, device=device)
         self.device = self._snapshot.device
+        # easy_reference gives the learner no weight: its snapshot forward would be wasted
         self._scorer = Scorer(
-            self._snapshot, reference, embed=embed, score_transform=score_transform
+            self._snapshot,
+            reference,
+            embed=embed,
+            score_transform=score_transform,
+            score_learner=criterion_weights(criterion)[0] != 0,
         )
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)

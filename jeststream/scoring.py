@@ -129,7 +129,7 @@ def check_embeddings(e: Any, who: str, super_batch_size: int) -> Embeddings:
 
 
 class ScoreResult(NamedTuple):
-    learner: Embeddings
+    learner: Embeddings | None  # None when the criterion gives the learner no weight
     reference: Embeddings | None
     version: int
     seconds: float
@@ -146,7 +146,9 @@ class Scorer:
 
     Both forwards run under ``torch.inference_mode()`` and, on an accelerator, autocast. On CPU
     autocast is used only for a learner snapshot stored in a reduced ``snapshot_dtype``.
-    ``score_transform`` is applied to the super-batch before scoring only.
+    ``score_transform`` is applied to the super-batch before scoring only. With
+    ``score_learner=False`` (``criterion="easy_reference"``, whose score ignores the learner)
+    the snapshot is not run at all and the result's ``learner`` is None.
     """
 
     def __init__(
@@ -156,7 +158,10 @@ class Scorer:
         *,
         embed: EmbedFn | None = None,
         score_transform: Callable[[Any], Any] | None = None,
+        score_learner: bool = True,
     ) -> None:
+        if not score_learner and reference is None:
+            raise ValueError("score_learner=False needs a reference model: nothing would be scored")
         if embed is not None and not callable(embed):
             raise TypeError(f"embed must be callable fn(model, batch) -> Embeddings, got {embed!r}")
         if score_transform is not None and not callable(score_transform):
@@ -173,6 +178,7 @@ class Scorer:
                 self.reference.to(self.device)
         self.embed = embed or default_embed
         self.score_transform = score_transform
+        self.score_learner = bool(score_learner)
 
     def _autocast(self, for_learner: bool):
         if is_accelerator(self.device):
@@ -190,8 +196,12 @@ class Scorer:
                 with self._autocast(for_learner=False):
                     raw = self.embed(self.reference, batch)
                 ref = check_embeddings(raw, "reference", super_batch_size)
-            with self.snapshot.use() as (module, version):
-                with self._autocast(for_learner=True):
-                    raw = self.embed(module, batch)
-                learner = check_embeddings(raw, "learner", super_batch_size)
+            learner = None
+            if not self.score_learner:
+                version = self.snapshot.version
+            else:
+                with self.snapshot.use() as (module, version):
+                    with self._autocast(for_learner=True):
+                        raw = self.embed(module, batch)
+                    learner = check_embeddings(raw, "learner", super_batch_size)
         return ScoreResult(learner, ref, version, time.perf_counter() - t0)

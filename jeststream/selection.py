@@ -129,23 +129,34 @@ def _check_embeddings(e: Embeddings, name: str) -> int:
 
 
 def _check_models(
-    learner: Embeddings, reference: Embeddings | None, loss: str, criterion: str
+    learner: Embeddings | None, reference: Embeddings | None, loss: str, criterion: str
 ) -> tuple[int, float, float]:
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
     w_learner, w_reference = criterion_weights(criterion)
-    n = _check_embeddings(learner, "learner")
-    if reference is None:
-        if w_reference:
-            raise ValueError(
-                f"criterion={criterion!r} needs a reference model; pass reference embeddings or "
-                "use criterion='hard_learner'"
-            )
-    else:
+    if learner is None and w_learner:
+        raise ValueError(
+            f"criterion={criterion!r} needs the learner's embeddings; learner=None only works "
+            "with criterion='easy_reference'"
+        )
+    if reference is None and w_reference:
+        raise ValueError(
+            f"criterion={criterion!r} needs a reference model; pass reference embeddings or "
+            "use criterion='hard_learner'"
+        )
+    n = None if learner is None else _check_embeddings(learner, "learner")
+    if reference is not None:
         n_ref = _check_embeddings(reference, "reference")
-        if n_ref != n:
+        if n is not None and n_ref != n:
             raise ValueError(f"learner has B={n} examples but reference has B={n_ref}")
+        n = n_ref
     return n, w_learner, w_reference
+
+
+def _device_dtype(learner: Embeddings | None, reference: Embeddings | None):
+    """Where the selection runs: the learner embeddings' device (the reference's without one)."""
+    image = (learner if learner is not None else reference).image
+    return image.device, compute_dtype(image.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +271,7 @@ def _combine(
 
 
 def example_scores(
-    learner: Embeddings,
+    learner: Embeddings | None,
     reference: Embeddings | None,
     *,
     loss: str = "sigmoid",
@@ -278,7 +289,7 @@ def example_scores(
 
 
 def joint_sample_from_embeddings(
-    learner: Embeddings,
+    learner: Embeddings | None,
     reference: Embeddings | None,
     k: int,
     *,
@@ -303,7 +314,7 @@ def joint_sample_from_embeddings(
 
     Args:
         learner, reference: each model's :class:`Embeddings` of the super-batch; reference may be
-            None with ``criterion="hard_learner"``.
+            None with ``criterion="hard_learner"``, learner with ``criterion="easy_reference"``.
         k, n_chunks, temperature, generator: as in :func:`joint_sample`.
         loss: "sigmoid" (SigLIP) or "softmax" (CLIP).
         criterion: "learnability" (learner − reference), "hard_learner" or "easy_reference".
@@ -312,7 +323,8 @@ def joint_sample_from_embeddings(
             again (for softmax a whole O(B²·d) pass); the indices are the same either way.
 
     Returns:
-        LongTensor[k] of distinct indices in draw order, on the learner embeddings' device.
+        LongTensor[k] of distinct indices in draw order, on the learner embeddings' device (the
+        reference's when learner is None).
     """
     n, w_l, w_r = _check_models(learner, reference, loss, criterion)
     k = _check_k(k, n, n_chunks)
@@ -324,8 +336,8 @@ def joint_sample_from_embeddings(
                 f"{tuple(own_scores.shape) if isinstance(own_scores, Tensor) else own_scores!r}"
             )
         _check_finite(own_scores, "own_scores")
-        own_scores = own_scores.to(device=learner.image.device, dtype=compute_dtype(
-            learner.image.dtype))
+        device, dtype = _device_dtype(learner, reference)
+        own_scores = own_scores.to(device=device, dtype=dtype)
 
     if loss == "sigmoid":
         blocks_l = SigmoidBlocks(learner) if w_l else None
@@ -374,7 +386,7 @@ def joint_sample_from_embeddings(
 
 
 def independent_sample(
-    learner: Embeddings,
+    learner: Embeddings | None,
     reference: Embeddings | None,
     k: int,
     *,
@@ -392,7 +404,7 @@ def independent_sample(
 
 
 def topk_sample(
-    learner: Embeddings,
+    learner: Embeddings | None,
     reference: Embeddings | None,
     k: int,
     *,

@@ -213,6 +213,39 @@ def test_selection_prefers_learnable_examples():
     assert len(diffs) == 10 and np.mean(diffs) > 0
 
 
+@pytest.mark.parametrize("async_scoring", [False, True])
+def test_easy_reference_never_runs_the_learner(async_scoring):
+    """easy_reference scores by the reference alone: the learner snapshot's forward is skipped,
+    and the selection is what the selection maths gives with the learner's embeddings too."""
+    from jeststream.selection import joint_sample_from_embeddings
+
+    batches = make_vector_batches(12, 8)
+    calls = []
+
+    def embed(model, batch):
+        calls.append("reference" if model is reference else "learner")
+        return tiny_dual_embed(model, batch)
+
+    learner, reference = TinyDual(seed=0), TinyDual(seed=100)
+    ld = JESTLoader(
+        batches, learner, reference, 0.25, n_chunks=2, criterion="easy_reference", embed=embed,
+        seed=5, async_scoring=async_scoring, return_info=True,
+    )
+    got = [info.indices for _, info in ld]
+    assert len(got) == 3 and calls == ["reference"] * 3
+    gen = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for i, idx in enumerate(got):
+            xs = torch.cat([b[0] for b in batches[4 * i : 4 * i + 4]])
+            ys = torch.cat([b[1] for b in batches[4 * i : 4 * i + 4]])
+            ref = tiny_dual_embed(ld._scorer.reference, (xs, ys))
+            snap = tiny_dual_embed(ld._snapshot.module, (xs, ys))
+            want = joint_sample_from_embeddings(
+                snap, ref, 8, criterion="easy_reference", n_chunks=2, generator=gen
+            )
+            assert torch.equal(idx, want)
+
+
 # -- snapshot refresh and staleness ------------------------------------------------------
 
 

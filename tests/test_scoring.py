@@ -124,3 +124,22 @@ def test_scorer_argument_types():
         Scorer(LearnerSnapshot(TinyDual()), None, embed="nope")
     with pytest.raises(TypeError, match="score_transform"):
         Scorer(LearnerSnapshot(TinyDual()), None, score_transform=1)
+    with pytest.raises(ValueError, match="score_learner=False needs a reference"):
+        Scorer(LearnerSnapshot(TinyDual()), None, score_learner=False)
+
+
+def test_scorer_without_the_learner(vector_batches):
+    """score_learner=False (easy_reference) runs the reference only; the version still says
+    which snapshot was current."""
+    models = []
+
+    def embed(model, batch):
+        models.append(model)
+        return tiny_dual_embed(model, batch)
+
+    snapshot = LearnerSnapshot(TinyDual(seed=0))
+    scorer = Scorer(snapshot, TinyDual(seed=1), embed=embed, score_learner=False)
+    snapshot.refresh(3)
+    res = scorer(vector_batches(1, 6)[0], 6)
+    assert res.learner is None and res.reference.image.shape == (6, 8)
+    assert models == [scorer.reference] and res.version == 1

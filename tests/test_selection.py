@@ -492,6 +492,25 @@ def test_bad_names_and_missing_reference():
             joint_sample_from_embeddings(e, None, 2, criterion=criterion)
     with pytest.raises(TypeError, match="Embeddings"):
         example_scores((e.image,), None, criterion="hard_learner")
+    for criterion in ("learnability", "hard_learner"):
+        with pytest.raises(ValueError, match="needs the learner"):
+            joint_sample_from_embeddings(None, e, 2, criterion=criterion)
+
+
+def test_easy_reference_needs_no_learner_embeddings():
+    learner, reference = make_embeddings(64, seed=1), make_embeddings(64, seed=2)
+    for loss in ("sigmoid", "softmax"):
+        want = joint_sample_from_embeddings(
+            learner, reference, 16, loss=loss, criterion="easy_reference", generator=gen(3)
+        )
+        got = joint_sample_from_embeddings(
+            None, reference, 16, loss=loss, criterion="easy_reference", generator=gen(3)
+        )
+        assert torch.equal(got, want)
+        torch.testing.assert_close(
+            example_scores(None, reference, loss=loss, criterion="easy_reference"),
+            example_scores(learner, reference, loss=loss, criterion="easy_reference"),
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
