@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from jeststream.demo import build_parser, config_from_args, main
 from jeststream.demo.data import (
@@ -54,6 +55,22 @@ def test_tokenizer_end_token_is_the_largest_id():
     assert (ids.argmax(1) == (ids != 0).sum(1) - 1).all()  # argmax pooling finds the EOT
 
 
+def test_tokenizer_cache_gives_the_uncached_rows():
+    tok = WordTokenizer(6)
+    texts = ["a handwritten seven", "a scan of the number seven written long", "a handwritten seven"]
+    first = tok(texts)
+    again = tok(list(reversed(texts)))  # rows now come from the cache
+    assert first.tolist() == [
+        [tok.SOT, tok.vocab["a"], tok.vocab["handwritten"], tok.vocab["seven"], tok.EOT, 0],
+        [tok.SOT, tok.vocab["a"], tok.vocab["scan"], tok.vocab["of"], tok.vocab["the"], tok.EOT],
+        [tok.SOT, tok.vocab["a"], tok.vocab["handwritten"], tok.vocab["seven"], tok.EOT, 0],
+    ]
+    assert torch.equal(again, first.flip(0))
+    first[0, 0] = 99  # a returned batch is the caller's own: the cache is not aliased
+    assert tok(["a handwritten seven"])[0, 0] == tok.SOT
+    assert tok([]).shape == (0, 6)
+
+
 def test_help_documents_the_knobs(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
@@ -91,7 +108,6 @@ def test_full_preset_runs_every_method_over_three_seeds():
 def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_path):
     """The demo serves the frozen reference's embeddings from one pass over the pool; on the
     batches JESTLoader actually sees they must equal running the reference on them."""
-    import torch
 
     from jeststream.demo.data import prepare_shards
     from jeststream.demo.model import ModelConfig, build_model
@@ -99,6 +115,7 @@ def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_p
         StreamLoader,
         cached_reference_embed,
         load_split,
+        model_input,
         reference_embeddings,
     )
     from jeststream.scoring import default_embed
@@ -110,7 +127,11 @@ def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_p
     reference = build_model(ModelConfig(), tokenizer.vocab_size, seed=3).eval().requires_grad_(False)
     learner = build_model(ModelConfig(), tokenizer.vocab_size, seed=4).eval()
     embed = cached_reference_embed(reference, reference_embeddings(reference, pool), pool["key"])
-    batch = next(iter(StreamLoader(shards["pool"], 32, 1, tokenizer, seed=0, num_workers=0)))
+    raw = next(iter(StreamLoader(shards["pool"], 32, 1, tokenizer, seed=0, num_workers=0)))
+    assert raw[0].dtype == torch.uint8 and raw[0].shape == (32, data.image_size, data.image_size)
+    batch = model_input(raw)  # what the training step and JESTLoader's score_transform see
+    rows = torch.tensor([pool["key"].index(k) for k in batch[2]])
+    torch.testing.assert_close(batch[0], pool["image"][rows])  # same input as the in-memory split
     with torch.inference_mode():
         got, want = embed(reference, batch), default_embed(reference, batch)
         assert embed(learner, batch).image.shape == (32, ModelConfig().embed_dim)

@@ -90,16 +90,25 @@ class WordTokenizer:
         self.EOT = len(self.vocab) + 3
         self.vocab_size = self.EOT + 1
         self.context_length = context_length
+        self._cache: dict[str, list[int]] = {}
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for row, text in enumerate(texts):
+        # Captions repeat (templates, junk lines), so each distinct one is tokenized once; the
+        # batch is then one tensor built from the cached rows (no per-row torch call).
+        rows = [self._row(text) for text in texts]
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.context_length)
+
+    def _row(self, text: str) -> list[int]:
+        row = self._cache.get(text)
+        if row is None:
             ids = [self.vocab.get(w, self.UNK) for w in text.lower().split()]
             ids = [self.SOT, *ids[: self.context_length - 2], self.EOT]
-            out[row, : len(ids)] = torch.tensor(ids)
-        return out
+            row = ids + [self.PAD] * (self.context_length - len(ids))
+            if len(self._cache) < 65536:  # bounded: arbitrary text must not grow it forever
+                self._cache[text] = row
+        return row
 
 
 @dataclass
