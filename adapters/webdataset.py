@@ -469,12 +469,16 @@ class _Pipeline(IterableDataset):
 
     def _collate(self, samples: list[tuple[Any, str, str]]) -> tuple[Any, Any, list[str]]:
         images = [s[0] for s in samples]
-        if isinstance(images[0], torch.Tensor):
+        if isinstance(images[0], (torch.Tensor, np.ndarray)):
             try:
-                images = torch.stack(images)
-            except RuntimeError as exc:
+                if isinstance(images[0], np.ndarray):  # e.g. an albumentations/numpy transform
+                    images = torch.from_numpy(np.stack(images))
+                else:
+                    images = torch.stack(images)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                kinds = sorted({f"{type(i).__name__}{tuple(i.shape)}" for i in images})
                 raise ValueError(
-                    f"cannot stack images of shapes {sorted({tuple(i.shape) for i in images})}"
+                    f"cannot stack images of types/shapes {kinds}"
                     "; pass a transform that resizes/crops them to one size (e.g. open_clip's "
                     "preprocess)"
                 ) from exc
@@ -729,7 +733,8 @@ def webdataset_loader(
         batch_size: the training batch size b (every batch has exactly b examples).
         tokenizer: ``list[str] -> tensor [b, ctx]`` (e.g. ``open_clip.get_tokenizer(...)``);
             None keeps captions as a list of str.
-        transform: ``PIL image -> tensor`` (e.g. open_clip's preprocess); default
+        transform: ``PIL image -> tensor`` (e.g. open_clip's preprocess) or ``-> numpy
+            array`` (stacked into one tensor per batch); default
             :func:`default_image_transform`.
         num_workers: DataLoader workers; shards are split between them (and between ranks).
         image_exts / text_exts: sample fields tried in order for the image and the caption.

@@ -246,6 +246,24 @@ def test_bad_sample_is_skipped_and_counted(tmp_path):
     assert any("'k2'" in str(w.message) for w in caught)
 
 
+def test_numpy_transform_is_stacked_into_a_tensor(shards):
+    """A transform may return numpy arrays (albumentations-style): each batch is one tensor,
+    equal to the tensor transform's; arrays of different shapes are a clear error."""
+    urls, _ = shards
+
+    def as_array(image):
+        return np.asarray(image.convert("L").resize((8, 8)))
+
+    got = next(iter(webdataset_loader(urls, B, transform=as_array)))
+    want = next(iter(webdataset_loader(urls, B, transform=lambda im: torch.tensor(as_array(im)))))
+    assert isinstance(got[0], torch.Tensor) and got[0].shape == (B, 8, 8)
+    assert got[0].dtype == torch.uint8 and torch.equal(got[0], want[0]) and got[2] == want[2]
+
+    sizes = iter([8, 7, 8, 8])
+    with pytest.raises(ValueError, match=r"cannot stack images.*ndarray\(7, 8\)"):
+        next(iter(webdataset_loader(urls, B, transform=lambda im: as_array(im)[: next(sizes)])))
+
+
 def test_shard_order_is_seeded_by_epoch(shards):
     urls, _ = shards
     base = webdataset_loader(urls, B, shuffle_shards=True, seed=0)
