@@ -162,3 +162,40 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     by = {r["method"]: r for r in results["runs"]}
     assert by["jest"]["flops_per_step"] > by["uniform"]["flops_per_step"]
     assert "uniform_plateau_ok" in results["headline"]
+    # easy_reference runs no learner forward, and reads the cached reference: its scoring is the
+    # one pass over the pool, paid up front.
+    assert by["easy_reference"]["flops_per_step"] == by["uniform"]["flops_per_step"]
+    assert by["easy_reference"]["upfront_flops"] > 0
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_runs(tmp_path):
+    """--jobs 2 runs the references and the methods in worker processes; every run is seeded
+    on its own, so the curves and compositions equal those of the in-process run. (Scoring is
+    synchronous here: under async scoring, which snapshot version scores a super-batch depends
+    on thread timing, and timing differs with the load.)"""
+    common = [
+        "--quick", "--methods", "uniform,jest,easy_reference,static", "--no-progress",
+        "--sync-scoring",
+    ]
+    assert main([*common, "--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
+    assert main([*common, "--out", str(tmp_path / "two"), "--jobs", "2", "--seeds", "0", "1"]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["complete"] and two["config"]["jobs"] == 2
+    assert [(r["seed"], r["method"]) for r in two["runs"]] == [
+        (s, m) for s in (0, 1) for m in ("uniform", "jest", "easy_reference", "static")
+    ]
+    got = {(r["method"]): r for r in two["runs"] if r["seed"] == 0}
+    for want in one["runs"]:
+        run = got[want["method"]]
+        assert [c["accuracy"] for c in run["curve"]] == [c["accuracy"] for c in want["curve"]]
+        assert run["composition"] == want["composition"]
+    assert set(two["reference"]) == {"0", "1"}
+
+
+def test_jobs_and_threads_must_be_positive():
+    for bad in (["--jobs", "0"], ["--threads", "0"]):
+        with pytest.raises(ValueError, match="at least 1"):
+            config_from_args(build_parser().parse_args(bad))
+    assert config_from_args(build_parser().parse_args(["--quick"])).jobs == 1

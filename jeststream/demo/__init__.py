@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -105,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate on the held-out split every N steps",
     )
     t.add_argument("--threads", type=int, default=r.threads, help="torch intra-op threads")
+    t.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at once, each in its own worker process with --threads threads (default: "
+        "the CPU count, at most 2; --quick: 1). Runs are seeded on their own, so only timing "
+        "differs (wall times, and which snapshot scores a super-batch under async scoring)",
+    )
 
     s = p.add_argument_group("selection")
     s.add_argument(
@@ -222,6 +231,13 @@ def config_from_args(args: argparse.Namespace):
             raise ValueError(f"unknown method(s) {bad}; choose from {','.join(METHODS)}")
     if args.seeds:
         seeds = tuple(args.seeds)
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    jobs = args.jobs
+    if jobs is None:
+        jobs = 1 if args.quick else max(1, min(2, os.cpu_count() or 1))
     return RunConfig(
         steps=steps,
         batch_size=batch_size,
@@ -236,6 +252,7 @@ def config_from_args(args: argparse.Namespace):
         seeds=seeds,
         methods=methods,
         threads=args.threads,
+        jobs=jobs,
         async_scoring=not args.sync_scoring,
         cache_reference=not args.no_reference_cache,
         data=data,
@@ -243,8 +260,55 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+# Worker-process state of a parallel comparison (set by _init_worker in each worker).
+_WORKER: dict = {}
+
+
+def _bar_factory(position: int | None = None):
+    from tqdm.auto import tqdm
+
+    def bar(**kw):
+        return tqdm(leave=False, dynamic_ncols=True, position=position, **kw)
+
+    return bar
+
+
+def _init_worker(slots, threads: int, progress: bool) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER["progress"] = _bar_factory(slots.get()) if progress else None
+
+
+def _in_worker(fn, *args, **kwargs):
+    """Run ``fn(*args, progress=..., **kwargs)`` in a worker, with its own progress-bar row."""
+    return fn(*args, progress=_WORKER.get("progress"), **kwargs)
+
+
+def _timed_reference(*args, progress=None, **kwargs) -> dict:
+    """Train one reference into its cache file (a worker job); its held-out eval and wall."""
+    from jeststream.demo.runs import train_reference
+
+    t0 = time.perf_counter()
+    _, ev = train_reference(*args, progress=progress, **kwargs)
+    return {**ev, "wall_s": time.perf_counter() - t0}
+
+
+# Relative cost of one run (for scheduling the longest first): JESTLoader methods run the
+# learner snapshot on every super-batch and decode 1/ratio base batches per step.
+_COST = {"jest": 3, "independent": 3, "hard_learner": 3, "easy_reference": 2}
+
+
 def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
-    """Run every (seed, method) of `cfg`; write results.json and the plot; return the results."""
+    """Run every (seed, method) of `cfg`; write results.json and the plot; return the results.
+
+    With ``cfg.jobs > 1`` the references and then the runs go to that many worker processes
+    (spawned, one torch thread each), longest runs first. Every run is seeded on its own, so
+    its curve does not depend on ``jobs``, except through timing: with asynchronous scoring,
+    which learner snapshot scores a super-batch depends on thread timing, in any run. With
+    ``async_scoring=False`` every run is the same as with ``jobs=1``. Wall times are on
+    shared cores.
+    """
     import torch
 
     from jeststream.demo import report
@@ -260,13 +324,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
         train_reference,
     )
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        def bar(**kw):
-            return tqdm(leave=False, dynamic_ncols=True, **kw)
-
+    bar = _bar_factory() if progress else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -295,81 +353,115 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     )
     runs: list[dict] = []
     references: dict[int, dict] = {}
-    models: dict[int, object] = {}
-    pool_embeddings: dict[int, object] = {}  # the reference's embeddings of the pool, per seed
 
-    def reference_for(seed: int):
-        if seed not in models:
-            t0 = time.perf_counter()
-            models[seed], ref_eval = train_reference(
-                cfg,
-                curated,
-                heldout,
-                tokenizer,
-                seed,
-                cache=out_dir / "cache" / f"reference-{ref_tag}-seed{seed}.pt",
-                progress=bar,
-            )
-            references[seed] = {
-                **ref_eval,
-                "train_flops": cfg.ref_steps * flops["train_step"],
-                "wall_s": time.perf_counter() - t0,
+    def ref_cache(seed: int) -> Path:
+        return out_dir / "cache" / f"reference-{ref_tag}-seed{seed}.pt"
+
+    def ref_args(seed: int) -> tuple:
+        return (cfg, curated, heldout, tokenizer, seed, ref_cache(seed))
+
+    def jobs_of(seed: int) -> list[tuple]:
+        """(callable, args, kwargs) of each method of `seed`, longest first; needs its
+        reference trained (in the cache)."""
+        reference = cached = None
+        if needs_reference:
+            reference, _ = train_reference(*ref_args(seed))  # loads the cached one
+            references[seed]["train_flops"] = cfg.ref_steps * flops["train_step"]
+            cached = reference_embeddings(reference, pool)
+        out = []
+        for method in cfg.methods:
+            upfront = 0.0
+            if method == "static":
+                scores = reference_scores(cached)
+                n_keep = max(cfg.batch_size, round(cfg.static_keep * len(scores)))
+                keep = {pool["key"][i] for i in scores.argsort()[:n_keep].tolist()}
+                train = subset_shards(
+                    shards["pool"],
+                    keep,
+                    data_dir,
+                    f"static-{ref_tag}-seed{seed}-{cfg.static_keep}",
+                    cfg.data.shard_size,
+                )
+                upfront = len(scores) * flops["per_example_forward"]
+            elif method == "oracle":
+                keep = {k for k, n in noise_of.items() if n == "clean"}
+                train = subset_shards(shards["pool"], keep, data_dir, "oracle", cfg.data.shard_size)
+            else:
+                train = shards["pool"]
+            args = (method, cfg, seed, train, heldout, noise_of, reference, tokenizer, flops)
+            kwargs = {
+                "upfront_flops": upfront,
+                "reference_cache": (
+                    (cached, pool["key"]) if cfg.cache_reference and cached is not None else None
+                ),
             }
-            pool_embeddings[seed] = reference_embeddings(models[seed], pool)
-        return models[seed]
+            out.append((method, args, kwargs))
+        # longest first; among equals the headline methods first (a run cut short has them)
+        out.sort(key=lambda j: (-_COST.get(j[0], 1), j[0] not in HEADLINE_METHODS))
+        return [(run_method, a, k) for _, a, k in out]
 
-    # The headline methods run first over every seed, the other baselines after, so that a run
-    # cut short still has the headline; results.json is rewritten after every run.
-    order = sorted(
-        ((seed, method) for seed in cfg.seeds for method in cfg.methods),
-        key=lambda sm: (sm[1] not in HEADLINE_METHODS, sm[0], cfg.methods.index(sm[1])),
-    )
-    for seed, method in order:
-        reference = reference_for(seed)
-        upfront = 0.0
-        if method == "static":
-            scores = reference_scores(pool_embeddings[seed])
-            n_keep = max(cfg.batch_size, round(cfg.static_keep * len(scores)))
-            keep = {pool["key"][i] for i in scores.argsort()[:n_keep].tolist()}
-            train = subset_shards(
-                shards["pool"],
-                keep,
-                data_dir,
-                f"static-{ref_tag}-seed{seed}-{cfg.static_keep}",
-                cfg.data.shard_size,
-            )
-            upfront = len(scores) * flops["per_example_forward"]
-        elif method == "oracle":
-            keep = {k for k, n in noise_of.items() if n == "clean"}
-            train = subset_shards(shards["pool"], keep, data_dir, "oracle", cfg.data.shard_size)
-        else:
-            train = shards["pool"]
-        result = run_method(
-            method,
-            cfg,
-            seed,
-            train,
-            heldout,
-            noise_of,
-            reference,
-            tokenizer,
-            flops,
-            upfront_flops=upfront,
-            progress=bar,
-            reference_cache=(pool_embeddings[seed], pool["key"]) if cfg.cache_reference else None,
-        )
+    def finished(result: dict) -> None:
         runs.append(result)
         logger.info(
             "%s seed %d: final accuracy %.3f in %.1fs",
-            method,
-            seed,
+            result["method"],
+            result["seed"],
             result["curve"][-1]["accuracy"],
             result["wall_s"],
         )
+        rank = {m: i for i, m in enumerate(cfg.methods)}
+        runs.sort(key=lambda r: (r["seed"], rank[r["method"]]))
         partial = report.summarise(cfg, runs, references, flops)
         partial["wall_s"] = {"total": time.perf_counter() - t_start, "setup": setup_s}
         partial["complete"] = False
         (out_dir / "results.json").write_text(json.dumps(partial, indent=1))
+
+    # uniform, oracle and hard_learner never look at the reference
+    needs_reference = any(m not in ("uniform", "oracle", "hard_learner") for m in cfg.methods)
+    if cfg.jobs <= 1:
+        for seed in cfg.seeds:
+            if needs_reference:
+                references[seed] = _timed_reference(*ref_args(seed), progress=bar)
+            for fn, args, kwargs in jobs_of(seed):
+                finished(fn(*args, progress=bar, **kwargs))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        ctx = mp.get_context("spawn")  # the parent runs threads (tqdm); never fork them
+        slots = ctx.Queue()
+        for slot in range(cfg.jobs):
+            slots.put(slot)
+        with ProcessPoolExecutor(
+            cfg.jobs, mp_context=ctx, initializer=_init_worker,
+            initargs=(slots, cfg.threads, progress),
+        ) as pool_ex:
+            pending: dict = {}
+
+            def submit_runs(seed: int) -> None:
+                for fn, args, kwargs in jobs_of(seed):
+                    pending[pool_ex.submit(_in_worker, fn, *args, **kwargs)] = ("run", seed)
+
+            for seed in cfg.seeds:
+                if needs_reference:
+                    job = pool_ex.submit(_in_worker, _timed_reference, *ref_args(seed))
+                    pending[job] = ("ref", seed)
+                else:
+                    submit_runs(seed)
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        kind, seed = pending.pop(fut)
+                        if kind == "ref":
+                            references[seed] = fut.result()
+                            submit_runs(seed)
+                        else:
+                            finished(fut.result())
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
     results = report.summarise(cfg, runs, references, flops)
     results["wall_s"] = {"total": time.perf_counter() - t_start, "setup": setup_s}
     results["complete"] = True

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +70,7 @@ class RunConfig:
     seeds: tuple[int, ...] = (0,)
     methods: tuple[str, ...] = ("uniform", "jest", "oracle")
     threads: int = 1
+    jobs: int = 1  # runs at once, in worker processes (see run_comparison)
     async_scoring: bool = True
     cache_reference: bool = True  # embed the pool with the frozen reference once, look up by key
     data: DataConfig = field(default_factory=DataConfig)
@@ -216,16 +218,16 @@ class StreamLoader:
 
 
 def _image_transform(image) -> torch.Tensor:
-    """PIL grey-level image -> uint8 [S,S], as stored.
+    """PIL grey-level image -> uint8 numpy [S,S], as stored.
 
     The loader ships bytes; :func:`model_input` turns a whole batch into the model's float
     input in one vectorised call (in the training step, and for scoring as JESTLoader's
     ``score_transform``). Per-sample float conversion and channel expansion in the worker cost
     more than the decode itself, and JEST's base loader decodes 1/ratio batches per step.
     """
-    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(
-        image.height, image.width
-    )
+    # numpy, not torch: a per-sample torch call costs more than the decode's own copy; the
+    # adapter stacks the arrays into one tensor per batch
+    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(image.height, image.width)
 
 
 def model_input(batch: tuple) -> tuple:
