@@ -90,6 +90,8 @@ def test_help_documents_the_knobs(capsys):
         "--methods",
         "--scale",
         "--no-reference-cache",
+        "--jobs",
+        "--width",
     ):
         assert knob in text
 
@@ -198,4 +200,24 @@ def test_jobs_and_threads_must_be_positive():
     for bad in (["--jobs", "0"], ["--threads", "0"]):
         with pytest.raises(ValueError, match="at least 1"):
             config_from_args(build_parser().parse_args(bad))
+    with pytest.raises(ValueError, match="--width must be an even number >= 8.*got 7"):
+        config_from_args(build_parser().parse_args(["--width", "7"]))
+    model = config_from_args(build_parser().parse_args(["--width", "32"])).model
+    assert model.width == model.text_width == model.embed_dim == 32
     assert config_from_args(build_parser().parse_args(["--quick"])).jobs == 1
+
+
+@pytest.mark.slow
+def test_a_failing_parallel_run_raises_and_leaves_no_worker(tmp_path):
+    """A run that fails in a worker process surfaces its error in the parent, and the other
+    workers are stopped instead of being waited for or left running."""
+    import multiprocessing as mp
+
+    args = [
+        "--pool-size", "600", "--curated-size", "64", "--steps", "3", "--ref-steps", "2",
+        "--eval-every", "1", "--batch-size", "64", "--methods", "uniform,jest",
+        "--n-chunks", "1000", "--jobs", "2", "--no-progress", "--out", str(tmp_path),
+    ]
+    with pytest.raises(ValueError, match="n_chunks=1000 exceeds the batch size b=64"):
+        main(args)
+    assert mp.active_children() == []

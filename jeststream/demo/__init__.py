@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["build_parser", "config_from_args", "main", "run_comparison"]
@@ -106,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate on the held-out split every N steps",
     )
     t.add_argument("--threads", type=int, default=r.threads, help="torch intra-op threads")
+    t.add_argument(
+        "--width",
+        type=int,
+        default=r.model.width,
+        help="model width: the image and text towers' width and the embedding size",
+    )
+    t.add_argument(
+        "--patch-size",
+        type=int,
+        default=r.model.patch_size,
+        help="ViT patch side in pixels (must divide --image-size)",
+    )
     t.add_argument(
         "--jobs",
         type=int,
@@ -235,6 +248,12 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.patch_size < 1 or args.image_size % args.patch_size:
+        raise ValueError(
+            f"--patch-size {args.patch_size} must divide --image-size {args.image_size}"
+        )
+    if args.width < 8 or args.width % 2:
+        raise ValueError(f"--width must be an even number >= 8 (2 attention heads), got {args.width}")
     jobs = args.jobs
     if jobs is None:
         jobs = 1 if args.quick else max(1, min(2, os.cpu_count() or 1))
@@ -256,7 +275,14 @@ def config_from_args(args: argparse.Namespace):
         async_scoring=not args.sync_scoring,
         cache_reference=not args.no_reference_cache,
         data=data,
-        model=ModelConfig(image_size=args.image_size, context_length=data.context_length),
+        model=ModelConfig(
+            image_size=args.image_size,
+            context_length=data.context_length,
+            width=args.width,
+            patch_size=args.patch_size,
+            text_width=args.width,
+            embed_dim=args.width,
+        ),
     )
 
 
@@ -273,11 +299,22 @@ def _bar_factory(position: int | None = None):
     return bar
 
 
-def _init_worker(slots, threads: int, progress: bool) -> None:
+def _init_worker(slots, threads: int, progress: bool, parent: int) -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(threads)
     _WORKER["progress"] = _bar_factory(slots.get()) if progress else None
+
+    def orphan_watch() -> None:
+        # A killed comparison must not leave minutes-long runs behind: the executor notices a
+        # dead parent only between jobs, so a worker exits as soon as its parent is gone.
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=orphan_watch, name="jeststream-orphan-watch", daemon=True).start()
 
 
 def _in_worker(fn, *args, **kwargs):
@@ -285,18 +322,32 @@ def _in_worker(fn, *args, **kwargs):
     return fn(*args, progress=_WORKER.get("progress"), **kwargs)
 
 
-def _timed_reference(*args, progress=None, **kwargs) -> dict:
-    """Train one reference into its cache file (a worker job); its held-out eval and wall."""
-    from jeststream.demo.runs import train_reference
+def _timed_reference(
+    cfg, curated_shards: list[str], heldout_shards: list[str], tokenizer, seed: int,
+    cache: Path, progress=None,
+) -> dict:
+    """Train one reference into its cache file (a job: plain data in, the splits read from
+    their shards); its held-out eval and wall."""
+    from jeststream.demo.runs import load_split, train_reference
 
     t0 = time.perf_counter()
-    _, ev = train_reference(*args, progress=progress, **kwargs)
+    curated = load_split(curated_shards, tokenizer, cfg.data.image_size)
+    heldout = load_split(heldout_shards, tokenizer, cfg.data.image_size)
+    _, ev = train_reference(cfg, curated, heldout, tokenizer, seed, cache, progress=progress)
     return {**ev, "wall_s": time.perf_counter() - t0}
 
 
 # Relative cost of one run (for scheduling the longest first): JESTLoader methods run the
 # learner snapshot on every super-batch and decode 1/ratio base batches per step.
 _COST = {"jest": 3, "independent": 3, "hard_learner": 3, "easy_reference": 2}
+# Methods that never look at the reference: they need not wait for it.
+REFERENCE_FREE = ("uniform", "oracle", "hard_learner")
+
+
+def _priority(method: str) -> tuple:
+    """Scheduling order: longest first; among equals the headline methods (a comparison cut
+    short has them)."""
+    return (-_COST.get(method, 1), method not in HEADLINE_METHODS)
 
 
 def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
@@ -319,7 +370,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
         measure_flops,
         reference_embeddings,
         reference_scores,
-        run_method,
+        run_job,
         subset_shards,
         train_reference,
     )
@@ -358,18 +409,24 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
         return out_dir / "cache" / f"reference-{ref_tag}-seed{seed}.pt"
 
     def ref_args(seed: int) -> tuple:
-        return (cfg, curated, heldout, tokenizer, seed, ref_cache(seed))
+        return (cfg, shards["curated"], shards["heldout"], tokenizer, seed, ref_cache(seed))
 
-    def jobs_of(seed: int) -> list[tuple]:
-        """(callable, args, kwargs) of each method of `seed`, longest first; needs its
-        reference trained (in the cache)."""
-        reference = cached = None
-        if needs_reference:
-            reference, _ = train_reference(*ref_args(seed))  # loads the cached one
+    def jobs_of(seed: int, methods: Sequence[str]) -> list[tuple]:
+        """(method, callable, args) of each of `methods` for `seed`, longest first; a method
+        that uses the reference needs it trained (in the cache). The arguments are plain data and file paths: a
+        worker loads the tensors itself, so that no tensor crosses a process boundary (torch
+        would share it through file descriptors, which a terminated worker leaves half-sent).
+        """
+        cached_path = None
+        if any(m not in REFERENCE_FREE for m in methods):
+            # loads the cached one (the splits are only read when it must be trained)
+            reference, _ = train_reference(cfg, curated, heldout, tokenizer, seed, ref_cache(seed))
             references[seed]["train_flops"] = cfg.ref_steps * flops["train_step"]
             cached = reference_embeddings(reference, pool)
+            cached_path = out_dir / "cache" / f"pool-embeddings-{ref_tag}-seed{seed}.pt"
+            torch.save(tuple(cached), cached_path)
         out = []
-        for method in cfg.methods:
+        for method in methods:
             upfront = 0.0
             if method == "static":
                 scores = reference_scores(cached)
@@ -388,17 +445,23 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
                 train = subset_shards(shards["pool"], keep, data_dir, "oracle", cfg.data.shard_size)
             else:
                 train = shards["pool"]
-            args = (method, cfg, seed, train, heldout, noise_of, reference, tokenizer, flops)
-            kwargs = {
+            spec = {
+                "method": method,
+                "cfg": cfg,
+                "seed": seed,
+                "train_shards": train,
+                "heldout_shards": shards["heldout"],
+                "noise_of": noise_of,
+                "pool_keys": pool["key"],
+                "tokenizer": tokenizer,
+                "flops": flops,
                 "upfront_flops": upfront,
-                "reference_cache": (
-                    (cached, pool["key"]) if cfg.cache_reference and cached is not None else None
-                ),
+                "reference_path": None if method in REFERENCE_FREE else ref_cache(seed),
+                "cached_path": cached_path if cfg.cache_reference else None,
             }
-            out.append((method, args, kwargs))
-        # longest first; among equals the headline methods first (a run cut short has them)
-        out.sort(key=lambda j: (-_COST.get(j[0], 1), j[0] not in HEADLINE_METHODS))
-        return [(run_method, a, k) for _, a, k in out]
+            out.append((method, run_job, (spec,)))
+        out.sort(key=lambda j: _priority(j[0]))
+        return out
 
     def finished(result: dict) -> None:
         runs.append(result)
@@ -416,52 +479,70 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
         partial["complete"] = False
         (out_dir / "results.json").write_text(json.dumps(partial, indent=1))
 
-    # uniform, oracle and hard_learner never look at the reference
-    needs_reference = any(m not in ("uniform", "oracle", "hard_learner") for m in cfg.methods)
+    ref_methods = [m for m in cfg.methods if m not in REFERENCE_FREE]
+    free_methods = [m for m in cfg.methods if m in REFERENCE_FREE]
     if cfg.jobs <= 1:
         for seed in cfg.seeds:
-            if needs_reference:
+            if ref_methods:
                 references[seed] = _timed_reference(*ref_args(seed), progress=bar)
-            for fn, args, kwargs in jobs_of(seed):
-                finished(fn(*args, progress=bar, **kwargs))
+            for _, fn, args in jobs_of(seed, cfg.methods):
+                finished(fn(*args, progress=bar))
     else:
+        import heapq
+        import itertools
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        # Longest first, as soon as it can start: the references first (they unlock the
+        # longest runs), runs without a reference meanwhile; never more than `jobs` at once,
+        # so that the order is ours and not the executor's queue's.
+        order = itertools.count()
+        ready: list[tuple] = []
+
+        def push(priority: tuple, kind: str, seed: int, fn, args: tuple) -> None:
+            heapq.heappush(ready, (priority, next(order), kind, seed, fn, args))
+
+        for seed in cfg.seeds:
+            if ref_methods:
+                push((-1_000,), "ref", seed, _timed_reference, ref_args(seed))
+            for method, fn, args in jobs_of(seed, free_methods):
+                push(_priority(method), "run", seed, fn, args)
 
         ctx = mp.get_context("spawn")  # the parent runs threads (tqdm); never fork them
         slots = ctx.Queue()
         for slot in range(cfg.jobs):
             slots.put(slot)
-        with ProcessPoolExecutor(
-            cfg.jobs, mp_context=ctx, initializer=_init_worker,
-            initargs=(slots, cfg.threads, progress),
-        ) as pool_ex:
-            pending: dict = {}
-
-            def submit_runs(seed: int) -> None:
-                for fn, args, kwargs in jobs_of(seed):
-                    pending[pool_ex.submit(_in_worker, fn, *args, **kwargs)] = ("run", seed)
-
-            for seed in cfg.seeds:
-                if needs_reference:
-                    job = pool_ex.submit(_in_worker, _timed_reference, *ref_args(seed))
-                    pending[job] = ("ref", seed)
-                else:
-                    submit_runs(seed)
-            try:
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        kind, seed = pending.pop(fut)
-                        if kind == "ref":
-                            references[seed] = fut.result()
-                            submit_runs(seed)
-                        else:
-                            finished(fut.result())
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
+        pool_ex = ProcessPoolExecutor(
+            cfg.jobs,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(slots, cfg.threads, progress, os.getpid()),
+        )
+        running: dict = {}
+        try:
+            while ready or running:
+                while ready and len(running) < cfg.jobs:
+                    _, _, kind, seed, fn, args = heapq.heappop(ready)
+                    running[pool_ex.submit(_in_worker, fn, *args)] = (kind, seed)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    kind, seed = running.pop(fut)
+                    if kind == "ref":
+                        references[seed] = fut.result()
+                        for method, fn, args in jobs_of(seed, ref_methods):
+                            push(_priority(method), "run", seed, fn, args)
+                    else:
+                        finished(fut.result())
+        except BaseException:
+            # A failed run or Ctrl-C: stop the others now instead of waiting for them to end.
+            workers = list((getattr(pool_ex, "_processes", None) or {}).values())
+            pool_ex.shutdown(wait=False, cancel_futures=True)
+            for proc in workers:
+                proc.terminate()
+            for proc in workers:
+                proc.join(timeout=10)
+            raise
+        pool_ex.shutdown(wait=True)
     results = report.summarise(cfg, runs, references, flops)
     results["wall_s"] = {"total": time.perf_counter() - t_start, "setup": setup_s}
     results["complete"] = True

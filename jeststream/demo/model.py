@@ -15,7 +15,7 @@ class ModelConfig:
     """A ViT/text-transformer pair small enough to train in seconds on a CPU core."""
 
     image_size: int = 16
-    patch_size: int = 4
+    patch_size: int = 8  # 2x2 patches + class token: half the cost of 4x4, uniform plateaus higher
     width: int = 64
     layers: int = 1
     heads: int = 2

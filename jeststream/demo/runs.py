@@ -480,3 +480,34 @@ def run_method(
         "flops_per_step": per_step,
         "upfront_flops": upfront_flops,
     }
+
+
+def run_job(spec: dict, progress: Callable | None = None) -> dict:
+    """:func:`run_method` from a job spec of plain data and file paths (the demo's unit of
+    work, in-process or in a worker process): loads the held-out split, the cached reference
+    and its pool embeddings, then trains."""
+    cfg, tokenizer = spec["cfg"], spec["tokenizer"]
+    heldout = load_split(spec["heldout_shards"], tokenizer, cfg.data.image_size)
+    reference = reference_cache = None
+    if spec["reference_path"] is not None:
+        reference = build_model(cfg.model, tokenizer.vocab_size, seed=0)
+        blob = torch.load(spec["reference_path"], map_location="cpu", weights_only=True)
+        reference.load_state_dict(blob["state_dict"])
+        reference.eval().requires_grad_(False)
+    if spec["cached_path"] is not None:
+        parts = torch.load(spec["cached_path"], map_location="cpu", weights_only=True)
+        reference_cache = (Embeddings(*parts), spec["pool_keys"])
+    return run_method(
+        spec["method"],
+        cfg,
+        spec["seed"],
+        spec["train_shards"],
+        heldout,
+        spec["noise_of"],
+        reference,
+        tokenizer,
+        spec["flops"],
+        upfront_flops=spec["upfront_flops"],
+        progress=progress,
+        reference_cache=reference_cache,
+    )
