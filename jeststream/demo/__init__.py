@@ -253,7 +253,9 @@ def config_from_args(args: argparse.Namespace):
             f"--patch-size {args.patch_size} must divide --image-size {args.image_size}"
         )
     if args.width < 8 or args.width % 2:
-        raise ValueError(f"--width must be an even number >= 8 (2 attention heads), got {args.width}")
+        raise ValueError(
+            f"--width must be an even number >= 8 (2 attention heads), got {args.width}"
+        )
     jobs = args.jobs
     if jobs is None:
         jobs = 1 if args.quick else max(1, min(2, os.cpu_count() or 1))
@@ -413,9 +415,10 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
 
     def jobs_of(seed: int, methods: Sequence[str]) -> list[tuple]:
         """(method, callable, args) of each of `methods` for `seed`, longest first; a method
-        that uses the reference needs it trained (in the cache). The arguments are plain data and file paths: a
-        worker loads the tensors itself, so that no tensor crosses a process boundary (torch
-        would share it through file descriptors, which a terminated worker leaves half-sent).
+        that uses the reference needs it trained (in the cache). The arguments are plain data
+        and file paths: a worker loads the tensors itself, so that no tensor crosses a process
+        boundary (torch shares tensors through file descriptors, which a terminated worker
+        leaves half-sent).
         """
         cached_path = None
         if any(m not in REFERENCE_FREE for m in methods):
