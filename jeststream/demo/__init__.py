@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--full",
         action="store_true",
-        help="the full comparison: every method, seeds 0 1 2, twice the default steps (over an "
-        "hour on 2 busy cores; --scale or --methods shorten it)",
+        help="the full comparison: every method, seeds 0 1 2, twice the default steps (66 min "
+        "on 2 CPU cores with --jobs 2; --scale, --methods or --seeds shorten it)",
     )
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (shards, cache, results)")
     p.add_argument(
