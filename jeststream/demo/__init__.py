@@ -368,13 +368,13 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     from jeststream.demo.data import WordTokenizer, prepare_shards
     from jeststream.demo.model import build_model
     from jeststream.demo.runs import (
+        load_reference,
         load_split,
         measure_flops,
         reference_embeddings,
         reference_scores,
         run_job,
         subset_shards,
-        train_reference,
     )
 
     bar = _bar_factory() if progress else None
@@ -386,9 +386,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     data_dir = Path(shards["pool"][0]).parent
     tokenizer = WordTokenizer(cfg.data.context_length)
     s = cfg.data.image_size
-    curated = load_split(shards["curated"], tokenizer, s)
-    heldout = load_split(shards["heldout"], tokenizer, s)
-    pool = load_split(shards["pool"], tokenizer, s)
+    pool = load_split(shards["pool"], tokenizer, s)  # curated, held-out: read by the jobs
     noise_of = dict(zip(pool["key"], pool["noise"]))
     flops = measure_flops(build_model(cfg.model, tokenizer.vocab_size, seed=0), cfg, tokenizer)
     setup_s = time.perf_counter() - t_start
@@ -422,8 +420,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
         """
         cached_path = None
         if any(m not in REFERENCE_FREE for m in methods):
-            # loads the cached one (the splits are only read when it must be trained)
-            reference, _ = train_reference(cfg, curated, heldout, tokenizer, seed, ref_cache(seed))
+            reference, _ = load_reference(cfg, tokenizer.vocab_size, ref_cache(seed))
             references[seed]["train_flops"] = cfg.ref_steps * flops["train_step"]
             cached = reference_embeddings(reference, pool)
             cached_path = out_dir / "cache" / f"pool-embeddings-{ref_tag}-seed{seed}.pt"

@@ -252,6 +252,15 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def load_reference(cfg: RunConfig, vocab_size: int, cache: Path) -> tuple[torch.nn.Module, dict]:
+    """The reference saved by :func:`train_reference` at `cache`, frozen, and its eval."""
+    model = build_model(cfg.model, vocab_size, seed=0)  # every weight comes from the file
+    blob = torch.load(cache, map_location="cpu", weights_only=True)
+    model.load_state_dict(blob["state_dict"])
+    model.eval().requires_grad_(False)
+    return model, blob["eval"]
+
+
 def train_reference(
     cfg: RunConfig,
     curated: dict,
@@ -262,36 +271,33 @@ def train_reference(
     progress: Callable | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train (or load from `cache`) the reference on the curated split; return it frozen."""
-    model = build_model(cfg.model, tokenizer.vocab_size, seed=10_000 + seed)
     if cache is not None and cache.exists():
-        blob = torch.load(cache, map_location="cpu", weights_only=True)
-        model.load_state_dict(blob["state_dict"])
-        ev = blob["eval"]
-    else:
-        model.train()
-        opt, sched = make_optimizer(model, cfg, cfg.ref_steps)
-        gen = torch.Generator().manual_seed(10_000 + seed)
-        n, b = len(curated["label"]), cfg.batch_size
-        perm, pos = torch.randperm(n, generator=gen), 0
-        bar = progress(total=cfg.ref_steps, desc=f"reference seed {seed}") if progress else None
-        for _ in range(cfg.ref_steps):
-            if pos + b > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[pos : pos + b]
-            pos += b
-            loss = siglip_loss(model, curated["image"][idx], curated["text"][idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if bar:
-                bar.update()
+        return load_reference(cfg, tokenizer.vocab_size, cache)
+    model = build_model(cfg.model, tokenizer.vocab_size, seed=10_000 + seed)
+    model.train()
+    opt, sched = make_optimizer(model, cfg, cfg.ref_steps)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    n, b = len(curated["label"]), cfg.batch_size
+    perm, pos = torch.randperm(n, generator=gen), 0
+    bar = progress(total=cfg.ref_steps, desc=f"reference seed {seed}") if progress else None
+    for _ in range(cfg.ref_steps):
+        if pos + b > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + b]
+        pos += b
+        loss = siglip_loss(model, curated["image"][idx], curated["text"][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
         if bar:
-            bar.close()
-        ev = evaluate(model, heldout["image"], heldout["label"], heldout["text"], tokenizer)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"state_dict": model.state_dict(), "eval": ev}, cache)
+            bar.update()
+    if bar:
+        bar.close()
+    ev = evaluate(model, heldout["image"], heldout["label"], heldout["text"], tokenizer)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "eval": ev}, cache)
     model.eval().requires_grad_(False)
     return model, ev
 
@@ -490,10 +496,7 @@ def run_job(spec: dict, progress: Callable | None = None) -> dict:
     heldout = load_split(spec["heldout_shards"], tokenizer, cfg.data.image_size)
     reference = reference_cache = None
     if spec["reference_path"] is not None:
-        reference = build_model(cfg.model, tokenizer.vocab_size, seed=0)
-        blob = torch.load(spec["reference_path"], map_location="cpu", weights_only=True)
-        reference.load_state_dict(blob["state_dict"])
-        reference.eval().requires_grad_(False)
+        reference, _ = load_reference(cfg, tokenizer.vocab_size, spec["reference_path"])
     if spec["cached_path"] is not None:
         parts = torch.load(spec["cached_path"], map_location="cpu", weights_only=True)
         reference_cache = (Embeddings(*parts), spec["pool_keys"])
