@@ -339,9 +339,6 @@ def _timed_reference(
     return {**ev, "wall_s": time.perf_counter() - t0}
 
 
-# Relative cost of one run (for scheduling the longest first): JESTLoader methods run the
-# learner snapshot on every super-batch and decode 1/ratio base batches per step.
-_COST = {"jest": 3, "independent": 3, "hard_learner": 3, "easy_reference": 2}
 # Methods that never look at the reference: they need not wait for it.
 REFERENCE_FREE = ("uniform", "oracle", "hard_learner")
 
@@ -349,7 +346,19 @@ REFERENCE_FREE = ("uniform", "oracle", "hard_learner")
 def _priority(method: str) -> tuple:
     """Scheduling order: longest first; among equals the headline methods (a comparison cut
     short has them)."""
-    return (-_COST.get(method, 1), method not in HEADLINE_METHODS)
+    return (-_cost(method), method not in HEADLINE_METHODS)
+
+
+def _cost(method: str) -> int:
+    """Relative cost of one run: 1 for the training alone, +1 for a JESTLoader method (it
+    decodes 1/ratio base batches per step), +1 if it also runs the learner snapshot on every
+    super-batch (every criterion but easy_reference)."""
+    from jeststream.demo.runs import LOADER_METHODS
+    from jeststream.losses import criterion_weights
+
+    if method not in LOADER_METHODS:
+        return 1
+    return 2 + int(criterion_weights(LOADER_METHODS[method][0])[0] != 0)
 
 
 def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
