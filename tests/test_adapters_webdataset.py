@@ -21,6 +21,7 @@ from jeststream.adapters.webdataset import (
     BadShardWarning,
     TruncatedShardError,
     _tar_members,
+    decode_image,
     normalize_batch,
     webdataset_loader,
 )
@@ -244,6 +245,62 @@ def test_bad_sample_is_skipped_and_counted(tmp_path):
     assert keys == ["k0", "k1", "k4"]
     assert base.stats["bad_samples"] == 2 and base.stats["bad_shards"] == 0
     assert any("'k2'" in str(w.message) for w in caught)
+
+
+def _netpbm(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PPM")  # P5 for grey, P6 for RGB
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (6, 4, 3)], ids=["pgm", "ppm"])
+def test_netpbm_fast_path_matches_pil(shape):
+    """Binary 8-bit PGM/PPM skip PIL's reader; the image is the one PIL decodes, also when
+    the raster starts with whitespace-valued bytes (the header ends at exactly one)."""
+    arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    arr.flat[:3] = (10, 32, 9)  # "\n", " ", "\t"
+    data = _netpbm(arr)
+    fast = decode_image(data, "pgm")
+    with Image.open(io.BytesIO(data)) as slow:
+        slow.load()
+        assert fast.mode == slow.mode and fast.size == slow.size
+        assert np.array_equal(np.asarray(fast), np.asarray(slow))
+    assert np.array_equal(np.asarray(fast), arr)
+    # other extensions keep PIL's path; the image is the same
+    assert np.array_equal(np.asarray(decode_image(data, "png")), arr)
+
+
+def test_netpbm_other_forms_go_through_pil():
+    """A header comment or a maxval other than 255 is left to PIL, which reads them."""
+    arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    commented = b"P5\n# made by hand\n4 3\n255\n" + arr.tobytes()
+    assert np.array_equal(np.asarray(decode_image(commented, "pgm")), arr)
+    low = b"P5 4 3 15\n" + (arr % 16).tobytes()
+    with Image.open(io.BytesIO(low)) as want:
+        want.load()
+        assert np.array_equal(np.asarray(decode_image(low, "pgm")), np.asarray(want))
+
+
+def test_truncated_netpbm_is_a_bad_sample(tmp_path):
+    """A short raster raises naming the byte counts; in a shard the sample is skipped and
+    counted, the others are read with their pixels."""
+    arr = np.random.default_rng(1).integers(0, 256, (6, 6), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"truncated L netpbm image: 35 of 6x6x1 = 36"):
+        decode_image(_netpbm(arr)[:-1], "pgm")
+    pattern = str(tmp_path / "g-%04d.tar")
+    with wds.ShardWriter(pattern, maxcount=100, verbose=0) as sink:
+        for i in range(4):
+            data = _netpbm(arr + i)
+            sink.write({"__key__": f"k{i}", "pgm": data[:-10] if i == 1 else data, "txt": "x"})
+    base = webdataset_loader(pattern % 0, 1, transform=np.asarray)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(base)
+    assert [ks for _, _, ks in batches] == [["k0"], ["k2"], ["k3"]]
+    for (images, _, _), i in zip(batches, (0, 2, 3)):
+        assert torch.equal(images[0], torch.from_numpy(arr + i))
+    assert base.stats["bad_samples"] == 1
+    assert any("'k1'" in str(w.message) and "truncated" in str(w.message) for w in caught)
 
 
 def test_numpy_transform_is_stacked_into_a_tensor(shards):
