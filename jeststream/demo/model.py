@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from jeststream.demo.data import CAPTION_TOKENS, DIGIT_WORDS, TEMPLATES, WordTokenizer, caption
+from jeststream.demo.data import DIGIT_WORDS, TEMPLATES, WordTokenizer, caption
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ModelConfig:
     text_width: int = 64
     text_layers: int = 1
     embed_dim: int = 64
-    context_length: int = CAPTION_TOKENS
+    context_length: int = 12
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
