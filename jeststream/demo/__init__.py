@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--full",
         action="store_true",
-        help="the full comparison: every method, seeds 0 1 2, twice the default steps (66 min "
+        help="the full comparison: every method, seeds 0 1 2, twice the default steps (41 min "
         "on 2 CPU cores with --jobs 2; --scale, --methods or --seeds shorten it)",
     )
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (shards, cache, results)")
@@ -528,11 +528,15 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
             initargs=(slots, cfg.threads, progress, os.getpid()),
         )
         running: dict = {}
+        # Every worker the executor has started, by pid: it starts them on demand in submit(),
+        # and a failure must stop each one, not only those its table still lists at that moment.
+        started: dict = {}
         try:
             while ready or running:
                 while ready and len(running) < cfg.jobs:
                     _, _, kind, seed, fn, args = heapq.heappop(ready)
                     running[pool_ex.submit(_in_worker, fn, *args)] = (kind, seed)
+                    started.update(getattr(pool_ex, "_processes", None) or {})
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     kind, seed = running.pop(fut)
@@ -544,12 +548,16 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
                         finished(fut.result())
         except BaseException:
             # A failed run or Ctrl-C: stop the others now instead of waiting for them to end.
-            workers = list((getattr(pool_ex, "_processes", None) or {}).values())
+            started.update(getattr(pool_ex, "_processes", None) or {})
+            workers = list(started.values())
             pool_ex.shutdown(wait=False, cancel_futures=True)
             for proc in workers:
                 proc.terminate()
             for proc in workers:
                 proc.join(timeout=10)
+                if proc.is_alive():  # SIGTERM not acted on in time: SIGKILL cannot be ignored
+                    proc.kill()
+                    proc.join(timeout=10)
             raise
         pool_ex.shutdown(wait=True)
     results = report.summarise(cfg, runs, references, flops)
