@@ -7,11 +7,11 @@ sampling, JEST, independent learnability / hard-learner / easy-reference samplin
 filtering and the clean-only oracle on the embedded noisy digits set; prints the table, then
 the headline figures as JSON (steps and FLOPs ratios to reach uniform's final held-out accuracy,
 uniform's plateau check, selected-example composition). Writes runs/learning/results.json and
-runs/learning/learning_curves.png. Measured on 2 CPU cores with the default --jobs 2: 66 min
+runs/learning/learning_curves.png. Measured on 2 CPU cores with the default --jobs 2: 41 min
 for every method over 3 seeds at 2,000 steps (21 runs). A JEST-type run (jest, independent,
-hard_learner) took ~9 min and easy_reference ~7 min, two at a time: each already keeps both
-cores busy, decoding 1/ratio = 5 base batches per step and scoring them; a uniform, static or
-oracle run took ~2.5 min. Pass --methods, --seeds or --scale to shorten.
+hard_learner) took ~5.5 min and easy_reference ~3.7 min, two at a time: each decodes
+1/ratio = 5 base batches per step and scores them; a uniform, static or oracle run took
+~1.7 min. Pass --methods, --seeds or --scale to shorten.
 """
 
 from __future__ import annotations
