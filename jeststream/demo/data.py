@@ -305,10 +305,11 @@ def build_splits(cfg: DataConfig) -> dict[str, dict[str, list | torch.Tensor]]:
 def write_shards(splits: dict, out_dir: Path, cfg: DataConfig) -> dict[str, list[str]]:
     """Write each split as webdataset shards (pgm + txt per sample).
 
-    Binary PGM, not PNG: for a 16x16 grey-level image it is smaller (269 bytes against ~340,
-    as deflate has nothing to gain on 256 noisy bytes) and decodes without PIL's per-file
-    parsing (:func:`jeststream.adapters.webdataset.decode_image`), which cost more than
-    training and scoring together once a JEST run decodes 1/ratio base batches per step.
+    Binary PGM, not PNG: for the pool's 16x16 grey-level images it is about as small (269
+    bytes, against 301 on average for PNG: deflate gains little on 256 noisy bytes) and decodes
+    without PIL's per-file parsing (:func:`jeststream.adapters.webdataset.decode_image`). With
+    PNG, decoding a JEST step's 1/ratio base batches cost about as much CPU as its training
+    step and scoring forward together.
 
     The per-example metadata (digit shown, injected noise type, source scan) goes to a sidecar
     ``{split}-meta.json`` keyed by ``__key__``, as DataComp ships its metadata next to the
