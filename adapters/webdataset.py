@@ -379,13 +379,9 @@ _NETPBM_HEADER = re.compile(rb"(P[56])\s+(\d+)\s+(\d+)\s+(\d+)\s")
 _NETPBM_MODES = {b"P5": ("L", 1), b"P6": ("RGB", 3)}
 
 
-def _netpbm_image(data: bytes) -> Any:
-    """A binary 8-bit PGM/PPM as a PIL image, or None for any other netpbm form (comments,
-    16-bit, ASCII, bitmaps), which PIL then reads. The raster is used in place: PIL's own
-    reader spends tens of microseconds per file on plugin and stream set-up, more than the
-    whole decode of a small image, and a JEST base loader decodes 1/ratio batches per step."""
-    from PIL import Image
-
+def _netpbm_raster(data: bytes) -> tuple[str, tuple[int, int], memoryview] | None:
+    """(PIL mode, (width, height), raster) of a binary 8-bit PGM/PPM, or None for any other
+    netpbm form (comments, 16-bit, ASCII, bitmaps), which PIL then reads."""
     m = _NETPBM_HEADER.match(data, 0, 64)
     if m is None or m.group(4) != b"255":
         return None
@@ -400,20 +396,23 @@ def _netpbm_image(data: bytes) -> Any:
             f"truncated {mode} netpbm image: {have} of {width}x{height}x{channels} = {need} "
             "raster bytes"
         )
-    raster = memoryview(data)[m.end() : m.end() + need]
-    return Image.frombuffer(mode, (width, height), raster, "raw", mode, 0, 1)
+    return mode, (width, height), memoryview(data)[m.end() : m.end() + need]
 
 
 def decode_image(data: bytes, ext: str) -> Any:
     """The PIL image stored as ``data`` in a sample's ``ext`` field, decoded now (a damaged
     file fails here, not in a transform). Binary 8-bit PGM/PPM, the cheapest format for small
-    images, skip PIL's per-file parsing; everything else goes through ``PIL.Image.open``."""
+    images, become an image over their raster in place: PIL's own reader spends tens of
+    microseconds per file on plugin and stream set-up, more than the whole decode of a small
+    image, and a JEST base loader decodes 1/ratio batches per step. Everything else goes
+    through ``PIL.Image.open``."""
     from PIL import Image
 
     if ext in NETPBM_EXTS:
-        image = _netpbm_image(data)
-        if image is not None:
-            return image
+        raster = _netpbm_raster(data)
+        if raster is not None:
+            mode, size, pixels = raster
+            return Image.frombuffer(mode, size, pixels, "raw", mode, 0, 1)
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
