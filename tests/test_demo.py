@@ -129,7 +129,7 @@ def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_p
     reference = build_model(ModelConfig(), tokenizer.vocab_size, seed=3).eval().requires_grad_(False)
     learner = build_model(ModelConfig(), tokenizer.vocab_size, seed=4).eval()
     embed = cached_reference_embed(reference, reference_embeddings(reference, pool), pool["key"])
-    raw = next(iter(StreamLoader(shards["pool"], 32, 1, tokenizer, seed=0, num_workers=0)))
+    raw = next(iter(StreamLoader(shards["pool"], 32, 1, tokenizer, seed=0)))
     assert raw[0].dtype == torch.uint8 and raw[0].shape == (32, data.image_size, data.image_size)
     batch = model_input(raw)  # what the training step and JESTLoader's score_transform see
     rows = torch.tensor([pool["key"].index(k) for k in batch[2]])

@@ -172,18 +172,17 @@ class StreamLoader:
         num_batches: int,
         tokenizer: WordTokenizer,
         seed: int,
-        num_workers: int = 0,
         passes: int = 16,
     ) -> None:
         from jeststream.adapters.webdataset import webdataset_loader
 
-        # num_workers=0: JESTLoader's producer thread decodes. A DataLoader worker would decode
-        # in parallel, but on the demo's 2 cores the runs already keep both busy (two at a
-        # time), and handing each batch's tensors to the parent (shared memory, a file
-        # descriptor passed per tensor) cost more CPU than decoding the PGM shards. A pair of
-        # 300-step JEST runs took 52 s and 46 s this way against 58 s and 55 s with one worker.
-        # One adapter "epoch" lists the shards `passes` times (shuffled together), so that a
-        # worker, when there is one, is started once per `passes` passes over the pool.
+        # No DataLoader worker: JESTLoader's producer thread decodes. On the demo's 2 cores the
+        # runs already keep both busy (two at a time), and handing each batch's tensors over
+        # from a worker (shared memory, a file descriptor passed per tensor) cost more CPU than
+        # decoding the PGM shards: a pair of 300-step JEST runs took 52 s and 46 s this way,
+        # against 58 s and 55 s with one worker. One adapter "epoch" lists the shards `passes`
+        # times, shuffled together: that order is the one the README's figures were measured
+        # with.
         self.epoch_loader = webdataset_loader(
             list(shards) * passes,
             batch_size,
@@ -191,12 +190,6 @@ class StreamLoader:
             transform=_image_transform,
             shuffle_shards=True,
             seed=seed,
-            num_workers=num_workers,
-            # JESTLoader's producer thread starts the worker: forking a threaded process can
-            # deadlock, so the worker is started fresh.
-            # prefetch_factor: JESTLoader draws n base batches per super-batch; the default 2
-            # would make its producer wait on the worker for the rest of every super-batch.
-            **({"multiprocessing_context": "spawn", "prefetch_factor": 16} if num_workers else {}),
         )
         self.batch_size = batch_size
         self.num_batches = num_batches
@@ -224,7 +217,7 @@ def _image_transform(image) -> torch.Tensor:
 
     The loader ships bytes; :func:`model_input` turns a whole batch into the model's float
     input in one vectorised call (in the training step, and for scoring as JESTLoader's
-    ``score_transform``). Per-sample float conversion and channel expansion in the worker cost
+    ``score_transform``). Per-sample float conversion and channel expansion while decoding cost
     more than the decode itself, and JEST's base loader decodes 1/ratio batches per step.
     """
     # numpy, not torch: a per-sample torch call costs more than the decode's own copy; the
