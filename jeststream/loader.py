@@ -31,13 +31,14 @@ from jeststream.losses import CRITERIA, Embeddings, criterion_weights
 from jeststream.pipeline import END, Prefetcher, to_device
 from jeststream.scoring import EmbedFn, Scorer, ScoreResult
 from jeststream.selection import LOSSES, example_scores, joint_sample_from_embeddings
-from jeststream.snapshot import LearnerSnapshot, unwrap_model
+from jeststream.snapshot import LearnerSnapshot, _Stopped, scheduled_step, unwrap_model
 
 __all__ = ["JESTLoader", "SelectionInfo"]
 
 logger = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+_DEFAULT_N_CHUNKS = 16
 _BAD_SCORES = ("raise", "uniform")
 
 
@@ -118,26 +119,40 @@ class _Producer:
     Holds no reference to the consumer-side iterator (so dropping the iterator stops the thread).
     """
 
-    def __init__(self, loader: JESTLoader, base_iter: Any, step: int) -> None:
+    def __init__(self, loader: JESTLoader, base_iter: Any, step: int, start: int) -> None:
         self.loader = loader
         self.base_iter = base_iter
         self.step = step  # global index of the next super-batch == index of its yielded batch
+        self.start = start  # the pass's first step (the snapshot schedule counts from it)
+        self.epoch = loader.epoch  # recorded once per pass: set_epoch() mid-pass is for the next
+        self.activity = "starting"  # what the producer is doing (named by timeout errors)
 
     def draw_and_score(self, should_stop: Callable[[], bool]) -> Any:
         ld = self.loader
         if self.base_iter is None:
             return END
         base_batches = []
-        for _ in range(ld.n):
+        for i in range(ld.n):
             if should_stop():
                 return None
+            self.activity = f"next() on the base loader (base batch {i + 1} of {ld.n} for step {self.step})"
             try:
                 base_batches.append(next(self.base_iter))
             except StopIteration:
                 self.base_iter = None  # drop it now: a DataLoader iterator frees its workers
                 break
+            ld._base_batches += 1
         if not base_batches or (len(base_batches) < ld.n and ld.drop_last):
+            if base_batches:  # drop_last: count what is thrown away, never drop silently
+                ld._dropped += sum(_batch_size(b) for b in base_batches)
+                logger.info(
+                    "drop_last: %d base batch(es) at the end of the pass make no full super-batch "
+                    "of %d; dropped (stats['dropped_examples'])",
+                    len(base_batches),
+                    ld.n,
+                )
             self.base_iter = None
+            self.activity = "finished"
             return END
         # the base's state *before* the next super-batch is drawn (torchdata Prefetcher-style)
         base_state = ld._base_state()
@@ -153,7 +168,16 @@ class _Producer:
         size = _batch_size(super_batch)
         k = max(1, min(size, math.floor(size / ld.n + 0.5)))
         keys = find_keys(super_batch, ld.key_fn) if ld._log_path is not None else None
-        scored = ld._scorer(super_batch, size)
+        snap_step = ld._scheduled(step, self.start)
+        self.activity = (
+            f"scoring step {step}"
+            + ("" if snap_step is None else f" (waiting for / using the snapshot of step {snap_step})")
+        )
+        try:
+            scored = ld._scorer(super_batch, size, snapshot_step=snap_step, should_stop=should_stop)
+        except _Stopped:
+            return None
+        self.activity = f"selecting step {step}"
         return _Scored(super_batch, size, k, step, base_state, keys, scored)
 
     def select(self, s: _Scored) -> _Item:
@@ -211,7 +235,7 @@ class _Producer:
         # Tensors made under inference_mode reject in-place use outside it; these reach the user.
         idx, per_example = idx.clone(), per_example.clone()
         batch = index_batch(s.super_batch, idx)
-        resume = ld._make_state(s.base_state, step + 1)
+        resume = ld._make_state(s.base_state, step + 1, self.start, self.epoch)
         chosen = per_example[idx]
         mask = torch.zeros(size, dtype=torch.bool)
         mask[idx] = True
@@ -227,7 +251,7 @@ class _Producer:
             staleness=-1,
             fallback=fallback,
             step=step,
-            epoch=ld.epoch,
+            epoch=self.epoch,
             super_batch_size=size,
         )
         return _Item(batch, info, resume, s.keys, per_example, mask)
@@ -256,19 +280,42 @@ class _JESTIterator:
         self._loader = loader
         self._prefetcher: Prefetcher | None = None
         self._done = False
-        self._start_step = loader._step
-        loader._snapshot.refresh(loader._step)  # the learner may have trained since last pass
+        self._base_batches_at_start = loader._base_batches
+        step = loader._step
+        restored = loader._restored and loader._resume is not None
+        pass_start = loader._resume.get("pass_start") if restored else None
+        # A restore in the middle of a pass continues that pass: the snapshot schedule still
+        # counts from its first step, as it did in the uninterrupted run.
+        mid_pass = pass_start is not None and pass_start < step
+        self._start_step = start = int(pass_start) if mid_pass else step
+        snap = loader._snapshot
+        if not (mid_pass and loader._restored_snapshot):
+            snap.release_before(step)  # the previous pass's versions are not needed any more
+            snap.refresh(step)  # the learner may have trained since the last pass
+            if mid_pass and loader._lag() is not None and loader._scheduled(step, start) < step:
+                logger.info(
+                    "resumed at step %d without the snapshot weights "
+                    "(state_dict(include_snapshot=True)): the super-batches scheduled for "
+                    "snapshots taken before step %d are scored with the learner as restored",
+                    step,
+                    step,
+                )
+        loader._restored_snapshot = False
+        snap.release_before(loader._floor(step, start))
         base_iter = iter(loader.base_loader)
         if not loader._restored:  # else keep the loaded state: nothing was drawn since
-            loader._resume = loader._make_state(loader._base_state(), loader._step)
-        self._producer = _Producer(loader, base_iter, loader._step)
+            loader._resume = loader._make_state(loader._base_state(), step, step, loader.epoch)
+        producer = _Producer(loader, base_iter, step, start)
+        self._producer = producer
         if loader.async_scoring:
             self._prefetcher = Prefetcher(
-                self._producer.draw_and_score,
-                stages=[(self._producer.select, _scored_tensors)],
+                producer.draw_and_score,
+                stages=[(producer.select, _scored_tensors)],
                 prefetch=loader.prefetch,
                 device=loader.device,
                 cross_stream_tensors=_item_tensors,
+                timeout=loader.timeout,
+                describe=lambda: producer.activity,
             )
             self._producer = None  # the thread owns it now
 
@@ -280,8 +327,9 @@ class _JESTIterator:
             raise StopIteration
         ld = self._loader
         step = ld._step
-        t0 = time.perf_counter()  # a refresh waits for a forward in progress: that is waiting too
+        t0 = time.perf_counter()
         try:
+            ld._snapshot.release_before(ld._floor(step, self._start_step))
             if ld.refresh_every and step > self._start_step and step % ld.refresh_every == 0:
                 ld._snapshot.refresh(step)
             if self._prefetcher is not None:
@@ -296,23 +344,32 @@ class _JESTIterator:
                     ) from exc
                 if item is END:
                     raise StopIteration
+            info = dataclasses.replace(
+                item.info,
+                waited_s=time.perf_counter() - t0,
+                staleness=ld._snapshot.staleness(item.info.snapshot_version, step),
+            )
+            ld._on_yield(item, info)  # validates and logs first; state advances only after
         except StopIteration:
             self.close()
+            if ld._step == self._start_step and not ld._restored:
+                logger.warning(
+                    "the JESTLoader pass yielded no batch: the base loader gave %d base batch(es) "
+                    "this pass (a super-batch needs n=%d = round(1/ratio)%s); check the base "
+                    "loader's length, or lower n (raise ratio)",
+                    ld._base_batches - self._base_batches_at_start,
+                    ld.n,
+                    ", and drop_last=True drops a short one" if ld.drop_last else "",
+                )
             # The pass is over and the base exhausted: from now on the state is the end of this
             # epoch (a resumable base then starts the next one), not the last super-batch's
             # boundary, which a StatefulDataLoader would resume as an empty rest of the epoch.
             if not ld._restored:
-                ld._resume = ld._make_state(ld._base_state(), ld._step)
+                ld._resume = ld._make_state(ld._base_state(), ld._step, None, ld._resume["epoch"])
             raise
         except BaseException:
             self.close()
             raise
-        info = dataclasses.replace(
-            item.info,
-            waited_s=time.perf_counter() - t0,
-            staleness=ld._snapshot.staleness(item.info.snapshot_version, step),
-        )
-        ld._on_yield(item, info)
         return (item.batch, info) if ld.return_info else item.batch
 
     def close(self) -> None:
@@ -364,7 +421,7 @@ class JESTLoader:
         reference: nn.Module | None,
         ratio: float = 0.2,
         *,
-        n_chunks: int = 16,
+        n_chunks: int | None = None,
         loss: str = "sigmoid",
         criterion: str = "learnability",
         temperature: float = 1.0,
@@ -382,6 +439,8 @@ class JESTLoader:
         selection_log: str | os.PathLike | None = None,
         selection_log_mode: str = "auto",
         key_fn: Callable[[Any], Sequence[str]] | None = None,
+        deterministic: bool = False,
+        timeout: float | None = None,
     ) -> None:
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
         if not hasattr(base_loader, "__iter__"):
@@ -416,8 +475,17 @@ class JESTLoader:
             )
         if abs(1 / n - ratio) > 1e-9:
             logger.warning("ratio=%s is applied as 1/%d = %.4f", ratio, n, 1 / n)
-        if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
-            raise ValueError(f"n_chunks must be an int >= 1, got {n_chunks!r}")
+        if n_chunks is not None and (
+            isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1
+        ):
+            raise ValueError(f"n_chunks must be an int >= 1 or None (min(16, b)), got {n_chunks!r}")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, numbers.Real)
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
         if criterion not in CRITERIA:
@@ -452,7 +520,9 @@ class JESTLoader:
         self.base_loader = base_loader
         self.n = n
         self.ratio = float(ratio)
-        self.n_chunks = n_chunks
+        # None: min(16, b), resolved once b is known; only an explicit n_chunks > b is an error
+        self._n_chunks_explicit = n_chunks is not None
+        self.n_chunks = _DEFAULT_N_CHUNKS if n_chunks is None else n_chunks
         self.loss = loss
         self.criterion = criterion
         self.temperature = float(temperature)
@@ -464,6 +534,8 @@ class JESTLoader:
         self.on_bad_scores = on_bad_scores
         self.return_info = bool(return_info)
         self.key_fn = key_fn
+        self.deterministic = bool(deterministic)
+        self.timeout = None if timeout is None else float(timeout)
         self.epoch = 0
         self.last_info: SelectionInfo | None = None
 
@@ -472,7 +544,15 @@ class JESTLoader:
         if isinstance(base_b, int) and not isinstance(base_b, bool) and base_b > 0:
             self._set_batch_size(base_b)
 
-        self._snapshot = LearnerSnapshot(learner, dtype=snapshot_dtype, device=device)
+        # Deterministic scoring with lag L holds the snapshots of steps t-L..t: L + 1 copies.
+        # Otherwise two, so that a refresh writes one while a forward reads the other.
+        self._snapshot = LearnerSnapshot(
+            learner,
+            dtype=snapshot_dtype,
+            device=device,
+            max_copies=max(2, self.prefetch + 1) if self.deterministic else 2,
+            timeout=self.timeout,
+        )
         self.device = self._snapshot.device
         # easy_reference gives the learner no weight: its snapshot forward would be wasted
         self._scorer = Scorer(
@@ -490,6 +570,10 @@ class JESTLoader:
 
         self._step = 0  # batches yielded (== super-batches consumed), across passes
         self._fallbacks = 0
+        self._base_batches = 0  # base batches drawn, across passes
+        self._dropped = 0  # examples drop_last threw away
+        self._pending_epoch: int | None = None
+        self._restored_snapshot = False  # load_state_dict() restored the snapshot versions
         self._resume: dict | None = None
         self._restored = False  # a load_state_dict() not yet followed by a yielded batch
         self._active: weakref.ref[_JESTIterator] | None = None
@@ -518,12 +602,34 @@ class JESTLoader:
     # -- sizes -------------------------------------------------------------------------------
 
     def _set_batch_size(self, b: int) -> None:
-        if self.n_chunks > b:
+        if not self._n_chunks_explicit:
+            self.n_chunks = min(_DEFAULT_N_CHUNKS, b)
+        elif self.n_chunks > b:
             raise ValueError(
                 f"n_chunks={self.n_chunks} exceeds the batch size b={b}: each chunk must select "
-                "at least one example; lower n_chunks"
+                "at least one example; lower n_chunks (or leave it unset: min(16, b))"
             )
         self._b = b
+
+    # -- the snapshot schedule ---------------------------------------------------------------
+
+    def _lag(self) -> int | None:
+        """Steps between the snapshot and the super-batch it scores: ``prefetch`` when
+        deterministic, 0 for synchronous scoring, None (whatever is latest) otherwise."""
+        if self.deterministic:
+            return self.prefetch
+        return None if self.async_scoring else 0
+
+    def _scheduled(self, step: int, start: int) -> int | None:
+        lag = self._lag()
+        if lag is None:
+            return None
+        return scheduled_step(step, start=start, lag=lag, refresh_every=self.refresh_every)
+
+    def _floor(self, step: int, start: int) -> int | None:
+        """Snapshots taken before this step are needed by no super-batch from ``step`` on
+        (None: only the latest is, the non-deterministic asynchronous case)."""
+        return self._scheduled(step, start)
 
     @property
     def batch_size(self) -> int | None:
@@ -585,6 +691,7 @@ class JESTLoader:
         epoch = int(epoch)
         if not (self._restored and epoch == self.epoch):
             self._pending_seed = _epoch_seed(self.seed, epoch)
+            self._pending_epoch = epoch
         self.epoch = epoch
         if hasattr(self.base_loader, "set_epoch"):
             self.base_loader.set_epoch(epoch)
@@ -595,7 +702,12 @@ class JESTLoader:
 
     @property
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"batches": self._step, "fallbacks": self._fallbacks}
+        out: dict[str, Any] = {
+            "batches": self._step,
+            "fallbacks": self._fallbacks,
+            "base_batches": self._base_batches,
+            "dropped_examples": self._dropped,
+        }
         base_stats = getattr(self.base_loader, "stats", None)
         if isinstance(base_stats, dict) and "bad_shards" in base_stats:
             out["bad_shards"] = base_stats["bad_shards"]
@@ -609,6 +721,10 @@ class JESTLoader:
         if self._closed:
             raise RuntimeError("this JESTLoader was closed; build a new one to iterate again")
         self._close_active()
+        if self._resume is not None and not self._restored:
+            # A pass left early (break) consumed generator draws for super-batches it scored
+            # ahead and never yielded: the next pass starts from the last yielded boundary.
+            self._generator.set_state(self._resume["generator"])
         self._apply_pending_seed()
         it = _JESTIterator(self)
         self._active = weakref.ref(it)
@@ -624,14 +740,11 @@ class JESTLoader:
         if self._pending_seed is not None:
             self._generator.manual_seed(self._pending_seed)
             self._pending_seed = None
+            self._pending_epoch = None
 
     def _on_yield(self, item: _Item, info: SelectionInfo) -> None:
-        self._step = info.step + 1
-        self._resume = item.resume
-        self._restored = False
-        if info.fallback:
-            self._fallbacks += 1
-        self.last_info = info
+        # Everything that can fail comes first: a failing next() leaves the state at the last
+        # yielded batch, so a restore (or the caller's retry from a checkpoint) loses nothing.
         if self._log_path is not None and self._log is None:
             from jeststream.selection_log import SelectionLog  # optional dependency (pyarrow)
 
@@ -644,6 +757,12 @@ class JESTLoader:
                 scores=item.all_scores,
                 selected=item.selected,
             )
+        self._step = info.step + 1
+        self._resume = item.resume
+        self._restored = False
+        if info.fallback:
+            self._fallbacks += 1
+        self.last_info = info
 
     def close(self) -> None:
         """Stop the producer, free its buffers and close the selection log. Idempotent."""
@@ -673,34 +792,58 @@ class JESTLoader:
         fn = getattr(self.base_loader, "state_dict", None)
         return fn() if callable(fn) else None
 
-    def _make_state(self, base_state: Any, step: int) -> dict:
+    def _make_state(
+        self, base_state: Any, step: int, pass_start: int | None, epoch: int
+    ) -> dict:
         return {
             "version": _STATE_VERSION,
             "base": base_state,
             "generator": self._generator.get_state(),
             "step": step,
-            "epoch": self.epoch,
+            "pass_start": pass_start,  # None: at the end of a pass (the next one starts afresh)
+            "epoch": epoch,
             "fallbacks": self._fallbacks,
         }
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, include_snapshot: bool = False) -> dict[str, Any]:
         """Resumable state at the super-batch boundary after the last yielded batch.
 
         Super-batches the producer scored ahead are not part of it: a restore draws them again.
+        The selection log is flushed first (durably), so that everything this checkpoint covers
+        is on disk.
+
+        Args:
+            include_snapshot: also save the learner-snapshot weights that the next super-batches
+                of this pass are scheduled to be scored with (one copy of the learner per saved
+                version, on the CPU). Without them a restore in the middle of a pass scores
+                those super-batches with the learner as restored (the weights after the last
+                yielded step) instead of the older snapshots: with synchronous or deterministic
+                scoring the first ``L`` super-batches after the restore (L = ``prefetch`` when
+                deterministic, else up to ``refresh_every - 1``) may select differently, and
+                everything after them is identical. At a pass boundary nothing differs: every
+                pass starts by copying the live learner.
         """
+        if self._log is not None:
+            self._log.flush()
         if self._resume is not None:
             state = dict(self._resume)
             state["fallbacks"] = self._fallbacks
-            state["epoch"] = self.epoch
-            if self._pending_seed is not None:
-                # set_epoch() since the last yielded batch: the next pass starts from the
-                # epoch's seed, so a restore must too (not from the old pass's generator).
-                g = torch.Generator(device="cpu")
-                g.manual_seed(self._pending_seed)
-                state["generator"] = g.get_state()
-            return state
-        self._apply_pending_seed()  # no pass has started, so no producer uses the generator
-        return self._make_state(self._base_state(), self._step)
+            if self._pending_epoch is not None:
+                # set_epoch() since the pass started: this state is still that pass's (its
+                # position, generator and epoch); the next pass starts from the new epoch's seed.
+                state["pending_epoch"] = self._pending_epoch
+        else:
+            self._apply_pending_seed()  # no pass has started, so no producer uses the generator
+            state = self._make_state(self._base_state(), self._step, self._step, self.epoch)
+        if include_snapshot:
+            start = state["pass_start"]
+            mid_pass = start is not None and start < state["step"]
+            state["snapshot"] = (
+                self._snapshot.state_dict(self._floor(state["step"], start))
+                if mid_pass
+                else None
+            )
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; the next iteration continues from that boundary."""
@@ -710,23 +853,34 @@ class JESTLoader:
                 "load_state_dict(); use a resumable base such as "
                 "torchdata.stateful_dataloader.StatefulDataLoader"
             )
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        if not isinstance(state, dict) or state.get("version") not in (1, _STATE_VERSION):
             raise ValueError(
                 f"not a JESTLoader state_dict (version {_STATE_VERSION} expected): "
                 f"{type(state).__name__} with keys {sorted(state) if isinstance(state, dict) else '-'}"
             )
-        missing = {"base", "generator", "step"} - state.keys()
+        if state["version"] == 1:  # before pass_start was recorded: resume as a pass start
+            state = {**state, "version": _STATE_VERSION, "pass_start": state.get("step")}
+        missing = {"base", "generator", "step", "pass_start"} - state.keys()
         if missing:
             raise ValueError(f"JESTLoader state_dict is missing {sorted(missing)}")
         self._close_active()  # scored-ahead super-batches are dropped and drawn again
+        if state.get("snapshot") is not None:
+            self._snapshot.load_state_dict(state["snapshot"])
+            self._restored_snapshot = True
+        else:
+            self._restored_snapshot = False
         if state["base"] is not None:
             self.base_loader.load_state_dict(state["base"])
         self._generator.set_state(state["generator"])
-        self._pending_seed = None
+        self._pending_seed = self._pending_epoch = None
         self._step = int(state["step"])
         self.epoch = int(state.get("epoch", self.epoch))
+        if state.get("pending_epoch") is not None:
+            self.epoch = self._pending_epoch = int(state["pending_epoch"])
+            self._pending_seed = _epoch_seed(self.seed, self.epoch)
         self._fallbacks = int(state.get("fallbacks", 0))
-        self._resume = dict(state)
+        self._resume = {k: v for k, v in state.items() if k not in ("snapshot", "pending_epoch")}
         self._restored = True
         self._log_append = self._log_mode != "w"
-        self._snapshot.reset_steps(self._step)
+        if not self._restored_snapshot:
+            self._snapshot.reset_steps(self._step)

@@ -121,7 +121,9 @@ class _Stage:
         self.tensors = tensors
 
 
-def _stream_context(device: torch.device, num_threads: int) -> tuple[torch.Stream | None, Any]:
+def _stream_context(
+    device: torch.device, num_threads: int, start_event: torch.Event | None = None
+) -> tuple[torch.Stream | None, Any]:
     # OpenMP's thread count is per OS thread: without this a new thread ignores the user's
     # torch.set_num_threads() and, on a busy machine, its spinning intra-op pool was measured
     # 3-300x slower than the consumer's for the same selection maths.
@@ -131,6 +133,10 @@ def _stream_context(device: torch.device, num_threads: int) -> tuple[torch.Strea
     if device.index is not None:
         torch.accelerator.set_device_index(device.index)
     stream = torch.Stream(device=device)
+    if start_event is not None:
+        # Work the consumer queued before the pass started (a checkpoint load, an optimizer
+        # step) must be visible to this stream's first reads of weights and batches.
+        stream.wait_event(start_event)
     return stream, stream
 
 
@@ -141,11 +147,12 @@ def _run_source(
     device: torch.device,
     num_threads: int,
     slots: threading.Semaphore,
+    start_event: torch.Event | None,
 ) -> None:
     # Only plain objects are referenced here (never the consumer's iterator), so the iterator
     # can be garbage-collected -- which is what stops this thread after a `break`.
     try:
-        stream, ctx = _stream_context(device, num_threads)
+        stream, ctx = _stream_context(device, num_threads, start_event)
         with ctx:
             while not stop.is_set():
                 if not slots.acquire(timeout=_POLL_S):
@@ -170,9 +177,10 @@ def _run_stage(
     stop: threading.Event,
     device: torch.device,
     num_threads: int,
+    start_event: torch.Event | None,
 ) -> None:
     try:
-        stream, ctx = _stream_context(device, num_threads)
+        stream, ctx = _stream_context(device, num_threads, start_event)
         with ctx:
             while not stop.is_set():
                 got = _get(q_in, stop)
@@ -210,6 +218,12 @@ class Prefetcher:
         prefetch: items in flight ahead of the consumer, in any stage or queue (at most).
         device: the device items live on; an accelerator gets a dedicated stream per thread.
         cross_stream_tensors: final item -> the device tensors the consumer will use.
+        timeout: seconds ``get()`` waits for an item before it raises ``TimeoutError`` (None:
+            for ever, like DataLoader's ``timeout=0``).
+        describe: ``() -> str`` naming what the producer is doing, for that error.
+
+    On an accelerator an event is recorded on the consumer's current stream when the
+    prefetcher starts, and every producer stream waits on it once before its first item.
     """
 
     def __init__(
@@ -223,10 +237,19 @@ class Prefetcher:
         ] = (),
         cross_stream_tensors: Callable[[Any], Iterable[torch.Tensor]] | None = None,
         name: str = "jeststream-producer",
+        timeout: float | None = None,
+        describe: Callable[[], str] | None = None,
     ) -> None:
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
         self.device = torch.device(device)
+        self.timeout = timeout
+        self._describe = describe
+        start_event = (
+            torch.accelerator.current_stream(self.device).record_event()
+            if is_accelerator(self.device)
+            else None
+        )
         self._cross = cross_stream_tensors
         self._stop = threading.Event()
         self._slots = threading.Semaphore(prefetch)
@@ -238,7 +261,15 @@ class Prefetcher:
         threads = [
             threading.Thread(
                 target=_run_source,
-                args=(produce, queues[0], self._stop, self.device, num_threads, self._slots),
+                args=(
+                    produce,
+                    queues[0],
+                    self._stop,
+                    self.device,
+                    num_threads,
+                    self._slots,
+                    start_event,
+                ),
                 name=name,
                 daemon=True,
             )
@@ -254,6 +285,7 @@ class Prefetcher:
                         self._stop,
                         self.device,
                         num_threads,
+                        start_event,
                     ),
                     name=f"{name}-{i + 1}",
                     daemon=True,
@@ -277,11 +309,21 @@ class Prefetcher:
         """Next item; raises StopIteration at the end and re-raises producer failures."""
         if self._done:
             raise StopIteration
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             try:
                 got = self._queue.get(timeout=_POLL_S)
                 break
             except queue.Empty:
+                if deadline is not None and time.monotonic() > deadline:
+                    doing = self._describe() if self._describe is not None else "unknown"
+                    self._done = True
+                    self.close(timeout=1.0)
+                    raise TimeoutError(
+                        f"the JESTLoader producer gave no batch within timeout={self.timeout:g}s; "
+                        f"it is stuck in: {doing}. Check that stage (a hung base loader worker, "
+                        "a blocked embed()), or raise timeout="
+                    ) from None
                 if not self._threads[-1].is_alive():
                     try:  # it may have put its last item just before exiting
                         got = self._queue.get_nowait()

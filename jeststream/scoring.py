@@ -187,7 +187,16 @@ class Scorer:
             return torch.autocast("cpu", dtype=self.snapshot.dtype)
         return contextlib.nullcontext()
 
-    def __call__(self, super_batch: Any, super_batch_size: int) -> ScoreResult:
+    def __call__(
+        self,
+        super_batch: Any,
+        super_batch_size: int,
+        *,
+        snapshot_step: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> ScoreResult:
+        """Both forwards. ``snapshot_step``: score with the learner snapshot taken at or before
+        that step (deterministic scoring; waits for it) instead of the latest one."""
         t0 = time.perf_counter()
         batch = super_batch if self.score_transform is None else self.score_transform(super_batch)
         with torch.inference_mode():
@@ -200,7 +209,10 @@ class Scorer:
             if not self.score_learner:
                 version = self.snapshot.version
             else:
-                with self.snapshot.use() as (module, version):
+                with self.snapshot.use(snapshot_step, should_stop=should_stop) as (
+                    module,
+                    version,
+                ):
                     with self._autocast(for_learner=True):
                         raw = self.embed(module, batch)
                     learner = check_embeddings(raw, "learner", super_batch_size)

@@ -1,15 +1,22 @@
-"""A scoring copy of the live learner, refreshed in place.
+"""Scoring copies of the live learner: versioned, refreshed in place, never torn.
 
 Scoring must never touch the live learner (weights, train/eval mode, BatchNorm statistics,
 gradients, RNG), and with asynchronous scoring the forward runs in another thread while the
-training step updates the learner. So we keep a separate module of the same architecture, in
-eval mode with gradients off, and copy the learner's parameters and buffers into it in place
-(``copy_`` into the existing storage, no reallocation) every ``refresh_every`` yielded batches.
+training step updates the learner. So we keep separate modules of the same architecture (*slots*),
+in eval mode with gradients off, and copy the learner's parameters and buffers into one of them
+in place (``copy_`` into the existing storage) when the loader refreshes.
 
-Refresh and scoring are ordered by a lock, so a forward never sees a half-copied snapshot. On an
-accelerator the copies and forwards are queued on different streams, so the lock alone orders
-only the *issuing*: two events make the device honour the same order (a forward waits for the
-last refresh's copies, a refresh waits for the last forward that read the snapshot).
+Each refresh publishes a *version* tagged with the training step it was taken at. A forward holds
+the version it reads (``use``), and a refresh writes into a slot that no forward holds and no
+scheduled super-batch still needs -- so a refresh never waits for a forward (copy-then-swap over
+a small pool) and a forward never sees a half-copied snapshot. Which version a super-batch is
+scored with is the caller's choice: the latest one, or (deterministic scoring) the newest one
+taken at or before a given step, see :func:`scheduled_step`. ``release_before(step)`` tells the
+pool which versions can be recycled; the latest version is always kept.
+
+On an accelerator the copies and forwards are queued on different streams, so the lock orders
+only the *issuing*: per-slot events make the device honour the same order (a forward waits for
+its slot's copies, a refresh into a slot waits for the last forward that read it).
 """
 
 from __future__ import annotations
@@ -17,18 +24,35 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["LearnerSnapshot", "unwrap_model", "is_accelerator"]
+__all__ = ["LearnerSnapshot", "scheduled_step", "unwrap_model", "is_accelerator"]
 
 logger = logging.getLogger(__name__)
 
 _KEEP_VERSIONS = 256  # refresh steps remembered for staleness; far more than prefetch ever needs
+_POLL_S = 0.05
+
+
+def scheduled_step(step: int, *, start: int, lag: int, refresh_every: int) -> int:
+    """The training step whose snapshot scores super-batch ``step`` under deterministic scoring.
+
+    Refreshes happen at the pass start ``start`` and at every step ``s > start`` with
+    ``s % refresh_every == 0`` (none but the start for ``refresh_every == 0``). Super-batch t is
+    scored by the newest of those taken at or before ``t - lag``; before the pass start, by the
+    pass start's. ``lag = 0`` is what synchronous scoring does.
+    """
+    s = step - lag
+    if s <= start or refresh_every == 0:
+        return start
+    return max(start, s - s % refresh_every)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -69,13 +93,36 @@ def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
         d.copy_(s, non_blocking=True)
 
 
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [("p:" + n, t) for n, t in module.named_parameters()] + [
+        ("b:" + n, t) for n, t in module.named_buffers()
+    ]
+
+
+class _Slot:
+    __slots__ = ("module", "version", "step", "readers", "writing", "ready_event", "used_event")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.version: int | None = None  # None while unpublished (new, or being written)
+        self.step: int | None = None
+        self.readers = 0
+        self.writing = False
+        self.ready_event: torch.Event | None = None  # after the copies into it
+        self.used_event: torch.Event | None = None  # after the last forward that read it
+
+
 class LearnerSnapshot:
-    """Deep copy of ``learner`` (unwrapped) in eval mode, refreshed in place from the live one.
+    """Deep copies of ``learner`` (unwrapped) in eval mode, refreshed in place from the live one.
 
     Args:
         learner: the live learner (possibly DDP- or torch.compile-wrapped).
         dtype: optional floating dtype for the snapshot (e.g. torch.bfloat16).
         device: where the snapshot lives; defaults to the learner's device.
+        max_copies: slots in the pool (at most this many copies of the weights exist). Two let
+            a refresh write while a forward reads; deterministic scoring with lag L needs L + 1.
+        timeout: seconds a wait (for a free slot, or for a scheduled version) may take before it
+            raises ``TimeoutError``; None waits for ever.
     """
 
     def __init__(
@@ -84,11 +131,15 @@ class LearnerSnapshot:
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        max_copies: int = 2,
+        timeout: float | None = None,
     ) -> None:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(
                 f"snapshot_dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}"
             )
+        if isinstance(max_copies, bool) or not isinstance(max_copies, int) or max_copies < 1:
+            raise ValueError(f"max_copies must be an int >= 1, got {max_copies!r}")
         live = unwrap_model(learner)
         self.live = live
         if device is None:
@@ -99,27 +150,48 @@ class LearnerSnapshot:
             device = torch.device(device.type, torch.accelerator.current_device_index())
         self.device = device
         self.dtype = dtype
+        self.max_copies = max_copies
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        first_slot = _Slot(self._make_module())
+        self._match(live, first_slot.module)  # fail now if the copy does not mirror the learner
+        first_slot.version, first_slot.step = 0, 0  # the construction-time weights
+        self._slots = [first_slot]
+        self._latest = first_slot
+        self._floor: int | None = None  # versions taken before this step may be recycled
+        self.version = 0
+        self._refreshed_at: OrderedDict[int, int] = OrderedDict({0: 0})
+
+    def _make_module(self) -> nn.Module:
         try:
-            module = copy.deepcopy(live)
+            module = copy.deepcopy(self.live)
         except Exception as exc:  # e.g. modules holding locks or open files
             raise TypeError(
-                f"cannot deep-copy the learner ({type(live).__name__}) to make a scoring snapshot: "
-                f"{exc}. Make the module deep-copyable (drop non-copyable attributes)"
+                f"cannot deep-copy the learner ({type(self.live).__name__}) to make a scoring "
+                f"snapshot: {exc}. Make the module deep-copyable (drop non-copyable attributes)"
             ) from exc
         module.to(self.device)
-        if dtype is not None:
-            module.to(dtype)
+        if self.dtype is not None:
+            module.to(self.dtype)
         module.eval()
         module.requires_grad_(False)
         for p in module.parameters():
             p.grad = None
-        self.module = module
-        self._match(live, module)  # fail now if the copy does not mirror the learner
-        self._lock = threading.Lock()
-        self.version = 0
-        self._refreshed_at: OrderedDict[int, int] = OrderedDict({0: 0})
-        self._ready_event: torch.Event | None = None  # set after the copies of a refresh
-        self._used_event: torch.Event | None = None  # set after the last forward on the snapshot
+        return module
+
+    @property
+    def module(self) -> nn.Module:
+        """The latest published version's module."""
+        return self._latest.module
+
+    @property
+    def latest_step(self) -> int:
+        return int(self._latest.step)
+
+    @property
+    def copies(self) -> int:
+        """Slots allocated so far (copies of the weights held)."""
+        return len(self._slots)
 
     @staticmethod
     def _match(live: nn.Module, snap: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -138,47 +210,160 @@ class LearnerSnapshot:
             pairs.extend((src[name], dst[name]) for name in src)
         return pairs
 
+    # -- the pool ----------------------------------------------------------------------------
+
+    def _free_slot(self, reclaim_latest: bool) -> _Slot | None:
+        """A slot no forward holds and no schedule needs (caller holds the condition); other
+        slots before the latest, so that the latest stays readable while it is not needed."""
+        latest_ok = None
+        newest_at: dict[int, int] = {}  # step -> newest version taken at it
+        for slot in self._slots:
+            if slot.version is not None:
+                newest_at[slot.step] = max(newest_at.get(slot.step, -1), slot.version)
+        for slot in self._slots:
+            if slot.readers or slot.writing:
+                continue
+            if (
+                slot.version is not None
+                and self._floor is not None
+                and slot.step >= self._floor
+                and newest_at[slot.step] == slot.version  # an older copy of the same step is not
+            ):
+                continue
+            if slot is self._latest and slot.version is not None:
+                if reclaim_latest:
+                    latest_ok = slot
+                continue
+            return slot
+        return latest_ok
+
+    def _deadline(self) -> float | None:
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+    def _wait(self, deadline: float | None, what: Callable[[], str]) -> None:
+        """One bounded wait on the condition (caller holds it); raises past the deadline."""
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"learner snapshot: {what()} for more than {self.timeout:g}s")
+        self._cond.wait(_POLL_S)
+
+    def _take_slot(self) -> _Slot:
+        """A slot to write into (caller holds the condition), marked as being written."""
+        deadline = self._deadline()
+        while True:
+            slot = self._free_slot(reclaim_latest=True)
+            if slot is None and len(self._slots) < self.max_copies:
+                slot = _Slot(self._make_module())
+                self._slots.append(slot)
+            if slot is not None:
+                slot.version = slot.step = None
+                slot.writing = True
+                return slot
+            self._wait(
+                deadline,
+                lambda: f"all {self.max_copies} copies were held by forwards or still "
+                f"scheduled (steps {sorted(s.step for s in self._slots if s.step is not None)})",
+            )
+
+    def _publish(self, slot: _Slot, version: int, step: int) -> None:
+        slot.version, slot.step, slot.writing = version, step, False
+        self._latest = slot
+        self._refreshed_at[version] = step
+        while len(self._refreshed_at) > _KEEP_VERSIONS:
+            self._refreshed_at.popitem(last=False)
+        self._cond.notify_all()
+
     @torch.no_grad()
     def refresh(self, step: int) -> int:
-        """Copy the live learner's parameters and buffers into the snapshot in place.
+        """Copy the live learner's parameters and buffers into a free slot and publish it.
 
-        ``step`` is the number of batches yielded so far (for staleness). Returns the new version.
-        On an accelerator the copies are queued on the caller's current stream, i.e. after the
-        optimizer step the caller already queued there.
+        ``step`` is the number of batches yielded so far (the training steps the weights have
+        seen). Returns the new version. Never waits for a forward: it writes into a slot that
+        no forward holds (allocating one up to ``max_copies``). On an accelerator the copies are
+        queued on the caller's current stream, i.e. after the optimizer step it queued there.
         """
         accel = is_accelerator(self.device)
-        with self._lock:
-            if accel and self._used_event is not None:
-                _current_stream(self.device).wait_event(self._used_event)
-            # Re-read the live tensors each time: a training loop may have replaced a Parameter.
-            pairs = self._match(self.live, self.module)
+        # Re-read the live tensors each time: a training loop may have replaced a Parameter.
+        with self._cond:
+            slot = self._take_slot()
+            self.version += 1
+            version = self.version
+        try:
+            pairs = self._match(self.live, slot.module)
             for src, dst in pairs:
                 if src.shape != dst.shape:
                     raise ValueError(
                         f"learner tensor shape changed from {tuple(dst.shape)} to "
-                        f"{tuple(src.shape)}; the snapshot is refreshed in place and needs fixed shapes"
+                        f"{tuple(src.shape)}; the snapshot is refreshed in place and needs fixed "
+                        "shapes"
                     )
+            if accel and slot.used_event is not None:
+                _current_stream(self.device).wait_event(slot.used_event)
             _copy_all([d for _, d in pairs], [s for s, _ in pairs])
             if accel:
-                self._ready_event = _current_stream(self.device).record_event()
-            self.version += 1
-            self._refreshed_at[self.version] = step
-            while len(self._refreshed_at) > _KEEP_VERSIONS:
-                self._refreshed_at.popitem(last=False)
-            return self.version
+                slot.ready_event = _current_stream(self.device).record_event()
+        except BaseException:
+            with self._cond:  # the slot holds a partial copy: free, never readable
+                slot.writing = False
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._publish(slot, version, step)
+        return version
+
+    def release_before(self, step: int | None) -> None:
+        """Versions taken before ``step`` are no longer needed (None: only the latest is)."""
+        with self._cond:
+            self._floor = None if step is None else int(step)
+            self._cond.notify_all()
+
+    def _pick(self, step: int | None) -> _Slot | None:
+        published = [s for s in self._slots if s.version is not None]
+        if not published:
+            return None
+        if step is None:
+            return self._latest if self._latest.version is not None else None
+        if self._latest.version is None or self._latest.step < step:
+            return None  # not taken yet
+        at_or_before = [s for s in published if s.step <= step]
+        if at_or_before:
+            return max(at_or_before, key=lambda s: (s.step, s.version))
+        # a restore without the snapshot weights: the oldest copy stands in (see the loader)
+        return min(published, key=lambda s: (s.step, s.version))
 
     @contextmanager
-    def use(self) -> Iterator[tuple[nn.Module, int]]:
-        """Hold the snapshot for a forward: yields ``(module, version)``; no refresh meanwhile."""
+    def use(
+        self, step: int | None = None, *, should_stop: Callable[[], bool] | None = None
+    ) -> Iterator[tuple[nn.Module, int]]:
+        """Hold a version for a forward: yields ``(module, version)``.
+
+        ``step=None``: the latest version. Otherwise the newest version taken at or before
+        ``step``, waiting until the consumer has taken the snapshot at ``step`` or later.
+        """
         accel = is_accelerator(self.device)
-        with self._lock:
-            if accel and self._ready_event is not None:
-                _current_stream(self.device).wait_event(self._ready_event)
-            try:
-                yield self.module, self.version
-            finally:
+        deadline = self._deadline()
+        with self._cond:
+            while True:
+                slot = self._pick(step)
+                if slot is not None:
+                    break
+                if should_stop is not None and should_stop():
+                    raise _Stopped
+                self._wait(
+                    deadline,
+                    lambda: f"waited for the snapshot of step {step} (latest: "
+                    f"{self._latest.step}); is the training loop still calling next()?",
+                )
+            slot.readers += 1
+        try:
+            if accel and slot.ready_event is not None:
+                _current_stream(self.device).wait_event(slot.ready_event)
+            yield slot.module, int(slot.version)
+        finally:
+            with self._cond:
                 if accel:
-                    self._used_event = _current_stream(self.device).record_event()
+                    slot.used_event = _current_stream(self.device).record_event()
+                slot.readers -= 1
+                self._cond.notify_all()
 
     def staleness(self, version: int, step: int) -> int:
         """Yielded batches between the refresh that made ``version`` and ``step`` (-1: unknown)."""
@@ -186,6 +371,97 @@ class LearnerSnapshot:
         return -1 if at is None else step - at
 
     def reset_steps(self, step: int) -> None:
-        """Re-anchor the current version at ``step`` (after a restore moved the step counter)."""
-        with self._lock:
+        """Re-anchor the latest version at ``step`` (after a restore moved the step counter)."""
+        with self._cond:
             self._refreshed_at[self.version] = step
+            if self._latest.version is not None:
+                self._latest.step = step
+
+    # -- checkpointing -----------------------------------------------------------------------
+
+    def state_dict(self, from_step: int | None) -> dict[str, Any]:
+        """Weights of every kept version taken at or after ``from_step`` (always the latest; only
+        it for None), on the CPU: what the scoring of the super-batches after a checkpoint needs."""
+        with self._cond:
+            newest_at: dict[int, int] = {}
+            for s in self._slots:
+                if s.version is not None:
+                    newest_at[s.step] = max(newest_at.get(s.step, -1), s.version)
+            slots = [
+                s
+                for s in self._slots
+                if s.version is not None
+                and (
+                    s is self._latest
+                    or (
+                        from_step is not None
+                        and s.step >= from_step
+                        and newest_at[s.step] == s.version
+                    )
+                )
+            ]
+            for s in slots:
+                s.readers += 1  # not recycled while we copy
+        try:
+            if is_accelerator(self.device):
+                torch.accelerator.synchronize(self.device)
+            versions = [
+                {
+                    "version": int(s.version),
+                    "step": int(s.step),
+                    "tensors": {n: t.detach().to("cpu", copy=True) for n, t in _named_tensors(s.module)},
+                }
+                for s in sorted(slots, key=lambda s: (s.step, s.version))
+            ]
+        finally:
+            with self._cond:
+                for s in slots:
+                    s.readers -= 1
+                self._cond.notify_all()
+        return {"versions": versions, "version": self.version}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the pool's versions by those of :meth:`state_dict` (no forward may run)."""
+        versions = state.get("versions") if isinstance(state, dict) else None
+        if not versions:
+            raise ValueError(
+                "not a snapshot state (no 'versions'); pass loader.state_dict(include_snapshot=True)"
+            )
+        if len(versions) > self.max_copies:
+            raise ValueError(
+                f"the snapshot state holds {len(versions)} versions but this loader keeps at most "
+                f"{self.max_copies} copies; restore with the same prefetch / deterministic settings"
+            )
+        with self._cond:
+            if any(s.readers or s.writing for s in self._slots):
+                raise RuntimeError("cannot restore the snapshot while a forward is using it")
+            for s in self._slots:
+                s.version = s.step = None
+            while len(self._slots) < len(versions):
+                self._slots.append(_Slot(self._make_module()))
+            for slot, v in zip(self._slots, versions):
+                own = dict(_named_tensors(slot.module))
+                saved = v["tensors"]
+                if own.keys() != saved.keys():
+                    diff = sorted(set(own) ^ set(saved))[:5]
+                    raise ValueError(
+                        f"the snapshot state does not match this learner (e.g. {diff}); restore "
+                        "it into a loader over the same model architecture"
+                    )
+                for name, dst in own.items():
+                    src = saved[name]
+                    if tuple(src.shape) != tuple(dst.shape):
+                        raise ValueError(
+                            f"snapshot state tensor {name} has shape {tuple(src.shape)}, the "
+                            f"learner's has {tuple(dst.shape)}"
+                        )
+                    dst.copy_(src)
+                if is_accelerator(self.device):
+                    slot.ready_event = _current_stream(self.device).record_event()
+                self._publish(slot, int(v["version"]), int(v["step"]))
+            self.version = max(int(state.get("version", 0)), self.version)
+
+
+class _Stopped(Exception):
+    """Raised inside ``use()`` when the caller's ``should_stop()`` turned true while waiting."""

@@ -276,10 +276,11 @@ def test_refresh_tracks_learner_updates(device):
         make_vector_batches(12, 4), learner, TinyDual(seed=1), 0.5, n_chunks=2,
         embed=tiny_dual_embed, prefetch=1, return_info=True,
     ) as ld:
-        snap = ld._snapshot.module
         versions = []
         for _, info in ld:
-            # next() refreshed the snapshot from the learner as it was after the last step
+            # next() refreshed the snapshot from the learner as it was after the last step (the
+            # latest version: a refresh writes a copy no forward holds, so re-read it each step)
+            snap = ld._snapshot.module
             assert torch.equal(snap.txt[0].weight, learner.txt[0].weight)
             versions.append(info.snapshot_version)
             assert info.staleness >= 0
