@@ -71,7 +71,9 @@ _JEST_FLAGS: dict[str, tuple[str, Callable[[str], Any], Any, str]] = {
         "reference_model", str, None,
         "architecture of a --jest-reference checkpoint file (default: from the run's params.txt)",
     ),
-    "--jest-n-chunks": ("n_chunks", int, 16, "chunks of the joint sampler (<= --batch-size)"),
+    "--jest-n-chunks": (
+        "n_chunks", int, None, "chunks of the joint sampler (<= --batch-size; default min(16, b))",
+    ),
     "--jest-criterion": ("criterion", str, "learnability", f"one of {', '.join(CRITERIA)}"),
     "--jest-score-dtype": (
         "score_dtype", str, None, f"dtype of the scoring models: {', '.join(_DTYPES)}",
@@ -389,7 +391,7 @@ def _validate(jest: argparse.Namespace, rest: list[str]) -> None:
     args = parse_args(rest)
     if not (args.train_data or args.dataset_type == "synthetic"):
         raise ValueError("JEST selects training data: pass --train-data (or drop the --jest-* flags)")
-    if jest.n_chunks > args.batch_size:
+    if jest.n_chunks is not None and jest.n_chunks > args.batch_size:
         raise ValueError(
             f"--jest-n-chunks {jest.n_chunks} exceeds --batch-size {args.batch_size}: each chunk "
             f"selects at least one example; use --jest-n-chunks <= {args.batch_size}"

@@ -245,6 +245,7 @@ class Prefetcher:
         self.device = torch.device(device)
         self.timeout = timeout
         self._describe = describe
+        self._stuck = False
         start_event = (
             torch.accelerator.current_stream(self.device).record_event()
             if is_accelerator(self.device)
@@ -318,7 +319,8 @@ class Prefetcher:
                 if deadline is not None and time.monotonic() > deadline:
                     doing = self._describe() if self._describe is not None else "unknown"
                     self._done = True
-                    self.close(timeout=1.0)
+                    self._stuck = True
+                    self.close()
                     raise TimeoutError(
                         f"the JESTLoader producer gave no batch within timeout={self.timeout:g}s; "
                         f"it is stuck in: {doing}. Check that stage (a hung base loader worker, "
@@ -356,6 +358,8 @@ class Prefetcher:
 
     def close(self, timeout: float = _JOIN_TIMEOUT_S) -> None:
         """Stop the producer, join it, and drop buffered items. Idempotent."""
+        if self._stuck:  # it already outlived `timeout`: waiting longer helps nobody
+            timeout = min(timeout, 1.0)
         self._stop.set()
         self._drain()
         deadline = time.monotonic() + timeout
