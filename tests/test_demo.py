@@ -173,13 +173,10 @@ def test_quick_run_end_to_end(tmp_path, capsys):
 @pytest.mark.slow
 def test_parallel_jobs_give_the_same_runs(tmp_path):
     """--jobs 2 runs the references and the methods in worker processes; every run is seeded
-    on its own, so the curves and compositions equal those of the in-process run. (Scoring is
-    synchronous here: under async scoring, which snapshot version scores a super-batch depends
-    on thread timing, and timing differs with the load.)"""
-    common = [
-        "--quick", "--methods", "uniform,jest,easy_reference,static", "--no-progress",
-        "--sync-scoring",
-    ]
+    on its own and scored deterministically (asynchronously, the default), so the curves and
+    compositions equal those of the in-process run although thread timing differs with the
+    load."""
+    common = ["--quick", "--methods", "uniform,jest,easy_reference,static", "--no-progress"]
     assert main([*common, "--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
     assert main([*common, "--out", str(tmp_path / "two"), "--jobs", "2", "--seeds", "0", "1"]) == 0
     one = json.loads((tmp_path / "one" / "results.json").read_text())

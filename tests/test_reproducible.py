@@ -102,7 +102,7 @@ def test_deterministic_selection_depends_on_the_trained_weights(no_thread_leak):
             embed=tiny_dual_embed, deterministic=True, seed=5, return_info=True,
         ) as ld:
             out = []
-            for batch, info in ld:
+            for _, info in ld:
                 out.append(info.indices.clone())
                 with torch.no_grad():
                     for p in learner.parameters():

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="runs at once, each in its own worker process with --threads threads (default: "
         "the CPU count, at most 2; --quick: 1). Runs are seeded on their own, so only timing "
-        "differs (wall times, and which snapshot scores a super-batch under async scoring)",
+        "differs (wall times; and with --nondeterministic, which snapshot scores a super-batch)",
     )
 
     s = p.add_argument_group("selection")
@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--sync-scoring",
         action="store_true",
         help="score inline instead of on JESTLoader's background thread",
+    )
+    s.add_argument(
+        "--nondeterministic",
+        action="store_true",
+        help="score each super-batch with whatever learner snapshot is latest (less stale, but "
+        "the figures then depend on thread timing); default: deterministic scoring, the "
+        "snapshot after step t - prefetch scores super-batch t, so a seed repeats to the digit",
     )
 
     g = p.add_argument_group(
@@ -275,6 +282,7 @@ def config_from_args(args: argparse.Namespace):
         threads=args.threads,
         jobs=jobs,
         async_scoring=not args.sync_scoring,
+        deterministic=not args.nondeterministic,
         cache_reference=not args.no_reference_cache,
         data=data,
         model=ModelConfig(
@@ -366,10 +374,9 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
 
     With ``cfg.jobs > 1`` the references and then the runs go to that many worker processes
     (spawned, one torch thread each), longest runs first. Every run is seeded on its own, so
-    its curve does not depend on ``jobs``, except through timing: with asynchronous scoring,
-    which learner snapshot scores a super-batch depends on thread timing, in any run. With
-    ``async_scoring=False`` every run is the same as with ``jobs=1``. Wall times are on
-    shared cores.
+    its curve does not depend on ``jobs`` or on thread timing (``deterministic`` scoring, the
+    default; with ``deterministic=False`` and asynchronous scoring, which learner snapshot
+    scores a super-batch depends on timing). Wall times are on shared cores.
     """
     import torch
 

@@ -71,6 +71,9 @@ class RunConfig:
     threads: int = 1
     jobs: int = 1  # runs at once, in worker processes (see run_comparison)
     async_scoring: bool = True
+    # super-batch t scored by the snapshot after step t - prefetch, whatever the thread timing:
+    # a seed's figures repeat to the digit between runs
+    deterministic: bool = True
     cache_reference: bool = True  # embed the pool with the frozen reference once, look up by key
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -416,6 +419,7 @@ def run_method(
             n_chunks=n_chunks or cfg.n_chunks,
             criterion=criterion,
             async_scoring=cfg.async_scoring,
+            deterministic=cfg.deterministic,
             seed=seed,
             embed=embed,
             score_transform=model_input,
