@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # torch and torchvision first, pinned to the builds this machine kind ships on disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test soak lint bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: $(VENV)/.demo
 test: $(VENV)/.dev
 	$(VENV)/bin/ruff check jeststream adapters tests benchmarks examples
 	$(PY) -m pytest -q
+
+soak: $(VENV)/.dev
+	$(PY) -m pytest -q -m soak
 
 bench: $(VENV)/.dev
 	$(PY) benchmarks/selection.py

@@ -481,3 +481,52 @@ def test_first_forward_waits_on_the_consumer_stream_cuda():
     _, info = next(iter(ld))
     assert torch.all(ld._snapshot.module.img[0].weight == 0.25)
     ld.close()
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("trial", range(20))
+def test_soak_random_interruptions_resume_exactly(trial, no_thread_leak):
+    """Deterministic async runs over 3 epochs, checkpointed and restored at random steps
+    (several times per run, with jittery scoring), equal the uninterrupted run step for step."""
+    rng = random.Random(trial)
+    refresh_every = rng.choice([0, 1, 2, 3])
+    prefetch = rng.choice([1, 2, 3])
+
+    def make(learner, jitter):
+        return JESTLoader(
+            _stateful_base(), learner, TinyDual(seed=1), 0.25, n_chunks=2,
+            embed=_jittery_embed(jitter), deterministic=True, refresh_every=refresh_every,
+            prefetch=prefetch, seed=trial, return_info=True,
+        )
+
+    learner = TinyDual(seed=0)
+    full = []
+    with make(learner, -1) as ld:
+        for epoch in range(3):
+            ld.set_epoch(epoch)
+            for batch, info in ld:
+                full.append(info.indices.clone())
+                _train(learner, batch)
+    # checkpoints in the middle of passes (at a pass end the state is the next pass's start)
+    cuts = sorted(rng.sample([c for c in range(1, 18) if c % 6], 3)) + [18]
+    got, state, weights = [], None, None
+    for jitter, stop in enumerate(cuts):
+        learner = TinyDual(seed=0)
+        if weights is not None:
+            learner.load_state_dict(weights)
+        ld = make(learner, jitter)
+        if state is not None:
+            ld.load_state_dict(state)
+        while len(got) < stop:
+            ld.set_epoch(len(got) // 6)  # 6 super-batches an epoch; as a training loop does
+            for batch, info in ld:
+                got.append(info.indices.clone())
+                _train(learner, batch)
+                if len(got) == stop:
+                    break
+        state = copy.deepcopy(ld.state_dict(include_snapshot=True))
+        weights = copy.deepcopy(learner.state_dict())
+        ld.close()
+    assert len(got) == len(full) == 18
+    bad = [i for i, (a, b) in enumerate(zip(full, got)) if not torch.equal(a, b)]
+    assert not bad, (refresh_every, prefetch, cuts, bad)
