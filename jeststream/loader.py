@@ -29,6 +29,7 @@ from jeststream.batch import batch_size as _batch_size
 from jeststream.batch import concat_batches, find_keys, index_batch, iter_tensors
 from jeststream.losses import CRITERIA, Embeddings, criterion_weights
 from jeststream.pipeline import END, Prefetcher, to_device
+from jeststream.reference_cache import ReferenceCache
 from jeststream.scoring import EmbedFn, Scorer, ScoreResult
 from jeststream.selection import LOSSES, example_scores, joint_sample_from_embeddings
 from jeststream.snapshot import LearnerSnapshot, _Stopped, scheduled_step, unwrap_model
@@ -167,14 +168,17 @@ class _Producer:
         del base_batches
         size = _batch_size(super_batch)
         k = max(1, min(size, math.floor(size / ld.n + 0.5)))
-        keys = find_keys(super_batch, ld.key_fn) if ld._log_path is not None else None
+        want_keys = ld._log_path is not None or ld._scorer.needs_keys
+        keys = find_keys(super_batch, ld.key_fn) if want_keys else None
         snap_step = ld._scheduled(step, self.start)
         self.activity = (
             f"scoring step {step}"
             + ("" if snap_step is None else f" (waiting for / using the snapshot of step {snap_step})")
         )
         try:
-            scored = ld._scorer(super_batch, size, snapshot_step=snap_step, should_stop=should_stop)
+            scored = ld._scorer(
+                super_batch, size, snapshot_step=snap_step, should_stop=should_stop, keys=keys
+            )
         except _Stopped:
             return None
         self.activity = f"selecting step {step}"
@@ -392,7 +396,9 @@ class JESTLoader:
     Args:
         base_loader: iterable of batches of b examples (any tuple/list/dict structure).
         learner: the live model being trained (DDP / torch.compile wrappers are unwrapped).
-        reference: frozen reference model (None only with ``criterion="hard_learner"``).
+        reference: frozen reference model (None only with ``criterion="hard_learner"``), or a
+            :class:`~jeststream.reference_cache.ReferenceCache` of its embeddings (looked up by
+            per-example key instead of running it: the batches must carry keys, see key_fn).
         ratio: filtering ratio b/B; n = round(1/ratio) base batches make a super-batch.
         n_chunks, loss, criterion, temperature: passed to the joint sampler.
         embed: ``fn(model, batch) -> Embeddings``; default: open_clip duck typing.
@@ -411,14 +417,15 @@ class JESTLoader:
         selection_log_mode: "auto" (overwrite an old log at that path, but append after
             ``load_state_dict``), "a" (always append: a run resumed from a checkpoint that holds
             no loader state) or "w" (always overwrite).
-        key_fn: ``batch -> list[str]`` of per-example keys for the selection log.
+        key_fn: ``batch -> list[str]`` of per-example keys for the selection log and a
+            reference cache (default: ``jeststream.batch.find_keys``'s rules).
     """
 
     def __init__(
         self,
         base_loader: Any,
         learner: nn.Module,
-        reference: nn.Module | None,
+        reference: nn.Module | ReferenceCache | None,
         ratio: float = 0.2,
         *,
         n_chunks: int | None = None,
@@ -447,18 +454,20 @@ class JESTLoader:
             raise TypeError(f"base_loader must be iterable, got {type(base_loader).__name__}")
         if not isinstance(learner, nn.Module):
             raise TypeError(f"learner must be a torch.nn.Module, got {type(learner).__name__}")
-        if reference is not None and not isinstance(reference, nn.Module):
+        if reference is not None and not isinstance(reference, (nn.Module, ReferenceCache)):
             raise TypeError(
-                f"reference must be a torch.nn.Module or None, got {type(reference).__name__}"
+                "reference must be a torch.nn.Module, a ReferenceCache or None, got "
+                f"{type(reference).__name__}"
             )
-        if reference is not None and unwrap_model(reference) is unwrap_model(learner):
+        ref_model = reference if isinstance(reference, nn.Module) else None
+        if ref_model is not None and unwrap_model(ref_model) is unwrap_model(learner):
             raise ValueError(
                 "reference is the learner itself; pass a separate frozen reference model "
                 "(freezing it would stop the learner from training)"
             )
-        if reference is not None:
+        if ref_model is not None:
             live = {id(p): n for n, p in unwrap_model(learner).named_parameters()}
-            shared = [live[id(p)] for p in unwrap_model(reference).parameters() if id(p) in live]
+            shared = [live[id(p)] for p in unwrap_model(ref_model).parameters() if id(p) in live]
             if shared:
                 raise ValueError(
                     f"the reference shares {len(shared)} parameter(s) with the learner (e.g. "

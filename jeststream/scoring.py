@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from jeststream.losses import Embeddings
+from jeststream.reference_cache import ReferenceCache
 from jeststream.snapshot import LearnerSnapshot, is_accelerator, unwrap_model
 
 __all__ = ["Scorer", "ScoreResult", "default_embed", "freeze_reference", "check_embeddings"]
@@ -144,6 +145,10 @@ def _autocast_dtype(device: torch.device) -> torch.dtype:
 class Scorer:
     """Runs the learner snapshot and the frozen reference on a super-batch.
 
+    ``reference`` may be a :class:`~jeststream.reference_cache.ReferenceCache`: the reference's
+    embeddings are then looked up by the super-batch's per-example ``keys`` (no reference
+    forward), and a call without keys raises.
+
     Both forwards run under ``torch.inference_mode()`` and, on an accelerator, autocast. On CPU
     autocast is used only for a learner snapshot stored in a reduced ``snapshot_dtype``.
     ``score_transform`` is applied to the super-batch before scoring only. With
@@ -154,7 +159,7 @@ class Scorer:
     def __init__(
         self,
         snapshot: LearnerSnapshot,
-        reference: nn.Module | None,
+        reference: nn.Module | ReferenceCache | None,
         *,
         embed: EmbedFn | None = None,
         score_transform: Callable[[Any], Any] | None = None,
@@ -170,7 +175,10 @@ class Scorer:
             )
         self.snapshot = snapshot
         self.device = snapshot.device
-        self.reference = None if reference is None else freeze_reference(reference)
+        self.cache = reference if isinstance(reference, ReferenceCache) else None
+        self.reference = (
+            None if reference is None or self.cache is not None else freeze_reference(reference)
+        )
         if self.reference is not None:
             ref_dev = next(iter(self.reference.parameters()), None)
             if ref_dev is not None and ref_dev.device != self.device:
@@ -194,14 +202,19 @@ class Scorer:
         *,
         snapshot_step: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        keys: list[str] | None = None,
     ) -> ScoreResult:
         """Both forwards. ``snapshot_step``: score with the learner snapshot taken at or before
-        that step (deterministic scoring; waits for it) instead of the latest one."""
+        that step (deterministic scoring; waits for it) instead of the latest one. ``keys``: the
+        per-example keys, which a reference cache needs."""
         t0 = time.perf_counter()
         batch = super_batch if self.score_transform is None else self.score_transform(super_batch)
         with torch.inference_mode():
             ref = None
-            if self.reference is not None:
+            if self.cache is not None:
+                ref = check_embeddings(self._lookup(keys, batch, super_batch_size),
+                                       "reference cache", super_batch_size)
+            elif self.reference is not None:
                 with self._autocast(for_learner=False):
                     raw = self.embed(self.reference, batch)
                 ref = check_embeddings(raw, "reference", super_batch_size)
@@ -217,3 +230,24 @@ class Scorer:
                         raw = self.embed(module, batch)
                     learner = check_embeddings(raw, "learner", super_batch_size)
         return ScoreResult(learner, ref, version, time.perf_counter() - t0)
+
+    @property
+    def needs_keys(self) -> bool:
+        """The super-batch's per-example keys are needed (the reference is a cache)."""
+        return self.cache is not None
+
+    def _lookup(self, keys: list[str] | None, batch: Any, size: int) -> Embeddings:
+        assert self.cache is not None
+        if keys is None:
+            raise ValueError(
+                f"the reference is a ReferenceCache ({self.cache.directory!r}), which is looked "
+                "up by sample key, but the super-batch has no per-example keys; use a keyed base "
+                "loader (jeststream.adapters.webdataset.webdataset_loader or streaming_loader "
+                "yield each sample's key) or pass key_fn=batch -> list[str] to the JESTLoader"
+            )
+        if len(keys) != size:
+            raise ValueError(
+                f"the super-batch has {size} examples but {len(keys)} keys; key_fn must return "
+                "one key per example"
+            )
+        return self.cache.lookup(keys, device=self.device, batch=batch, embed=self.embed)
