@@ -10,6 +10,11 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("jeststream.demo", "main", "JEST vs uniform training on the embedded digits set"),
     "inspect": ("jeststream.selection_log", "inspect_main", "summarise a selection log"),
+    "precompute-reference": (
+        "jeststream.adapters.precompute_reference",
+        "main",
+        "embed shards with the frozen reference once, into a reference cache",
+    ),
     "openclip-train": (
         "jeststream.adapters.open_clip_train",
         "main",

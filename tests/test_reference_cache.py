@@ -80,7 +80,7 @@ def test_lookup_round_trip_and_manifest(models, keyed, tmp_path):
         live = default_embed(reference, (images, tokens))
     assert torch.equal(e.image, live.image.flip(0)) and torch.equal(e.text, live.text.flip(0))
     assert e.image.dtype == torch.float32 and e.logit_bias is None
-    assert float(e.logit_scale) == pytest.approx(float(reference.logit_scale.exp()))
+    assert float(e.logit_scale) == pytest.approx(float(reference.logit_scale.detach().exp()))
     manifest = read_manifest(tmp_path / "c")
     assert sorted(manifest["shards"]) == ["part-000", "part-002", "part-004", "part-006"]
     assert manifest["shards"]["part-000"]["examples"] == 16
@@ -185,3 +185,228 @@ def test_not_a_cache_and_bad_arguments(tmp_path, models):
         ReferenceCache(tmp_path, on_missing="skip")
     with pytest.raises(TypeError, match="ReferenceCache"):
         JESTLoader([], learner, "cache-dir")
+
+
+# -- jeststream precompute-reference on real shards ----------------------------------------------
+
+TINY_JSON_NAME = "jeststream-tiny-cache"
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tmp_path_factory):
+    """A tiny open_clip architecture (a JSON config, as --reference-model takes it), two
+    checkpoint files of it (reference, other), and the reference's eval preprocessing."""
+    import open_clip
+
+    from jeststream.adapters.precompute_reference import load_reference_and_preprocessing
+
+    tmp = tmp_path_factory.mktemp("tiny_ref")
+    config = tmp / f"{TINY_JSON_NAME}.json"
+    config.write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(config)
+    paths = {}
+    for name, seed in (("reference", 1), ("other", 2)):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = open_clip.create_model(TINY_JSON_NAME)
+        paths[name] = tmp / f"{name}.pt"
+        torch.save(model.state_dict(), paths[name])
+    ref, transform, tokenizer, _ = load_reference_and_preprocessing(
+        str(paths["reference"]), model=str(config)
+    )
+    return {"config": str(config), "reference": str(paths["reference"]),
+            "other": str(paths["other"]), "model": ref, "transform": transform,
+            "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="module")
+def wds_shards(tmp_path_factory):
+    from test_adapters_webdataset import write_shards
+
+    root = tmp_path_factory.mktemp("wds")
+    urls, keys = write_shards(root, n_shards=3, per_shard=16)
+    return str(root / "shard-{0000..0002}.tar"), urls, keys
+
+
+def precompute(tiny_ref, out, *source, reference=None, extra=()):
+    from jeststream.cli import main
+
+    argv = ["precompute-reference", *source, "--reference", reference or tiny_ref["reference"],
+            "--reference-model", tiny_ref["config"], "--out", str(out), "--batch-size", "8",
+            "--num-workers", "0", "--device", "cpu", "--quiet", *extra]
+    return main(argv)
+
+
+def _live(tiny_ref, images, tokens):
+    with torch.inference_mode():
+        return default_embed(tiny_ref["model"], (images, tokens))
+
+
+def test_precompute_webdataset_round_trip(tiny_ref, wds_shards, tmp_path, capsys):
+    import io
+    import tarfile
+
+    from jeststream.adapters.webdataset import webdataset_loader
+
+    spec, urls, keys = wds_shards
+    # one more shard, with a sample whose image does not decode
+    bad = tmp_path / "bad-0000.tar"
+    with tarfile.open(bad, "w") as tar:
+        for name, data in (("b0.png", b"not a png"), ("b0.txt", b"broken"),
+                           ("b1.png", _png(1)), ("b1.txt", b"ok")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "cache"
+    assert precompute(tiny_ref, out, "--shards", f"{spec}::{bad}",
+                      extra=["--num-workers", "2"]) == 0
+    summary = capsys.readouterr().out
+    assert "49 examples, 1 bad samples, 4 shards written" in summary
+    manifest = read_manifest(out)
+    assert manifest["dtype"] == "float16" and manifest["embed_dim"] == 32
+    assert manifest["reference"]["architecture"] == TINY_JSON_NAME
+    assert manifest["reference"]["fingerprint"] == reference_fingerprint(tiny_ref["model"])
+    assert manifest["preprocessing"]["size"] == [32, 32]
+    assert manifest["preprocessing"]["tokenizer"]["context_length"] == 16
+    assert manifest["shards"]["bad-0000"]["bad_samples"] == 1
+    cache = ReferenceCache(out, reference=tiny_ref["model"])
+    assert len(cache) == 49 and "b1" in cache and "b0" not in cache
+    # the base loader with the same preprocessing: same keys, the same embeddings (float16)
+    base = webdataset_loader(spec, 8, transform=tiny_ref["transform"],
+                             tokenizer=tiny_ref["tokenizer"])
+    seen = 0
+    for images, tokens, batch_keys in base:
+        e, live = cache.lookup(batch_keys), _live(tiny_ref, images, tokens)
+        torch.testing.assert_close(e.image, live.image, atol=2e-3, rtol=0)
+        torch.testing.assert_close(e.text, live.text, atol=2e-3, rtol=0)
+        seen += len(batch_keys)
+    assert seen == 48
+    # another reference cannot write into this cache
+    assert precompute(tiny_ref, out, "--shards", spec, reference=tiny_ref["other"]) == 2
+    assert "different reference" in capsys.readouterr().err
+
+
+def _png(i):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), np.uint8)).save(
+        buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_precompute_mds_round_trip(tiny_ref, tmp_path, capsys):
+    import gc
+
+    from streaming import MDSWriter
+    from streaming.base.util import clean_stale_shared_memory
+
+    from jeststream.adapters.streaming import streaming_loader
+
+    local = tmp_path / "mds"
+    columns = {"key": "str", "image": "png", "text": "str"}
+    rng = np.random.default_rng(0)
+    with MDSWriter(out=str(local), columns=columns, size_limit=20_000) as writer:
+        for i in range(24):
+            from PIL import Image
+
+            img = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+            writer.write({"key": f"m{i:04d}", "image": img, "text": f"caption {i}"})
+    n_shards = len(list(local.glob("shard.*.mds")))
+    assert n_shards >= 2
+    out = tmp_path / "cache"
+    assert precompute(tiny_ref, out, "--mds", str(local), extra=["--dtype", "float32"]) == 0
+    assert f"24 examples, 0 bad samples, {n_shards} shards written" in capsys.readouterr().out
+    cache = ReferenceCache(out)
+    gc.collect()
+    clean_stale_shared_memory()
+    base = streaming_loader(str(local), 8, transform=tiny_ref["transform"],
+                            tokenizer=tiny_ref["tokenizer"])
+    try:
+        seen = 0
+        for batch in base:
+            e = cache.lookup(batch["__key__"])
+            live = _live(tiny_ref, batch["image"], batch["text"])
+            torch.testing.assert_close(e.image, live.image, atol=1e-5, rtol=0)
+            torch.testing.assert_close(e.text, live.text, atol=1e-5, rtol=0)
+            seen += len(batch["__key__"])
+        assert seen == 24
+    finally:
+        del base
+        gc.collect()
+        clean_stale_shared_memory()
+
+
+def _shard_files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())
+            if p.name != "manifest.json" and not p.name.startswith(".")}
+
+
+def test_interrupted_precompute_resumes_and_writes_identical_files(
+    tiny_ref, wds_shards, tmp_path, capsys
+):
+    spec = wds_shards[0]
+    whole = tmp_path / "whole"
+    assert precompute(tiny_ref, whole, "--shards", spec) == 0
+    capsys.readouterr()
+    part = tmp_path / "part"
+    assert precompute(tiny_ref, part, "--shards", spec, extra=["--max-shards", "1"]) == 0
+    assert "1 shards written (0 already complete, 2 left" in capsys.readouterr().out
+    assert sorted(read_manifest(part)["shards"]) == ["shard-0000"]
+    # a run killed while writing the second shard: a renamed-over file with no manifest record
+    # and a temporary file are left behind; neither counts, both are replaced
+    (part / "shard-0001.image.npy").write_bytes(b"half written")
+    (part / ".shard-0001.text.npy.x.tmp").write_bytes(b"junk")
+    with pytest.raises(KeyError, match="s00016"):
+        ReferenceCache(part).lookup(["s00016"])
+    mtime = (part / "shard-0000.image.npy").stat().st_mtime_ns
+    assert precompute(tiny_ref, part, "--shards", spec) == 0
+    assert "2 shards written (1 already complete, 0 left" in capsys.readouterr().out
+    assert (part / "shard-0000.image.npy").stat().st_mtime_ns == mtime  # skipped, not redone
+    files = _shard_files(part)
+    files.pop(".shard-0001.text.npy.x.tmp", None)
+    assert files == _shard_files(whole)
+    assert read_manifest(part)["shards"].keys() == read_manifest(whole)["shards"].keys()
+
+
+def test_ranks_split_the_precompute(tiny_ref, wds_shards, tmp_path, capsys):
+    spec = wds_shards[0]
+    out = tmp_path / "cache"
+    for rank in (0, 1):
+        assert precompute(tiny_ref, out, "--shards", spec,
+                          extra=["--rank", str(rank), "--world-size", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "2 shards written" in lines[0] and "1 shards written" in lines[1]
+    assert len(ReferenceCache(out)) == 48
+
+
+def test_selection_from_precomputed_cache_equals_live_reference(tiny_ref, wds_shards, tmp_path):
+    """--dtype float32, synchronous scoring, same seed and preprocessing: the same indices."""
+    import open_clip
+
+    from jeststream.adapters.webdataset import webdataset_loader
+
+    spec = wds_shards[0]
+    out = tmp_path / "cache"
+    assert precompute(tiny_ref, out, "--shards", spec, extra=["--dtype", "float32"]) == 0
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        learner = open_clip.create_model(TINY_JSON_NAME)
+
+    def base():
+        return webdataset_loader(spec, 4, transform=tiny_ref["transform"],
+                                 tokenizer=tiny_ref["tokenizer"])
+
+    kw = {"ratio": 0.25, "n_chunks": 2, "loss": "softmax"}
+    live = _indices(base(), learner, tiny_ref["model"], **kw)
+    cache = ReferenceCache(out, reference=tiny_ref["model"])
+    cached = _indices(base(), learner, cache, **kw)
+    assert len(live) == 3 and cached == live
+    assert cache.stats["lookups"] == 3 and cache.stats["computed"] == 0
