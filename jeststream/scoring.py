@@ -18,6 +18,7 @@ from torch import nn
 from jeststream.losses import Embeddings
 from jeststream.reference_cache import ReferenceCache
 from jeststream.snapshot import LearnerSnapshot, is_accelerator, unwrap_model
+from jeststream.text_trim import encode_text_trimmed
 
 __all__ = ["Scorer", "ScoreResult", "default_embed", "freeze_reference", "check_embeddings"]
 
@@ -35,7 +36,9 @@ def default_embed(model: nn.Module, batch: Any) -> Embeddings:
     """Embeddings of an open_clip-style model for a batch of (images, tokenized texts, ...).
 
     A tuple/list batch takes images and texts from positions 0 and 1 (further positions, e.g.
-    webdataset keys, are ignored here); a dict batch uses ``"image"`` and ``"text"``.
+    webdataset keys, are ignored here); a dict batch uses ``"image"`` and ``"text"``. Text towers
+    that are causal and pool at the end-of-text token (open_clip's CLIP) run on captions trimmed
+    to the length they need (:mod:`jeststream.text_trim`: the same embeddings, fewer FLOPs).
     """
     if isinstance(batch, Mapping):
         missing = [k for k in ("image", "text") if k not in batch]
@@ -65,7 +68,11 @@ def default_embed(model: nn.Module, batch: Any) -> Embeddings:
             f"got {type(model).__name__}; {_EMBED_HINT}"
         )
     image = model.encode_image(images, normalize=True)
-    text = model.encode_text(texts, normalize=True)
+    # Padding after each caption's end-of-text token cannot change a causal, EOT-pooled text
+    # embedding: run such towers on trimmed captions (exact; None for any other tower).
+    text = encode_text_trimmed(model, texts, normalize=True)
+    if text is None:
+        text = model.encode_text(texts, normalize=True)
     logit_scale = model.logit_scale.exp()
     logit_bias = getattr(model, "logit_bias", None)
     return Embeddings(image, text, logit_scale, logit_bias)

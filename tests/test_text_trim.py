@@ -69,3 +69,24 @@ def test_trimming_runs_short_forwards():
     finally:
         hook.remove()
     assert sorted(seen) == [4, 8]
+
+
+def test_default_embed_scores_trimmed_captions():
+    """JESTLoader's default embed trims exactly: the same text embeddings as open_clip's
+    forward, from forwards shorter than the context."""
+    from jeststream.scoring import default_embed
+
+    model = make_tiny_clip(seed=2).eval()
+    text = _captions([3, 5, 4, 6])
+    images = torch.randn(4, 3, 32, 32)
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    try:
+        with torch.no_grad():
+            got = default_embed(model, (images, text))
+    finally:
+        hook.remove()
+    assert max(seen) == 8 < TINY_CONTEXT
+    with torch.no_grad():
+        want = model.encode_text(text, normalize=True)
+    assert torch.allclose(got.text, want, atol=1e-5, rtol=0)
