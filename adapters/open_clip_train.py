@@ -3,7 +3,14 @@
     jeststream openclip-train [every open_clip_train argument] --jest-ratio 0.2 \\
         --jest-reference MODEL_NAME_OR_CHECKPOINT [--jest-reference-pretrained TAG] \\
         [--jest-reference-model ARCH] [--jest-n-chunks 16] [--jest-criterion learnability] \\
-        [--jest-score-dtype bf16] [--jest-refresh-every 1] [--jest-selection-log PATH]
+        [--jest-score-dtype bf16] [--jest-refresh-every 1] [--jest-selection-log PATH] \\
+        [--jest-reference-cache DIR]
+
+``--jest-reference-cache DIR`` (a cache written by ``jeststream precompute-reference``) replaces
+the reference forward by a lookup of its precomputed embeddings by sample key; the webdataset
+pipeline is made to carry ``__key__`` (as for the selection log). With ``--jest-reference`` too,
+that model is only checked against the cache's fingerprint. The cached embeddings are of the
+reference's eval preprocessing, not of open_clip's training augmentations.
 
 The ``--jest-*`` flags are split off; everything else goes to ``open_clip_train.main.main``
 unchanged. Without ``--jest-*`` flags the command *is* ``python -m open_clip_train.main``.
@@ -82,6 +89,11 @@ _JEST_FLAGS: dict[str, tuple[str, Callable[[str], Any], Any, str]] = {
         "refresh_every", int, 1, "refresh the learner snapshot every N steps (0: each epoch)",
     ),
     "--jest-temperature": ("temperature", float, 1.0, "sampling temperature (0: greedy)"),
+    "--jest-reference-cache": (
+        "reference_cache", str, None,
+        "a reference cache (jeststream precompute-reference --out DIR): look the reference's "
+        "embeddings up by sample key instead of running it (webdataset training data)",
+    ),
     "--jest-selection-log": (
         "selection_log", str, None, "write per-example scores/selections here (.parquet/.jsonl)",
     ),
@@ -309,21 +321,35 @@ class _Hook:
         device = torch.device(args.device)
         reference = None
         if jest.reference is not None:
+            cached = jest.reference_cache is not None  # then only its fingerprint is checked
             reference = load_reference(
                 jest.reference, jest.reference_pretrained, jest.reference_model,
-                device=device, dtype=dtype, cache_dir=getattr(args, "cache_dir", None),
+                device="cpu" if cached else device, dtype=None if cached else dtype,
+                cache_dir=getattr(args, "cache_dir", None),
             )
-            check_compatible(self.learner, reference)
+            if not cached:
+                check_compatible(self.learner, reference)
+        if jest.reference_cache is not None:
+            from jeststream.reference_cache import ReferenceCache
+
+            reference = ReferenceCache(jest.reference_cache, reference=reference)
         log_path = jest.selection_log
         if log_path and getattr(args, "world_size", 1) > 1:
             root, ext = os.path.splitext(log_path)
             log_path = f"{root}.rank{args.rank}{ext}"
         keys = False
-        if log_path:
+        if log_path or jest.reference_cache is not None:
             # open_clip's batches carry no sample keys; without them the log cannot name what
             # was selected, so the pipeline's final to_tuple keeps __key__ (stripped on yield).
             keys = carry_webdataset_keys(train.dataloader)
-            if not keys:
+            if not keys and jest.reference_cache is not None:
+                raise ValueError(
+                    f"--jest-reference-cache looks the reference's embeddings up by sample key, "
+                    f"and the {getattr(args, 'dataset_type', '?')} training data carries none; "
+                    "train on webdataset shards (--dataset-type webdataset), or drop "
+                    "--jest-reference-cache and pass --jest-reference"
+                )
+            if log_path and not keys:
                 logger.warning(
                     "JEST: the %s training data carries no sample keys; the selection log at %s "
                     "records scores and choices without keys",
@@ -379,11 +405,19 @@ def _validate(jest: argparse.Namespace, rest: list[str]) -> None:
         raise ValueError(f"--jest-ratio must be in (0, 1), got {jest.ratio}")
     if jest.criterion not in CRITERIA:
         raise ValueError(f"--jest-criterion {jest.criterion!r} is not one of {', '.join(CRITERIA)}")
-    if jest.reference is None and jest.criterion != "hard_learner":
+    if jest.reference is None and jest.reference_cache is None and jest.criterion != "hard_learner":
         raise ValueError(
             f"--jest-criterion {jest.criterion} needs a reference model: pass --jest-reference "
-            "(a model trained on curated data), or use --jest-criterion hard_learner"
+            "(a model trained on curated data) or --jest-reference-cache, or use "
+            "--jest-criterion hard_learner"
         )
+    if jest.reference_cache is not None:
+        from jeststream.reference_cache import read_manifest
+
+        try:
+            read_manifest(jest.reference_cache)
+        except FileNotFoundError as exc:
+            raise ValueError(f"--jest-reference-cache: {exc}") from None
     if jest.score_dtype is not None and jest.score_dtype not in _DTYPES:
         raise ValueError(
             f"--jest-score-dtype {jest.score_dtype!r} is not one of {', '.join(_DTYPES)}"

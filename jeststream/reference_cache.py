@@ -235,7 +235,8 @@ class ReferenceCache:
             ``"compute"``: run ``reference`` on those examples of the batch (counted in
             ``stats["computed"]``; kept in memory, not written to disk).
         reference: the reference model. When given, its :func:`reference_fingerprint` must match
-            the manifest's (ValueError naming both). Needed for ``on_missing="compute"``.
+            the manifest's (ValueError naming both). Needed for ``on_missing="compute"`` (and
+            only then kept).
         embed: ``fn(model, batch) -> Embeddings`` for ``on_missing="compute"``; default: the
             JESTLoader's ``embed``.
     """
@@ -275,7 +276,8 @@ class ReferenceCache:
                     "reference the cache was precomputed with (same weights and dtype), or "
                     "precompute a new cache for this one"
                 )
-            self.reference = freeze_reference(reference)
+            if on_missing == "compute":  # else only checked: not kept alive
+                self.reference = freeze_reference(reference)
         self.dim = int(self.manifest["embed_dim"])
         self.dtype = str(self.manifest["dtype"])
         self.logit_scale = float(self.manifest["logit_scale"])

@@ -410,3 +410,56 @@ def test_selection_from_precomputed_cache_equals_live_reference(tiny_ref, wds_sh
     cached = _indices(base(), learner, cache, **kw)
     assert len(live) == 3 and cached == live
     assert cache.stats["lookups"] == 3 and cache.stats["computed"] == 0
+
+
+# -- jeststream openclip-train --jest-reference-cache ----------------------------------------------
+
+
+def test_openclip_train_with_reference_cache(tmp_path, monkeypatch, capsys):
+    """Precompute with the tiny open_clip_train model, then train one JEST epoch on the cache:
+    no reference is loaded at all, and the selection log names every sample."""
+    import test_open_clip_train as t
+
+    from jeststream.adapters import open_clip as oc
+    from jeststream.selection_log import read_selection_log
+
+    arch = t.register_tiny(tmp_path / "configs")
+    noisy = t.write_shards(tmp_path / "noisy", 2, 32, noise=0.5, seed=2)
+    import open_clip
+
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        torch.save(open_clip.create_model(arch).state_dict(), tmp_path / "ref.pt")
+    from jeststream.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["precompute-reference", "--shards", noisy, "--reference", str(tmp_path / "ref.pt"),
+                 "--reference-model", arch, "--out", str(cache), "--num-workers", "0",
+                 "--quiet"]) == 0
+    assert "64 examples, 0 bad samples, 2 shards written" in capsys.readouterr().out
+
+    def no_reference(*a, **k):
+        raise AssertionError("the reference must not be loaded")
+
+    monkeypatch.setattr(oc, "load_reference", no_reference)
+    sel = tmp_path / "sel.jsonl"
+    argv = t.common(tmp_path, "cached", noisy, batch=4, samples=64, epochs=1) + [
+        "--siglip", "--jest-ratio", "0.25", "--jest-reference-cache", str(cache),
+        "--jest-n-chunks", "2", "--jest-selection-log", str(sel),
+    ]
+    assert t.run(argv) == 0
+    log = t.log_of(tmp_path, "cached")
+    assert "JEST: ratio 1/4, 16 base batches -> 4 selected batches per epoch (16 samples)" in log
+    assert len([ln for ln in log.splitlines() if "JEST Epoch: 0 [" in ln]) == 4
+    assert "Traceback" not in log
+    cols = read_selection_log(sel)
+    assert len(cols["key"]) == 64 and set(cols["key"]) == set(ReferenceCache(cache)._load())
+
+
+def test_openclip_train_reference_cache_flag_checks(tmp_path, capsys):
+    from jeststream.adapters import open_clip_train as oct_
+
+    argv = ["--train-data", "x.tar", "--batch-size", "4", "--logs", str(tmp_path),
+            "--jest-ratio", "0.25", "--jest-reference-cache", str(tmp_path / "nope")]
+    assert oct_.main(argv) == 2
+    assert "precompute-reference" in capsys.readouterr().err
