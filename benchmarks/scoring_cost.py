@@ -8,8 +8,8 @@ per example:
     yields batches to, at batch size b);
   - scoring forwards: image tower, text tower at the full context, and the text tower on
     captions trimmed exactly (``jeststream.text_trim``: causal tower, end-of-text pooling);
-  - the image tower at half resolution (the same architecture built for 112 px: what scoring at
-    half resolution with resampled positional embeddings costs).
+  - the image tower at half resolution (``jeststream.low_res``: resized images, positional
+    embeddings resampled to the smaller grid; what ``JESTLoader(score_resolution=112)`` runs).
 
 and reports the cost of one JEST step (training on b plus scoring the super-batch of b / ratio)
 as a multiple of a uniform step, for: full scoring (learner + reference forwards), the cached
@@ -39,6 +39,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from jeststream.low_res import encode_image_resampled
 from jeststream.text_trim import encode_text_trimmed
 
 _N = 4  # examples per counted forward
@@ -68,7 +69,7 @@ def _tokens(lengths: list[int], context: int, vocab: int, seed: int = 0) -> torc
     return out
 
 
-def _tower_costs(model, image_size: int, half_model, captions: torch.Tensor) -> dict:
+def _tower_costs(model, image_size: int, captions: torch.Tensor) -> dict:
     """Per-example FLOPs of each piece for one model."""
     from open_clip.loss import SigLipLoss
 
@@ -81,11 +82,8 @@ def _tower_costs(model, image_size: int, half_model, captions: torch.Tensor) -> 
         text = _count(lambda: model.encode_text(full_text, normalize=True)) / _N
         trimmed = _count(lambda: encode_text_trimmed(model, captions)) / len(captions)
         untrimmed = _count(lambda: model.encode_text(captions, normalize=True)) / len(captions)
-        half = None
-        if half_model is not None:
-            half_model.eval()
-            small = torch.zeros(_N, 3, image_size // 2, image_size // 2)
-            half = _count(lambda: half_model.encode_image(small, normalize=True)) / _N
+        small = torch.zeros(_N, 3, image_size // 2, image_size // 2)
+        half = _count(lambda: encode_image_resampled(model, small)) / _N
     model.train()
     loss_fn = SigLipLoss()
 
@@ -138,10 +136,9 @@ def vit_b16(ratio: float) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16", pretrained=None)
-    half = open_clip.create_model("ViT-B-16", pretrained=None, force_image_size=112)
     context = model.context_length
     captions = _tokens(_caption_lengths(256, context), context, model.vocab_size)
-    costs = _tower_costs(model, 224, half, captions)
+    costs = _tower_costs(model, 224, captions)
     return {
         "model": "ViT-B-16 (open_clip config, random weights), 224 px, context 77",
         "caption_lengths": "log-normal, median 14 tokens, sigma 0.6, clipped to [3, 77]; 256 captions",
@@ -152,17 +149,12 @@ def vit_b16(ratio: float) -> dict:
 
 
 def _demo(cfg, ratio: float) -> dict:
-    from dataclasses import replace
-
     from jeststream.demo.model import build_model
 
     t0 = time.perf_counter()
     vocab, captions = _demo_captions(cfg.context_length)
     model = build_model(cfg, vocab, seed=0)
-    half = None
-    if (cfg.image_size // 2) % cfg.patch_size == 0 and cfg.image_size // 2 >= cfg.patch_size:
-        half = build_model(replace(cfg, image_size=cfg.image_size // 2), vocab, seed=0)
-    costs = _tower_costs(model, cfg.image_size, half, captions)
+    costs = _tower_costs(model, cfg.image_size, captions)
     return {
         "model": f"demo SigLIP model ({cfg.image_size} px, patch {cfg.patch_size}, width {cfg.width}, "
         f"context {cfg.context_length})",

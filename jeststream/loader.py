@@ -411,6 +411,9 @@ class JESTLoader:
         seed: seeds the loader's own CPU generator (sampling is device-independent).
         drop_last: drop a trailing super-batch of fewer than n base batches.
         score_transform: ``batch -> batch`` applied to the super-batch before scoring only.
+        score_resolution: score the learner snapshot on images resized to this side (pixels);
+            an open_clip ViT runs with resampled positional embeddings (``jeststream.low_res``).
+            The reference, the live learner and the yielded batch are unchanged.
         on_bad_scores: "raise" or "uniform" for super-batches with NaN/inf scores.
         return_info: yield ``(batch, SelectionInfo)`` instead of ``batch``.
         selection_log: path of a selection log (jeststream.selection_log.SelectionLog).
@@ -441,6 +444,7 @@ class JESTLoader:
         seed: int = 0,
         drop_last: bool = True,
         score_transform: Callable[[Any], Any] | None = None,
+        score_resolution: int | None = None,
         on_bad_scores: str = "raise",
         return_info: bool = False,
         selection_log: str | os.PathLike | None = None,
@@ -569,6 +573,7 @@ class JESTLoader:
             reference,
             embed=embed,
             score_transform=score_transform,
+            score_resolution=score_resolution,
             score_learner=criterion_weights(criterion)[0] != 0,
         )
         self._generator = torch.Generator(device="cpu")

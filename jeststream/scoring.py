@@ -18,6 +18,7 @@ from torch import nn
 from jeststream.losses import Embeddings
 from jeststream.reference_cache import ReferenceCache
 from jeststream.snapshot import LearnerSnapshot, is_accelerator, unwrap_model
+from jeststream.low_res import encode_image_resampled, resize_batch_images
 from jeststream.text_trim import encode_text_trimmed
 
 __all__ = ["Scorer", "ScoreResult", "default_embed", "freeze_reference", "check_embeddings"]
@@ -67,7 +68,9 @@ def default_embed(model: nn.Module, batch: Any) -> Embeddings:
             f"the default embed needs an open_clip-style model with encode_image/encode_text, "
             f"got {type(model).__name__}; {_EMBED_HINT}"
         )
-    image = model.encode_image(images, normalize=True)
+    # Images smaller than the ViT's native size (low-resolution learner scoring) run with
+    # resampled positional embeddings; at the native size this is open_clip's forward.
+    image = encode_image_resampled(model, images, normalize=True)
     # Padding after each caption's end-of-text token cannot change a causal, EOT-pooled text
     # embedding: run such towers on trimmed captions (exact; None for any other tower).
     text = encode_text_trimmed(model, texts, normalize=True)
@@ -158,7 +161,9 @@ class Scorer:
 
     Both forwards run under ``torch.inference_mode()`` and, on an accelerator, autocast. On CPU
     autocast is used only for a learner snapshot stored in a reduced ``snapshot_dtype``.
-    ``score_transform`` is applied to the super-batch before scoring only. With
+    ``score_transform`` is applied to the super-batch before scoring only. ``score_resolution``
+    resizes the images the learner snapshot sees (:mod:`jeststream.low_res`; the reference sees
+    them as they are). With
     ``score_learner=False`` (``criterion="easy_reference"``, whose score ignores the learner)
     the snapshot is not run at all and the result's ``learner`` is None.
     """
@@ -171,7 +176,17 @@ class Scorer:
         embed: EmbedFn | None = None,
         score_transform: Callable[[Any], Any] | None = None,
         score_learner: bool = True,
+        score_resolution: int | None = None,
     ) -> None:
+        if score_resolution is not None and (
+            isinstance(score_resolution, bool)
+            or not isinstance(score_resolution, int)
+            or score_resolution < 1
+        ):
+            raise ValueError(
+                f"score_resolution must be an image side in pixels (int >= 1) or None, got "
+                f"{score_resolution!r}"
+            )
         if not score_learner and reference is None:
             raise ValueError("score_learner=False needs a reference model: nothing would be scored")
         if embed is not None and not callable(embed):
@@ -194,6 +209,7 @@ class Scorer:
         self.embed = embed or default_embed
         self.score_transform = score_transform
         self.score_learner = bool(score_learner)
+        self.score_resolution = score_resolution
 
     def _autocast(self, for_learner: bool):
         if is_accelerator(self.device):
@@ -233,8 +249,13 @@ class Scorer:
                     module,
                     version,
                 ):
+                    learner_batch = (
+                        batch
+                        if self.score_resolution is None
+                        else resize_batch_images(batch, self.score_resolution)
+                    )
                     with self._autocast(for_learner=True):
-                        raw = self.embed(module, batch)
+                        raw = self.embed(module, learner_batch)
                     learner = check_embeddings(raw, "learner", super_batch_size)
         return ScoreResult(learner, ref, version, time.perf_counter() - t0)
 
