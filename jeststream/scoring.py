@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from jeststream.losses import Embeddings
+from jeststream.low_res import encode_image_resampled, resize_batch_images
 from jeststream.reference_cache import ReferenceCache
 from jeststream.snapshot import LearnerSnapshot, is_accelerator, unwrap_model
-from jeststream.low_res import encode_image_resampled, resize_batch_images
 from jeststream.text_trim import encode_text_trimmed
 
 __all__ = ["Scorer", "ScoreResult", "default_embed", "freeze_reference", "check_embeddings"]
