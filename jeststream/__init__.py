@@ -25,6 +25,7 @@ _EXPORTS = {
     "topk_sample": "jeststream.selection",
     "JESTLoader": "jeststream.loader",
     "SelectionInfo": "jeststream.loader",
+    "ReferenceCache": "jeststream.reference_cache",
     "SelectionLog": "jeststream.selection_log",
 }
 
@@ -32,6 +33,7 @@ __all__ = [
     "CRITERIA",
     "Embeddings",
     "JESTLoader",
+    "ReferenceCache",
     "SelectionInfo",
     "SelectionLog",
     "example_scores",
@@ -45,6 +47,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from jeststream.loader import JESTLoader, SelectionInfo
     from jeststream.losses import CRITERIA, Embeddings, sigmoid_pair_losses
+    from jeststream.reference_cache import ReferenceCache
     from jeststream.selection import (
         example_scores,
         independent_sample,

@@ -176,6 +176,9 @@ def test_duplicate_keys_across_shards_are_refused(models, tmp_path):
 
 def test_not_a_cache_and_bad_arguments(tmp_path, models):
     learner, _ = models
+    import jeststream
+
+    assert jeststream.ReferenceCache is ReferenceCache
     with pytest.raises(FileNotFoundError, match="precompute-reference"):
         ReferenceCache(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
