@@ -89,6 +89,16 @@ _JEST_FLAGS: dict[str, tuple[str, Callable[[str], Any], Any, str]] = {
         "refresh_every", int, 1, "refresh the learner snapshot every N steps (0: each epoch)",
     ),
     "--jest-temperature": ("temperature", float, 1.0, "sampling temperature (0: greedy)"),
+    "--jest-score-resolution": (
+        "score_resolution", int, None,
+        "score the learner snapshot on images resized to this side in pixels (ViT positional "
+        "embeddings resampled; e.g. 112 for a 224 px model: ~4x fewer image-tower FLOPs)",
+    ),
+    "--jest-deterministic": (
+        "deterministic", int, 0,
+        "1: score super-batch t with the snapshot after step t - prefetch, whatever the thread "
+        "timing (runs repeat; one more copy of the learner per prefetched batch)",
+    ),
     "--jest-reference-cache": (
         "reference_cache", str, None,
         "a reference cache (jeststream precompute-reference --out DIR): look the reference's "
@@ -367,6 +377,8 @@ class _Hook:
             n_chunks=jest.n_chunks,
             temperature=jest.temperature,
             refresh_every=jest.refresh_every,
+            score_resolution=jest.score_resolution,
+            deterministic=bool(jest.deterministic),
             snapshot_dtype=dtype,
             device=device,
             seed=int(args.seed),

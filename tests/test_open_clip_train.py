@@ -411,3 +411,15 @@ def test_two_stage_example_script(tmp_path):
     assert "JEST: ratio 1/4, 8 base batches -> 2 selected batches per epoch (32 samples)" in log
     assert len(train_lines(log, 0)) == 2 and "JEST Epoch: 0 [2/2]" in log
     assert (tmp_path / "out" / "logs" / "stage2" / "checkpoints" / "epoch_1.pt").is_file()
+
+
+@pytest.mark.slow
+def test_jest_score_resolution_and_deterministic_flags(e2e):
+    """--jest-score-resolution scores the learner on half-size images (its ViT's positional
+    embeddings resampled) and --jest-deterministic 1 runs the deterministic schedule, inside a
+    real open_clip_train run."""
+    _, log = _stage2(
+        e2e, "jest-lowres", "--siglip", "--jest-score-resolution", "16",
+        "--jest-deterministic", "1", epochs=1,
+    )
+    _check_jest_run(log, epochs=1)
