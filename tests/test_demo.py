@@ -218,3 +218,30 @@ def test_a_failing_parallel_run_raises_and_leaves_no_worker(tmp_path):
     with pytest.raises(ValueError, match="n_chunks=1000 exceeds the batch size b=64"):
         main(args)
     assert mp.active_children() == []
+
+
+def test_flops_count_the_library_scoring_path():
+    """The demo counts what its runs compute: trimmed captions, and the learner's forward at
+    --score-resolution (fewer patches) while the reference's stays at full size."""
+    from dataclasses import replace
+
+    from jeststream.demo.data import WordTokenizer, caption
+    from jeststream.demo.model import ModelConfig, build_model
+    from jeststream.demo.runs import RunConfig, measure_flops
+
+    cfg = RunConfig(batch_size=8, model=ModelConfig(patch_size=4))
+    tok = WordTokenizer(cfg.model.context_length)
+    texts = tok([caption(i % 10, 0) for i in range(40)])
+    model = build_model(cfg.model, tok.vocab_size, seed=0)
+    full = measure_flops(model, cfg, tok, texts)
+    low = measure_flops(model, replace(cfg, score_resolution=8), tok, texts)
+    assert full["learner_forward_super_batch"] == full["reference_forward_super_batch"]
+    assert low["learner_forward_super_batch"] < 0.8 * full["learner_forward_super_batch"]
+    assert low["reference_forward_super_batch"] == full["reference_forward_super_batch"]
+    untrimmable = texts.clone()  # end-of-text in the last position: nothing to trim
+    untrimmable[untrimmable == tok.EOT] = 3
+    untrimmable[:, -1] = tok.EOT
+    padded = measure_flops(model, cfg, tok, untrimmable)
+    assert full["reference_forward_super_batch"] < padded["reference_forward_super_batch"]
+    with pytest.raises(ValueError, match="--score-resolution 6"):
+        config_from_args(build_parser().parse_args(["--patch-size", "4", "--score-resolution", "6"]))

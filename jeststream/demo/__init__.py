@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="score inline instead of on JESTLoader's background thread",
     )
     s.add_argument(
+        "--score-resolution",
+        type=int,
+        default=None,
+        help="score the learner snapshot on images resized to this side in pixels (its ViT's "
+        "positional embeddings resampled; must be a multiple of --patch-size); FLOPs counted "
+        "at that size",
+    )
+    s.add_argument(
         "--nondeterministic",
         action="store_true",
         help="score each super-batch with whatever learner snapshot is latest (less stale, but "
@@ -259,6 +267,12 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(
             f"--patch-size {args.patch_size} must divide --image-size {args.image_size}"
         )
+    r = args.score_resolution
+    if r is not None and not (args.patch_size <= r <= args.image_size and r % args.patch_size == 0):
+        raise ValueError(
+            f"--score-resolution {r} must be a multiple of --patch-size {args.patch_size} "
+            f"between it and --image-size {args.image_size}"
+        )
     if args.width < 8 or args.width % 2:
         raise ValueError(
             f"--width must be an even number >= 8 (2 attention heads), got {args.width}"
@@ -283,6 +297,7 @@ def config_from_args(args: argparse.Namespace):
         jobs=jobs,
         async_scoring=not args.sync_scoring,
         deterministic=not args.nondeterministic,
+        score_resolution=args.score_resolution,
         cache_reference=not args.no_reference_cache,
         data=data,
         model=ModelConfig(
@@ -404,7 +419,9 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     s = cfg.data.image_size
     pool = load_split(shards["pool"], tokenizer, s)  # curated, held-out: read by the jobs
     noise_of = dict(zip(pool["key"], pool["noise"]))
-    flops = measure_flops(build_model(cfg.model, tokenizer.vocab_size, seed=0), cfg, tokenizer)
+    flops = measure_flops(
+        build_model(cfg.model, tokenizer.vocab_size, seed=0), cfg, tokenizer, pool["text"]
+    )
     setup_s = time.perf_counter() - t_start
 
     ref_tag = report.fingerprint(

@@ -74,6 +74,7 @@ class RunConfig:
     # super-batch t scored by the snapshot after step t - prefetch, whatever the thread timing:
     # a seed's figures repeat to the digit between runs
     deterministic: bool = True
+    score_resolution: int | None = None  # the learner snapshot scores images resized to this
     cache_reference: bool = True  # embed the pool with the frozen reference once, look up by key
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -342,30 +343,54 @@ def cached_reference_embed(reference: torch.nn.Module, cached: Embeddings, keys:
     return embed
 
 
-def measure_flops(model: torch.nn.Module, cfg: RunConfig, tokenizer: WordTokenizer) -> dict:
-    """FLOPs of one training step at b and one scoring forward at B, counted once each."""
+def measure_flops(
+    model: torch.nn.Module,
+    cfg: RunConfig,
+    tokenizer: WordTokenizer,
+    texts: torch.Tensor | None = None,
+) -> dict:
+    """FLOPs of one training step at b and of the scoring forwards at B, counted once each.
+
+    The scoring forwards are the library's (``default_embed``: exactly trimmed captions, and for
+    the learner the ``score_resolution`` images), on ``texts`` (the pool's own tokenized
+    captions; zeros when None), so the count is what the runs compute.
+    """
     from torch.utils.flop_counter import FlopCounterMode
+
+    from jeststream.low_res import resize_images
+    from jeststream.scoring import default_embed
 
     b = cfg.batch_size
     big = b * round(1 / cfg.ratio)
     s = cfg.model.image_size
 
     def inputs(n: int):
-        return torch.zeros(n, 3, s, s), torch.zeros(n, cfg.model.context_length, dtype=torch.long)
+        if texts is None:
+            t = torch.zeros(n, cfg.model.context_length, dtype=torch.long)
+        else:
+            t = texts[torch.arange(n) % len(texts)]
+        return torch.zeros(n, 3, s, s), t
 
     model.train()
     with FlopCounterMode(display=False) as counter:
         siglip_loss(model, *inputs(b)).backward()
     model.zero_grad(set_to_none=True)
     train = counter.get_total_flops()
+    model.eval()
+    x, t = inputs(big)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        x, t = inputs(big)
-        model.encode_image(x, normalize=True) @ model.encode_text(t, normalize=True).T
-    score = counter.get_total_flops()
+        default_embed(model, (x, t))
+    reference = counter.get_total_flops()
+    if cfg.score_resolution is not None:
+        x = resize_images(x, cfg.score_resolution)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        default_embed(model, (x, t))
+    learner = counter.get_total_flops()
     return {
         "train_step": train,
-        "score_forward_super_batch": score,
-        "per_example_forward": score / big,
+        "reference_forward_super_batch": reference,
+        "learner_forward_super_batch": learner,
+        "per_example_forward": reference / big,
     }
 
 
@@ -405,12 +430,15 @@ def run_method(
         uses_reference = criterion != "hard_learner"
         embed = None
         # scoring forwards per super-batch: the learner snapshot (JESTLoader skips it for
-        # easy_reference, which gives the learner no weight) and the reference
-        forwards = int(criterion != "easy_reference") + int(uses_reference)
+        # easy_reference, which gives the learner no weight) and the reference (none when its
+        # embeddings come from the cache, paid for up front)
+        if criterion != "easy_reference":
+            per_step += flops["learner_forward_super_batch"]
         if uses_reference and reference_cache is not None:
             embed = cached_reference_embed(reference, *reference_cache)
             upfront_flops += len(reference_cache[1]) * flops["per_example_forward"]
-            forwards -= 1
+        elif uses_reference:
+            per_step += flops["reference_forward_super_batch"]
         loader = JESTLoader(
             base,
             learner,
@@ -423,8 +451,8 @@ def run_method(
             seed=seed,
             embed=embed,
             score_transform=model_input,
+            score_resolution=cfg.score_resolution,
         )
-        per_step += flops["score_forward_super_batch"] * forwards
     else:
         loader = base
 
