@@ -371,11 +371,19 @@ class LearnerSnapshot:
         return -1 if at is None else step - at
 
     def reset_steps(self, step: int) -> None:
-        """Re-anchor the latest version at ``step`` (after a restore moved the step counter)."""
+        """Re-anchor the latest version at ``step`` (after a restore moved the step counter) and
+        forget the others: their steps belong to the timeline the restore left, and kept they
+        would look scheduled (a restore to an earlier step would then wait for a free copy)."""
         with self._cond:
+            if any(s.readers or s.writing for s in self._slots if s is not self._latest):
+                raise RuntimeError("cannot move the snapshot's steps while a forward is using it")
             self._refreshed_at[self.version] = step
             if self._latest.version is not None:
                 self._latest.step = step
+            for s in self._slots:
+                if s is not self._latest:
+                    s.version = s.step = None
+            self._cond.notify_all()
 
     # -- checkpointing -----------------------------------------------------------------------
 

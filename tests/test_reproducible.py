@@ -530,3 +530,25 @@ def test_soak_random_interruptions_resume_exactly(trial, no_thread_leak):
     assert len(got) == len(full) == 18
     bad = [i for i, (a, b) in enumerate(zip(full, got)) if not torch.equal(a, b)]
     assert not bad, (refresh_every, prefetch, cuts, bad)
+
+
+@pytest.mark.parametrize("async_scoring", [True, False])
+def test_restore_an_earlier_state_into_a_loader_that_ran_past_it(async_scoring, no_thread_leak):
+    """The snapshot copies of the later steps belong to the abandoned timeline: the restore
+    does not wait for them (it would time out)."""
+    ld = JESTLoader(
+        _stateful_base(), TinyDual(), TinyDual(seed=1), 0.25, n_chunks=2, embed=tiny_dual_embed,
+        async_scoring=async_scoring, timeout=5.0, return_info=True,
+    )
+    with ld:
+        it = iter(ld)
+        for _ in range(2):
+            next(it)
+        state = ld.state_dict()
+        rest = [info.indices for _, info in it]
+        ld.set_epoch(1)
+        assert len(list(ld)) == 6
+        ld.load_state_dict(state)
+        ld.set_epoch(0)  # as a training loop does after a restore (the sampler is at epoch 1)
+        again = [info.indices for _, info in ld]
+    assert len(again) == 4 and all(torch.equal(a, b) for a, b in zip(rest, again))
