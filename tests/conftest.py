@@ -117,6 +117,23 @@ def make_vector_batches(n_batches: int = 10, b: int = 8, *, d_in: int = 12, seed
     ]
 
 
+class ResumableList(list):
+    """A list of batches that is a resumable base loader: one pass, state = position."""
+
+    pos = 0
+
+    def __iter__(self):
+        while self.pos < len(self):
+            self.pos += 1
+            yield self[self.pos - 1]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
 @pytest.fixture
 def tiny_clip():
     return make_tiny_clip

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from conftest import TinyDual, make_vector_batches, tiny_dual_embed
+from conftest import ResumableList, TinyDual, make_vector_batches, tiny_dual_embed
 
 from jeststream import JESTLoader
 from jeststream.snapshot import LearnerSnapshot, scheduled_step
@@ -238,21 +238,10 @@ _CHILD = textwrap.dedent(
     """
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
-    from conftest import TinyDual, make_vector_batches, tiny_dual_embed
+    from conftest import ResumableList, TinyDual, make_vector_batches, tiny_dual_embed
     from jeststream import JESTLoader
 
-    class Base(list):
-        pos = 0
-        def __iter__(self):
-            while self.pos < len(self):
-                self.pos += 1
-                yield self[self.pos - 1]
-        def state_dict(self):
-            return {{"pos": self.pos}}
-        def load_state_dict(self, s):
-            self.pos = s["pos"]
-
-    ld = JESTLoader(Base(make_vector_batches(40, 8)), TinyDual(), TinyDual(seed=1), 0.25,
+    ld = JESTLoader(ResumableList(make_vector_batches(40, 8)), TinyDual(), TinyDual(seed=1), 0.25,
                     n_chunks=2, embed=tiny_dual_embed, selection_log={log!r}, seed=1)
     for step, batch in enumerate(ld):
         if step == 3:
@@ -280,22 +269,8 @@ def test_kill_after_a_checkpoint_loses_nothing_it_covered(tmp_path, suffix):
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 4
 
-    class Base(list):
-        pos = 0
-
-        def __iter__(self):
-            while self.pos < len(self):
-                self.pos += 1
-                yield self[self.pos - 1]
-
-        def state_dict(self):
-            return {"pos": self.pos}
-
-        def load_state_dict(self, s):
-            self.pos = s["pos"]
-
     with JESTLoader(
-        Base(make_vector_batches(40, 8)), TinyDual(), TinyDual(seed=1), 0.25, n_chunks=2,
+        ResumableList(make_vector_batches(40, 8)), TinyDual(), TinyDual(seed=1), 0.25, n_chunks=2,
         embed=tiny_dual_embed, selection_log=log, seed=1,
     ) as ld:
         ld.load_state_dict(state)
