@@ -423,3 +423,15 @@ def test_jest_score_resolution_and_deterministic_flags(e2e):
         "--jest-deterministic", "1", epochs=1,
     )
     _check_jest_run(log, epochs=1)
+
+
+def test_small_batch_without_n_chunks_passes_validation():
+    """--batch-size 8 --jest-ratio 0.25 without --jest-n-chunks: the loader's default
+    min(16, b) applies, nothing to refuse (an explicit --jest-n-chunks 16 still is)."""
+    rest = ["--train-data", "x.tar", "--batch-size", "8"]
+    jest = oct_._jest_parser().parse_args(["--jest-ratio", "0.25", "--jest-reference", "r.pt"])
+    assert jest.n_chunks is None
+    oct_._validate(jest, rest)
+    jest.n_chunks = 16
+    with pytest.raises(ValueError, match="exceeds --batch-size 8"):
+        oct_._validate(jest, rest)
