@@ -4,15 +4,42 @@
         log.write(keys=keys, epoch=0, step=12, scores=scores, selected=mask)
 
 Each record holds the sample key (when the source provides one), epoch, step, the example's
-position in its super-batch, its score and whether JEST selected it. Memory is bounded: rows are
-buffered and flushed every ``flush_every`` rows (one Parquet row group / a block of JSON lines)
-and on ``close()``. Parquet (via pyarrow) when the path ends with ``.parquet`` and pyarrow is
-importable, JSON lines otherwise.
+position in its super-batch, its score and whether JEST selected it.
 
-Resume: an existing log is appended to, never overwritten (mode="a"). Records are identified by
-(step, pos); when a resumed run rewrites steps that the interrupted run had already logged, the
-reader keeps the last record written, so ``read_selection_log`` and ``jeststream inspect``
-describe the resumed run exactly.
+Formats. A path ending with ``.parquet`` (and pyarrow importable) is a *directory of immutable
+Parquet segments*: each flush writes one new file ``part-000000.parquet``, ``part-000001.parquet``,
+... (numbered in write order). A segment is written under a hidden temporary name in the same
+directory (``.part-000001.parquet.tmp``), fsynced, then renamed to its final name, so a segment is
+either complete or absent. ``pyarrow.dataset.dataset(path)``, ``pandas.read_parquet(path)``,
+:func:`read_selection_log` and ``jeststream inspect`` read the directory as one table (the first
+two skip hidden files by default). Any other suffix, or ``.parquet`` without pyarrow (then
+``*.jsonl`` next to it, with a warning), is one JSON-lines file, one record per line, appended to
+and fsynced at each flush.
+
+Why segments: a Parquet file is only readable once its footer is written, and it cannot be
+appended to. One file per flush makes the log crash-safe -- a ``kill -9`` loses at most the rows
+buffered since the last flush, and never damages what earlier flushes wrote -- and lets a resumed
+run add rows without rewriting anything. A JSON-lines log killed mid-write may end with a torn
+line: the reader skips it (with a warning) and a resumed writer ends it with a newline first.
+
+Flushing off the training thread. ``write()`` only buffers numpy columns. Every ``flush_every``
+rows the buffer is handed to one background thread ("jeststream-selection-log"), which encodes,
+writes and fsyncs it; at most two hand-offs are pending at a time (``write()`` waits only when
+both are), so memory stays bounded. ``flush()`` hands over what is buffered and returns once
+everything is durably on disk (``JESTLoader.state_dict()`` calls it, so a checkpoint covers
+every row logged before it). ``close()`` flushes and joins the thread; logs still open at exit are
+closed then. A failure in the background (e.g. a full disk) is raised, as
+:class:`SelectionLogError` chained to the original exception, by the next ``write()``,
+``flush()`` or ``close()``; the rows it concerns stay queued and are retried by the next flush,
+and the message says which rows, if any, are lost.
+
+Resume: an existing log is appended to, never overwritten (mode="a"): new segments after the
+existing ones, or new lines at the end of the file. Records are identified by (step, pos); when a
+resumed run rewrites steps that the interrupted run had already logged, the reader keeps the
+last record written (segments are read in sequence order), so ``read_selection_log`` and
+``jeststream inspect`` describe the resumed run exactly. mode="w" deletes the old segments (and
+refuses a directory holding anything else) or truncates the JSON-lines file. One writer per log:
+a second process writing the same path at the same time is not detected.
 
 ``jeststream inspect LOG`` (:func:`inspect_main`) summarises a log and exports the selected keys.
 """
@@ -21,30 +48,46 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import json
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-__all__ = ["SelectionLog", "read_selection_log", "inspect_main", "summarize"]
+__all__ = [
+    "SelectionLog",
+    "SelectionLogError",
+    "read_selection_log",
+    "inspect_main",
+    "summarize",
+]
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("key", "epoch", "step", "pos", "score", "selected")
 _PARQUET_MAGIC = b"PAR1"
+_THREAD_NAME = "jeststream-selection-log"
+_MAX_PENDING = 2  # hand-offs queued or being written; write() waits beyond that
+_SEGMENT_RE = re.compile(r"part-(\d{6,})\.parquet")
+_TEMP_RE = re.compile(r"\.part-(\d{6,})\.parquet\.tmp")
+
+
+class SelectionLogError(RuntimeError):
+    """Writing the selection log failed in the background; ``__cause__`` is the original error."""
 
 
 # Logs still open at interpreter exit (a loader never closed, an unhandled exception) are
-# closed then: a Parquet file without its footer cannot be read at all.
+# closed then, so that their buffered rows reach the disk.
 _OPEN_LOGS: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -81,14 +124,337 @@ def _schema():
     )
 
 
+def _column(x: Any, dtype: type) -> np.ndarray:
+    """A 1-d numpy copy of ``x`` (a torch tensor on any device, an array or a sequence).
+
+    Tensors are converted through their own methods: reading or writing a log without torch
+    imported keeps ``jeststream inspect`` and crash-recovery tools quick to start."""
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().cpu()
+        x = x.float() if dtype is np.float32 else x.bool()
+        x = x.numpy()
+    return np.array(x, dtype=dtype).reshape(-1)  # a copy: the caller's tensor may be reused
+
+
+# -- durable file primitives (module level: tests replace them to simulate failures) -----------
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable, where the OS allows it (not Windows)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_parquet_segment(table: Any, path: Path) -> None:
+    """Write ``table`` as one Parquet file at ``path`` and fsync it."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, str(path))
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _append_jsonl(fd: int, data: bytes) -> None:
+    """Append ``data`` (whole lines) to the file open at ``fd`` and fsync it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+# -- sinks: the on-disk formats. write() runs on the writer thread and is durable on return ------
+
+
+def _table(chunks: list[dict[str, Any]]):
+    import pyarrow as pa
+
+    columns = {
+        c: (
+            [k for ch in chunks for k in ch[c]]
+            if c == "key"
+            else np.concatenate([ch[c] for ch in chunks])
+        )
+        for c in COLUMNS
+    }
+    return pa.table(columns, schema=_schema())
+
+
+def _jsonl_bytes(chunks: list[dict[str, Any]]) -> bytes:
+    # the same lines as json.dumps(record, separators=(",", ":")), JSON has no NaN
+    enc = json.encoder.encode_basestring_ascii
+    lines = []
+    for ch in chunks:
+        for k, e, s, p, sc, sel in zip(
+            ch["key"],
+            ch["epoch"].tolist(),
+            ch["step"].tolist(),
+            ch["pos"].tolist(),
+            ch["score"].tolist(),
+            ch["selected"].tolist(),
+        ):
+            lines.append(
+                f'{{"key":{"null" if k is None else enc(k)},"epoch":{e},"step":{s},'
+                f'"pos":{p},"score":{repr(sc) if math.isfinite(sc) else "null"},'
+                f'"selected":{"true" if sel else "false"}}}'
+            )
+    return ("\n".join(lines) + "\n").encode("ascii")
+
+
+def _scan_segments(path: Path) -> tuple[list[tuple[int, str]], list[str], list[str]]:
+    """(seq, name) of the segments in seq order, leftover temp files, and any other entries."""
+    segments, temps, other = [], [], []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            m = _SEGMENT_RE.fullmatch(entry.name)
+            if m and entry.is_file():
+                segments.append((int(m.group(1)), entry.name))
+            elif _TEMP_RE.fullmatch(entry.name) and entry.is_file():
+                temps.append(entry.name)
+            else:
+                other.append(entry.name)
+    segments.sort()
+    return segments, sorted(temps), sorted(other)
+
+
+def _old_single_file_error(path: Path) -> ValueError:
+    return ValueError(
+        f"selection log {path} is a single Parquet file (the format of older jeststream "
+        "versions, or a file that is not a log); Parquet logs are now directories of segments "
+        f"and the writer does not touch that file. Move it aside (e.g. to {path}.old) or pass a "
+        "new path; read_selection_log() and `jeststream inspect` still read it"
+    )
+
+
+class _SegmentDir:
+    """A directory of immutable Parquet segments, one per flush."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        if path.exists() and not path.is_dir():
+            raise _old_single_file_error(path)
+        # pyarrow imports pandas (when installed) at its first conversion, and pandas imports
+        # concurrent.futures.thread, which cannot register its exit hook once the interpreter is
+        # shutting down: import it now, so that a log first flushed at exit (atexit close) works
+        import concurrent.futures.thread  # noqa: F401
+
+        path.mkdir(parents=True, exist_ok=True)
+        segments, temps, other = _scan_segments(path)
+        if mode == "w":
+            if other:
+                raise ValueError(
+                    f"selection log {path}: mode='w' deletes the log's segments, but the "
+                    f"directory also holds {', '.join(map(repr, other[:5]))}"
+                    f"{' ...' if len(other) > 5 else ''}, which a selection log does not "
+                    "write; pass a new path or remove those first"
+                )
+            # the newest first: a kill in between leaves a prefix of the old log, still valid
+            for name in temps + [n for _, n in reversed(segments)]:
+                os.remove(path / name)
+            segments = []
+        else:
+            for name in temps:  # a writer killed in the middle of a flush: never a segment
+                os.remove(path / name)
+                logger.info("%s: removed %s, a segment a killed writer left unfinished", path, name)
+            if other:
+                logger.warning(
+                    "selection log %s also holds %s, which are not segments: "
+                    "read_selection_log() ignores them, pyarrow.dataset and pandas may not",
+                    path,
+                    ", ".join(other),
+                )
+            if segments:
+                logger.info("appending to selection log %s (%d segments)", path, len(segments))
+        if temps or mode == "w":
+            _fsync_dir(path)
+        self.path = path
+        self.seq = segments[-1][0] + 1 if segments else 0
+
+    def write(self, chunks: list[dict[str, Any]]) -> None:
+        table = _table(chunks)
+        tmp = self.path / f".part-{self.seq:06d}.parquet.tmp"
+        final = self.path / f"part-{self.seq:06d}.parquet"
+        try:
+            _write_parquet_segment(table, tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(self.path)
+        self.seq += 1
+
+    def close(self) -> None:
+        pass
+
+
+class _JsonlFile:
+    """One append-only JSON-lines file."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        created = not path.exists()
+        torn = False
+        if mode == "a" and not created and path.stat().st_size > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0)
+        self._fd = os.open(path, flags | (os.O_TRUNC if mode == "w" else 0), 0o666)
+        self.path = path
+        try:
+            if torn:  # a crash cut the last record: end it, so the next record stays readable
+                _append_jsonl(self._fd, b"\n")
+            if created:
+                _fsync_dir(path.parent)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._torn = False  # a failed write may have left part of a line
+
+    def write(self, chunks: list[dict[str, Any]]) -> None:
+        data = _jsonl_bytes(chunks)
+        if self._torn:
+            data = b"\n" + data  # a blank line is skipped by the reader
+        try:
+            _append_jsonl(self._fd, data)
+        except BaseException:
+            self._torn = True
+            raise
+        self._torn = False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# -- the writer thread -----------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    chunks: list[dict[str, Any]]
+    rows: int
+    first_step: int
+    last_step: int
+
+
+def _describe(batches: Sequence[_Batch]) -> str:
+    rows = sum(b.rows for b in batches)
+    if not rows:
+        return "no rows"
+    lo = min(b.first_step for b in batches)
+    hi = max(b.last_step for b in batches)
+    return f"{rows} row{'s' if rows != 1 else ''} of step{'s' if hi > lo else ''} {lo}{f'-{hi}' if hi > lo else ''}"
+
+
+class _Writer:
+    """Writes handed-over batches to a sink on one background thread.
+
+    Holds no reference to its SelectionLog, so an unclosed log can still be garbage collected
+    (its ``__del__`` closes it and joins the thread). ``pending`` holds the batches handed over
+    and not yet durable, the one being written first; a batch leaves it only once written. A
+    failure leaves the batch at the front and pauses the thread until the caller has been told
+    (``take_error``); then it retries.
+    """
+
+    def __init__(self, sink: _SegmentDir | _JsonlFile) -> None:
+        self.sink = sink
+        self.cond = threading.Condition()
+        self.pending: collections.deque[_Batch] = collections.deque()
+        self.error: BaseException | None = None
+        self.rows_written = 0
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    # caller side (all under self.cond) ----------------------------------------------------
+
+    def submit(self, batch: _Batch) -> None:
+        self.pending.append(batch)
+        if self.thread is None:
+            thread = threading.Thread(target=self._run, name=_THREAD_NAME, daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # at exit: Python >= 3.12 starts no threads then
+                return  # wait() writes on the caller's thread
+            self.thread = thread
+        self.cond.notify_all()
+
+    def wait(self, done) -> None:
+        """Wait until ``done()`` or a failure (``self.error``). Without a live writer thread
+        (none could be started at interpreter exit) the caller writes the batches itself."""
+        while not done() and self.error is None:
+            if self.thread is None or not self.thread.is_alive():
+                self._write_front()
+                continue
+            self.cond.wait(0.5)
+
+    def take_error(self) -> BaseException | None:
+        exc, self.error = self.error, None
+        self.cond.notify_all()  # unpause: the thread retries the batches still pending
+        return exc
+
+    # writer side ---------------------------------------------------------------------------
+
+    def _write_front(self) -> None:
+        """Write the front batch (called with self.cond held, releases it while writing)."""
+        batch = self.pending[0]
+        self.cond.release()
+        try:
+            self.sink.write(batch.chunks)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller, who re-raises it
+            self.cond.acquire()
+            self.error = exc
+        else:
+            self.cond.acquire()
+            self.pending.popleft()
+            self.rows_written += batch.rows
+        self.cond.notify_all()
+
+    def _run(self) -> None:
+        with self.cond:
+            while True:
+                while self.error is None and not self.pending and not self.stopping:
+                    self.cond.wait()
+                if self.error is not None:
+                    if self.stopping:
+                        return
+                    self.cond.wait()  # paused until the caller takes the error
+                    continue
+                if not self.pending:  # stopping, and everything is written
+                    return
+                self._write_front()
+
+
+# -- the log ---------------------------------------------------------------------------------
+
+
 class SelectionLog:
-    """Append-only writer of selection records with bounded memory.
+    """Append-only, crash-safe writer of selection records with bounded memory.
 
     Args:
-        path: file to write. ``*.parquet`` -> Parquet when pyarrow is importable (else JSON lines
-            next to it, ``*.jsonl``, with a warning); any other suffix -> JSON lines.
-        flush_every: rows buffered before they are written out.
+        path: where to write. ``*.parquet`` -> a directory of Parquet segments when pyarrow is
+            importable (else JSON lines next to it, ``*.jsonl``, with a warning); any other
+            suffix -> one JSON-lines file.
+        flush_every: rows buffered before they are handed to the writer thread.
         mode: "a" appends to an existing log (resume-safe, the default); "w" starts afresh.
+
+    ``rows_written`` counts the rows this writer has made durable (not the rows of an earlier run
+    it appends to). Raises :class:`SelectionLogError` from ``write``/``flush``/``close`` when the
+    background writer failed.
     """
 
     def __init__(
@@ -118,71 +484,19 @@ class SelectionLog:
         self.path = path
         self.flush_every = flush_every
         self.mode = mode
-        self.rows_written = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the caller-side buffer
         self._chunks: list[dict[str, Any]] = []  # one per write(): numpy columns + keys
         self._n_buf = 0
-        self._file = None
-        self._writer = None
-        self._open()
+        sink = _SegmentDir(path, mode) if self.format == "parquet" else _JsonlFile(path, mode)
+        self._writer = _Writer(sink)
+        self._pid = os.getpid()
         self._closed = False
         _OPEN_LOGS.add(self)
 
-    # -- opening -----------------------------------------------------------------------------
-
-    def _open(self) -> None:
-        exists = self.path.exists() and self.path.stat().st_size > 0
-        if self.format == "jsonl":
-            torn = False
-            if exists and self.mode == "a":
-                with open(self.path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    torn = f.read(1) != b"\n"
-            self._file = open(self.path, "a" if self.mode == "a" else "w", encoding="utf-8")
-            if torn:  # a crash cut the last record: end it, so the next record stays readable
-                self._file.write("\n")
-            return
-        import pyarrow.parquet as pq
-
-        old = None
-        if exists and self.mode == "a":
-            try:
-                pq.ParquetFile(str(self.path)).close()
-            except Exception as exc:  # noqa: BLE001 -- e.g. no footer: the writer was killed
-                # A run killed before close() leaves a Parquet file without its footer; nothing
-                # in it can be read back. Keep it for forensics, start a new log, say so.
-                aside = self.path.with_name(self.path.name + ".unreadable")
-                os.replace(self.path, aside)
-                logger.warning(
-                    "selection log %s cannot be read (%s: %s), probably because the previous run "
-                    "was killed before closing it; moved it to %s and starting a new log (use a "
-                    ".jsonl path for a log that survives crashes)",
-                    self.path,
-                    type(exc).__name__,
-                    exc,
-                    aside,
-                )
-                exists = False
-        if exists and self.mode == "a":
-            # Parquet files cannot be appended to: move the old file aside and stream its row
-            # groups into the new one (one row group in memory at a time).
-            old = self.path.with_name(self.path.name + ".resume-tmp")
-            os.replace(self.path, old)
-        self._writer = pq.ParquetWriter(str(self.path), _schema())
-        if old is not None:
-            try:
-                src = pq.ParquetFile(str(old))
-                for i in range(src.num_row_groups):
-                    table = src.read_row_group(i).cast(_schema())
-                    self._writer.write_table(table)
-                    self.rows_written += table.num_rows
-                src.close()
-            except Exception:
-                self._writer.close()
-                os.replace(old, self.path)  # never lose the interrupted run's log
-                raise
-            os.remove(old)
-            logger.info("appending to selection log %s (%d rows)", self.path, self.rows_written)
+    @property
+    def rows_written(self) -> int:
+        """Rows this writer has durably written (fsynced)."""
+        return self._writer.rows_written
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -192,14 +506,15 @@ class SelectionLog:
         keys: Sequence[str] | None,
         epoch: int,
         step: int,
-        scores: torch.Tensor,
-        selected: torch.Tensor,
+        scores: Any,
+        selected: Any,
     ) -> None:
-        """Record one super-batch: ``scores`` and bool ``selected`` are [B]; ``keys`` B or None."""
+        """Record one super-batch: ``scores`` and bool ``selected`` are [B] (tensors or arrays);
+        ``keys`` B or None. Only buffers: the rows are written on the writer thread."""
         if self._closed:
             raise RuntimeError(f"SelectionLog {self.path} is closed")
-        scores_np = torch.as_tensor(scores).detach().to("cpu", torch.float32).reshape(-1).numpy()
-        selected_np = torch.as_tensor(selected).detach().to("cpu", torch.bool).reshape(-1).numpy()
+        scores_np = _column(scores, np.float32)
+        selected_np = _column(selected, np.bool_)
         size = scores_np.shape[0]
         if selected_np.shape[0] != size:
             raise ValueError(
@@ -211,81 +526,118 @@ class SelectionLog:
                 f"got {len(keys)} keys for a super-batch of {size} scores; pass one key per "
                 "example or keys=None"
             )
-        # Columns stay numpy until written: write() runs on the training loop's thread.
         chunk = {
             "key": [None] * size if keys is None else [str(k) for k in keys],
             "epoch": np.full(size, int(epoch), dtype=np.int64),
             "step": np.full(size, int(step), dtype=np.int64),
             "pos": np.arange(size, dtype=np.int32),
-            "score": scores_np.copy(),  # the caller's tensor may be reused
-            "selected": selected_np.copy(),
+            "score": scores_np,
+            "selected": selected_np,
         }
         with self._lock:
+            w = self._writer
+            with w.cond:
+                self._raise_error(w, "write")
+                if self._n_buf + size >= self.flush_every:
+                    # bounded memory: wait while two hand-offs are pending; a failure meanwhile
+                    # is raised before this super-batch is buffered
+                    w.wait(lambda: len(w.pending) < _MAX_PENDING)
+                    self._raise_error(w, "write")
             self._chunks.append(chunk)
             self._n_buf += size
             if self._n_buf >= self.flush_every:
-                self._flush_locked()
+                self._hand_off()
 
     def flush(self) -> None:
-        """Write the buffered rows out now."""
-        with self._lock:
-            self._flush_locked()
+        """Write everything buffered and return once it is durably on disk (fsynced).
 
-    def _flush_locked(self) -> None:
-        if self._n_buf == 0:
+        A no-op after close()."""
+        if self._closed:
+            return
+        with self._lock:
+            w = self._writer
+            with w.cond:
+                self._raise_error(w, "")
+            self._hand_off()
+            with w.cond:
+                w.wait(lambda: not w.pending)
+                self._raise_error(w, "")
+
+    def _hand_off(self) -> None:
+        """Pass the buffer to the writer thread (caller holds self._lock)."""
+        if not self._n_buf:
             return
         chunks = self._chunks
-        if self.format == "parquet":
-            import pyarrow as pa
-
-            columns = {
-                c: (
-                    [k for ch in chunks for k in ch[c]]
-                    if c == "key"
-                    else np.concatenate([ch[c] for ch in chunks])
-                )
-                for c in COLUMNS
-            }
-            self._writer.write_table(pa.table(columns, schema=_schema()))
-        else:
-            # the same lines as json.dumps(record, separators=(",", ":")), JSON has no NaN
-            enc = json.encoder.encode_basestring_ascii
-            lines = []
-            for ch in chunks:
-                for k, e, s, p, sc, sel in zip(
-                    ch["key"],
-                    ch["epoch"].tolist(),
-                    ch["step"].tolist(),
-                    ch["pos"].tolist(),
-                    ch["score"].tolist(),
-                    ch["selected"].tolist(),
-                ):
-                    lines.append(
-                        f'{{"key":{"null" if k is None else enc(k)},"epoch":{e},"step":{s},'
-                        f'"pos":{p},"score":{repr(sc) if math.isfinite(sc) else "null"},'
-                        f'"selected":{"true" if sel else "false"}}}'
-                    )
-            self._file.write("\n".join(lines) + "\n")
-            self._file.flush()
-        self.rows_written += self._n_buf
+        steps = [int(ch["step"][0]) for ch in chunks if len(ch["step"])]
+        batch = _Batch(chunks, self._n_buf, min(steps, default=0), max(steps, default=0))
+        w = self._writer
+        with w.cond:
+            w.wait(lambda: len(w.pending) < _MAX_PENDING)  # after a failure: one batch more
+            w.submit(batch)
         self._chunks = []
         self._n_buf = 0
 
+    def _raise_error(self, w: _Writer, call: str) -> None:
+        """Raise a background failure, once (caller holds w.cond); the thread then retries."""
+        if w.error is None:
+            return
+        queued = list(w.pending)
+        exc = w.take_error()
+        buffered = [
+            _Batch([], len(ch["step"]), int(ch["step"][0]), int(ch["step"][0]))
+            for ch in self._chunks
+            if len(ch["step"])
+        ]
+        not_logged = " (the super-batch passed to this write() is not logged)" if call else ""
+        raise SelectionLogError(
+            f"selection log {self.path}: writing in the background failed "
+            f"({type(exc).__name__}: {exc}). Nothing is lost yet: {_describe(queued)} are queued "
+            f"and {_describe(buffered)} buffered{not_logged}; the writer retries them, flush() "
+            "waits for them, and close() reports the rows it still cannot write as lost"
+        ) from exc
+
     def close(self) -> None:
-        """Flush and close the file. Idempotent."""
+        """Write everything buffered, stop and join the writer thread, close the file.
+
+        Idempotent. Raises :class:`SelectionLogError` when a background write failed since the
+        last call (after retrying what it concerned) or when rows could not be written now."""
         if getattr(self, "_closed", True):
             return
+        self._closed = True
+        _OPEN_LOGS.discard(self)
+        if os.getpid() != self._pid:
+            return  # a forked copy (e.g. a data-loader worker): the parent owns the log
         with self._lock:
-            self._closed = True
+            w = self._writer
+            with w.cond:
+                earlier = w.take_error()  # not raised yet: retry what it concerned first
             try:
-                self._flush_locked()
+                self._hand_off()
+                with w.cond:
+                    w.wait(lambda: not w.pending)
             finally:
-                if self._writer is not None:
-                    self._writer.close()
-                    self._writer = None
-                if self._file is not None:
-                    self._file.close()
-                    self._file = None
+                with w.cond:
+                    # the thread writes what is pending and exits; after a failure (still set)
+                    # it exits at once
+                    w.stopping = True
+                    w.cond.notify_all()
+                thread = w.thread
+                if thread is not None and thread is not threading.current_thread():
+                    thread.join()
+                w.sink.close()
+            failure, lost = w.error, list(w.pending)
+            if failure is not None:
+                raise SelectionLogError(
+                    f"selection log {self.path}: writing failed at close "
+                    f"({type(failure).__name__}: {failure}); {_describe(lost)} are lost (the "
+                    f"{w.rows_written} rows this writer wrote before are on disk)"
+                ) from failure
+            if earlier is not None:
+                raise SelectionLogError(
+                    f"selection log {self.path}: a background write failed earlier "
+                    f"({type(earlier).__name__}: {earlier}); close() retried it and wrote every "
+                    "row, nothing is lost"
+                ) from earlier
 
     def __enter__(self) -> SelectionLog:
         return self
@@ -295,6 +647,11 @@ class SelectionLog:
 
     def __del__(self) -> None:
         try:
+            writer = getattr(self, "_writer", None)
+            if writer is not None and writer.thread is threading.current_thread():
+                # collected on the writer thread itself, which cannot wait for itself
+                threading.Thread(target=self.close, name=_THREAD_NAME, daemon=True).start()
+                return
             self.close()
         except Exception:  # noqa: BLE001 -- never raise from GC
             pass
@@ -308,31 +665,73 @@ def _is_parquet(path: Path) -> bool:
         return f.read(4) == _PARQUET_MAGIC
 
 
+def _empty_columns() -> dict[str, Any]:
+    return {
+        "key": [],
+        "epoch": np.zeros(0, np.int64),
+        "step": np.zeros(0, np.int64),
+        "pos": np.zeros(0, np.int32),
+        "score": np.zeros(0, np.float32),
+        "selected": np.zeros(0, bool),
+    }
+
+
+def _table_columns(table: Any) -> dict[str, Any]:
+    return {
+        "key": table.column("key").to_pylist(),
+        "epoch": table.column("epoch").to_numpy().astype(np.int64),
+        "step": table.column("step").to_numpy().astype(np.int64),
+        "pos": table.column("pos").to_numpy().astype(np.int32),
+        "score": table.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
+        "selected": table.column("selected").to_numpy(zero_copy_only=False).astype(bool),
+    }
+
+
+def _need_pyarrow(path: Path) -> None:
+    if not _have_pyarrow():
+        raise ValueError(f"{path} is a Parquet log; pip install pyarrow to read it")
+
+
+def _read_segments(path: Path) -> dict[str, Any]:
+    """The segments of a directory log in sequence order; temp files are never read."""
+    segments, _, _ = _scan_segments(path)
+    if not segments:
+        return _empty_columns()
+    _need_pyarrow(path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for _, name in segments:
+        try:
+            tables.append(pq.read_table(str(path / name)).select(list(COLUMNS)).cast(_schema()))
+        except Exception as exc:  # noqa: BLE001 -- name the file; a segment is never half-written
+            raise ValueError(
+                f"selection log {path}: segment {name} cannot be read ({type(exc).__name__}: "
+                f"{exc})"
+            ) from exc
+    return _table_columns(pa.concat_tables(tables))
+
+
 def read_selection_log(path: str | os.PathLike, *, dedupe: bool = True) -> dict[str, Any]:
     """Read a selection log into columns (no pandas needed).
 
-    Returns ``{"key": list[str | None], "epoch": int64[N], "step": int64[N], "pos": int32[N],
-    "score": float32[N] (NaN for fallback super-batches), "selected": bool[N]}``, rows in write
-    order. With ``dedupe`` (default) a (step, pos) record written again after a resume replaces
-    the earlier one.
+    ``path`` is a directory of Parquet segments, a single Parquet file (older jeststream) or a
+    JSON-lines file. Returns ``{"key": list[str | None], "epoch": int64[N], "step": int64[N],
+    "pos": int32[N], "score": float32[N] (NaN for fallback super-batches), "selected": bool[N]}``,
+    rows in write order (an empty directory: no rows). With ``dedupe`` (default) a (step, pos)
+    record written again after a resume replaces the earlier one.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"selection log {path} does not exist")
-    if _is_parquet(path):
-        if not _have_pyarrow():
-            raise ValueError(f"{path} is a Parquet log; pip install pyarrow to read it")
+    if path.is_dir():
+        cols = _read_segments(path)
+    elif _is_parquet(path):
+        _need_pyarrow(path)
         import pyarrow.parquet as pq
 
-        table = pq.read_table(str(path))
-        cols = {
-            "key": table.column("key").to_pylist(),
-            "epoch": table.column("epoch").to_numpy().astype(np.int64),
-            "step": table.column("step").to_numpy().astype(np.int64),
-            "pos": table.column("pos").to_numpy().astype(np.int32),
-            "score": table.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
-            "selected": table.column("selected").to_numpy(zero_copy_only=False).astype(bool),
-        }
+        cols = _table_columns(pq.read_table(str(path)))
     else:
         raw: dict[str, list] = {c: [] for c in COLUMNS}
         with open(path, encoding="utf-8") as f:

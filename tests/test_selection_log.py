@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jeststream.cli import main as cli_main
-from jeststream.selection_log import SelectionLog, inspect_main, read_selection_log
+from jeststream.selection_log import COLUMNS, SelectionLog, inspect_main, read_selection_log
 
 FORMATS = ["log.parquet", "log.jsonl"]
 
@@ -29,7 +29,8 @@ def test_roundtrip_and_bounded_flush(tmp_path, name):
         _write_steps(log, range(5))
         # bounded memory: never more than flush_every buffered rows
         assert log._n_buf < 7
-        assert log.rows_written >= 30 - 6
+        log.flush()
+        assert log.rows_written == 30
     cols = read_selection_log(path)
     assert len(cols["key"]) == 30
     assert cols["key"][:3] == ["k0_0", "k0_1", "k0_2"]
@@ -38,7 +39,10 @@ def test_roundtrip_and_bounded_flush(tmp_path, name):
     assert cols["selected"].sum() == 10
     np.testing.assert_allclose(cols["score"][6:12], np.arange(6) + 10)
     if name.endswith(".parquet"):
-        assert path.read_bytes()[:4] == b"PAR1"
+        # a directory of segments, one per flush: steps 0-1, 2-3 (flush_every) and 4 (flush())
+        names = sorted(p.name for p in path.iterdir())
+        assert names == [f"part-{i:06d}.parquet" for i in range(3)]
+        assert all((path / n).read_bytes()[:4] == b"PAR1" for n in names)
     else:
         assert json.loads(path.read_text().splitlines()[0])["key"] == "k0_0"
 
@@ -120,20 +124,83 @@ def test_inspect_missing_file(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_resume_after_a_crash_that_left_a_footerless_parquet(tmp_path, caplog):
-    """A killed run never closes its ParquetWriter: the file has no footer. Resuming must not
-    crash on it (that is exactly when one resumes), and must say what happened."""
+def test_old_single_file_parquet_is_read_but_refused_by_the_writer(tmp_path):
+    """Logs of older versions are one Parquet file: still readable, never touched by a writer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "old.parquet"
+    table = pa.table(
+        {"key": ["a", "b"], "epoch": [0, 0], "step": [3, 3], "pos": pa.array([0, 1], pa.int32()),
+         "score": pa.array([0.5, 1.5], pa.float32()), "selected": [True, False]}
+    )
+    pq.write_table(table, str(path))
+    before = path.read_bytes()
+    cols = read_selection_log(path)
+    assert cols["key"] == ["a", "b"] and cols["step"].tolist() == [3, 3]
+    for mode in ("a", "w"):
+        with pytest.raises(ValueError, match=r"old\.parquet.*single Parquet file.*Move it aside"):
+            SelectionLog(path, mode=mode)
+    assert path.read_bytes() == before
+
+
+def test_mode_w_replaces_the_segments_and_refuses_foreign_files(tmp_path, caplog):
     path = tmp_path / "log.parquet"
-    with SelectionLog(path) as log:
-        _write_steps(log, range(2))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])  # as if killed mid-run
+    with SelectionLog(path, flush_every=6) as log:
+        _write_steps(log, range(3))
+    (path / ".part-000003.parquet.tmp").write_bytes(b"PAR1 torn")  # a killed writer's leftover
+    with SelectionLog(path, mode="w") as log:
+        _write_steps(log, [7])
+    assert sorted(p.name for p in path.iterdir()) == ["part-000000.parquet"]
+    assert read_selection_log(path)["step"].tolist() == [7] * 6
+
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"mode='w'.*'notes\.txt'.*new path"):
+        SelectionLog(path, mode="w")
+    assert sorted(p.name for p in path.iterdir()) == ["notes.txt", "part-000000.parquet"]
     with caplog.at_level("WARNING", logger="jeststream.selection_log"):
-        with SelectionLog(path) as log:
-            _write_steps(log, range(2, 4))
-    assert "cannot be read" in caplog.text and "log.parquet.unreadable" in caplog.text
-    assert (tmp_path / "log.parquet.unreadable").read_bytes() == data[: len(data) // 2]
-    assert read_selection_log(path)["step"].tolist() == [2] * 6 + [3] * 6
+        with SelectionLog(path) as log:  # appending leaves them alone, and says so
+            _write_steps(log, [8])
+    assert "notes.txt" in caplog.text
+    assert read_selection_log(path)["step"].tolist() == [7] * 6 + [8] * 6
+
+
+def test_empty_segment_directory_reads_as_an_empty_log(tmp_path, capsys):
+    path = tmp_path / "log.parquet"
+    with SelectionLog(path):
+        pass  # opened, no rows yet (e.g. killed before the first flush)
+    assert path.is_dir() and list(path.iterdir()) == []
+    cols = read_selection_log(path)
+    assert cols["key"] == [] and cols["step"].dtype == np.int64 and len(cols["selected"]) == 0
+    assert inspect_main([str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples_seen"] == 0
+
+
+def test_segment_directory_reads_as_one_table_everywhere(tmp_path, capsys):
+    """pyarrow.dataset, pandas, read_selection_log and `jeststream inspect` all see one table;
+    a killed writer's temp file is skipped by all of them."""
+    import pyarrow.dataset as ds
+
+    path = tmp_path / "log.parquet"
+    with SelectionLog(path, flush_every=12) as log:
+        _write_steps(log, range(5))  # segments of steps 0-1, 2-3 and (at close) 4
+    (path / ".part-000003.parquet.tmp").write_bytes(b"not parquet")
+    assert path.is_dir() and len(list(path.glob("part-*.parquet"))) == 3
+
+    table = ds.dataset(str(path), format="parquet").to_table()
+    assert table.num_rows == 30 and table.column_names == list(COLUMNS)
+    assert sorted(table.column("step").to_pylist()) == [s for s in range(5) for _ in range(6)]
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover -- pandas comes with the dev extras
+        pytest.skip("pandas is not installed: pandas.read_parquet not checked")
+    df = pd.read_parquet(path)
+    assert len(df) == 30 and sorted(df["key"])[:2] == ["k0_0", "k0_1"]
+    cols = read_selection_log(path)
+    assert cols["step"].tolist() == [s for s in range(5) for _ in range(6)]
+    assert inspect_main([str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["examples_seen"] == 30 and summary["super_batches"] == 5
 
 
 def test_resume_after_a_crash_that_cut_a_jsonl_record(tmp_path):
@@ -179,16 +246,17 @@ def test_log_left_open_is_closed_at_exit(tmp_path, name):
 
     path = tmp_path / name
     code = (
-        "import torch\n"
+        "import numpy as np\n"  # not torch: a child that starts in well under a second
         "from jeststream.selection_log import SelectionLog\n"
         f"log = SelectionLog({str(path)!r})\n"
-        "log.write(keys=['a', 'b'], epoch=0, step=0, scores=torch.zeros(2),"
-        " selected=torch.tensor([True, False]))\n"
+        "log.write(keys=['a', 'b'], epoch=0, step=0, scores=np.zeros(2),"
+        " selected=np.array([True, False]))\n"
         "log.cycle = [log]  # e.g. held by a loader in a reference cycle\n"
         "raise SystemExit('training crashed')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 1 and "training crashed" in proc.stderr
+    assert "could not close" not in proc.stderr, proc.stderr
     assert read_selection_log(path)["key"] == ["a", "b"]
 
 
