@@ -438,6 +438,28 @@ def test_timeout_names_the_stuck_stage(no_thread_leak):
         JESTLoader([], TinyDual(), TinyDual(seed=1), 0.25, embed=tiny_dual_embed, timeout=0)
 
 
+def test_timeout_names_a_hung_scoring_forward(no_thread_leak):
+    release = threading.Event()
+    calls = []
+
+    def embed(model, batch):
+        calls.append(1)
+        if len(calls) > 2:  # the second super-batch's forward hangs
+            release.wait(30)
+        return tiny_dual_embed(model, batch)
+
+    ld = JESTLoader(
+        make_vector_batches(16, 8), TinyDual(), TinyDual(seed=1), 0.25, embed=embed,
+        timeout=0.5, prefetch=1,
+    )
+    it = iter(ld)
+    next(it)
+    with pytest.raises(TimeoutError, match="stuck in: scoring step 1"):
+        next(it)
+    release.set()
+    ld.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_first_forward_waits_on_the_consumer_stream_cuda():
     """Weights written on the consumer's stream just before the pass (a checkpoint load) are
