@@ -37,6 +37,7 @@ soak: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) benchmarks/selection.py
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/scoring_cost.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs
