@@ -108,17 +108,20 @@ def test_full_preset_runs_every_method_over_three_seeds():
 
 
 def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_path):
-    """The demo serves the frozen reference's embeddings from one pass over the pool; on the
-    batches JESTLoader actually sees they must equal running the reference on them."""
+    """The demo serves the frozen reference's embeddings from one pass over the pool, written as
+    a library ReferenceCache; on the batches JESTLoader actually sees they must equal running
+    the reference on them."""
 
+    from jeststream import ReferenceCache
     from jeststream.demo.data import prepare_shards
     from jeststream.demo.model import ModelConfig, build_model
     from jeststream.demo.runs import (
+        RunConfig,
         StreamLoader,
-        cached_reference_embed,
         load_split,
         model_input,
         reference_embeddings,
+        write_reference_cache,
     )
     from jeststream.scoring import default_embed
 
@@ -127,16 +130,19 @@ def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_p
     tokenizer = WordTokenizer(data.context_length)
     pool = load_split(shards["pool"], tokenizer, data.image_size)
     reference = build_model(ModelConfig(), tokenizer.vocab_size, seed=3).eval().requires_grad_(False)
-    learner = build_model(ModelConfig(), tokenizer.vocab_size, seed=4).eval()
-    embed = cached_reference_embed(reference, reference_embeddings(reference, pool), pool["key"])
+    directory = write_reference_cache(
+        reference, reference_embeddings(reference, pool), pool["key"], tmp_path / "refcache",
+        RunConfig(data=data),
+    )
+    cache = ReferenceCache(directory, reference=reference)  # the fingerprint matches
+    assert len(cache) == 600
     raw = next(iter(StreamLoader(shards["pool"], 32, 1, tokenizer, seed=0)))
     assert raw[0].dtype == torch.uint8 and raw[0].shape == (32, data.image_size, data.image_size)
     batch = model_input(raw)  # what the training step and JESTLoader's score_transform see
     rows = torch.tensor([pool["key"].index(k) for k in batch[2]])
     torch.testing.assert_close(batch[0], pool["image"][rows])  # same input as the in-memory split
     with torch.inference_mode():
-        got, want = embed(reference, batch), default_embed(reference, batch)
-        assert embed(learner, batch).image.shape == (32, ModelConfig().embed_dim)
+        got, want = cache.lookup(list(batch[2])), default_embed(reference, batch)
     torch.testing.assert_close(got.image, want.image, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got.text, want.text, atol=1e-5, rtol=1e-4)
     assert float(got.logit_scale) == pytest.approx(float(want.logit_scale))

@@ -406,6 +406,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
         reference_scores,
         run_job,
         subset_shards,
+        write_reference_cache,
     )
 
     bar = _bar_factory() if progress else None
@@ -456,8 +457,13 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
             reference, _ = load_reference(cfg, tokenizer.vocab_size, ref_cache(seed))
             references[seed]["train_flops"] = cfg.ref_steps * flops["train_step"]
             cached = reference_embeddings(reference, pool)
-            cached_path = out_dir / "cache" / f"pool-embeddings-{ref_tag}-seed{seed}.pt"
-            torch.save(tuple(cached), cached_path)
+            cached_path = write_reference_cache(
+                reference,
+                cached,
+                pool["key"],
+                out_dir / "cache" / f"reference-cache-{ref_tag}-seed{seed}",
+                cfg,
+            )
         out = []
         for method in methods:
             upfront = 0.0
@@ -485,7 +491,6 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
                 "train_shards": train,
                 "heldout_shards": shards["heldout"],
                 "noise_of": noise_of,
-                "pool_keys": pool["key"],
                 "tokenizer": tokenizer,
                 "flops": flops,
                 "upfront_flops": upfront,

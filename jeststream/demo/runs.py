@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -322,25 +323,36 @@ def reference_scores(cached: Embeddings) -> torch.Tensor:
     return -F.logsigmoid(logit)
 
 
-def cached_reference_embed(reference: torch.nn.Module, cached: Embeddings, keys: list[str]):
-    """A JESTLoader ``embed`` that looks the reference's embeddings up by sample key.
+def write_reference_cache(
+    reference: torch.nn.Module, cached: Embeddings, keys: list[str], directory: Path, cfg: RunConfig
+) -> Path:
+    """Write the pool's reference embeddings as a library reference cache (``ReferenceCache``).
 
-    The reference is frozen and the demo's image transform is deterministic, so its
-    embeddings of a pool pair never change: they are computed once for the whole pool (and
-    counted once in the FLOPs) instead of on every super-batch. The learner snapshot is still
-    run on every super-batch, by the default open_clip embed.
+    The reference is frozen and the demo's image transform is deterministic, so its embeddings
+    of a pool pair never change: computed once for the whole pool (and counted once in the
+    FLOPs), JESTLoader then looks them up by sample key instead of running the reference on
+    every super-batch. The learner snapshot is still run on every super-batch.
     """
-    from jeststream.scoring import default_embed
+    import dataclasses
 
-    row = {k: i for i, k in enumerate(keys)}
+    from jeststream.reference_cache import init_cache, reference_fingerprint, write_shard
 
-    def embed(model: torch.nn.Module, batch: tuple) -> Embeddings:
-        if model is not reference:
-            return default_embed(model, batch)
-        idx = torch.tensor([row[k] for k in batch[2]])
-        return cached._replace(image=cached.image[idx], text=cached.text[idx])
-
-    return embed
+    header = {
+        "reference": {"architecture": "demo SigLIP", "fingerprint": reference_fingerprint(reference)},
+        "preprocessing": {
+            "image_size": cfg.data.image_size,
+            "input": "uint8 / 255 (jeststream.demo.data.to_model_input), no augmentation",
+            "tokenizer": {"class": "WordTokenizer", "context_length": cfg.data.context_length},
+            "data": dataclasses.asdict(cfg.data),
+        },
+        "embed_dim": int(cached.image.shape[1]),
+        "dtype": "float32",
+        "logit_scale": float(cached.logit_scale),
+        "logit_bias": None if cached.logit_bias is None else float(cached.logit_bias),
+    }
+    init_cache(directory, header)
+    write_shard(directory, "pool", keys, cached.image.numpy(), cached.text.numpy())
+    return directory
 
 
 def measure_flops(
@@ -406,13 +418,13 @@ def run_method(
     flops: dict,
     upfront_flops: float = 0.0,
     progress: Callable | None = None,
-    reference_cache: tuple[Embeddings, list[str]] | None = None,
+    reference_cache: Any = None,
 ) -> dict:
     """Train one learner with `method`; return its curve, composition and costs.
 
-    ``reference_cache``: the reference's embeddings of the pool and the pool's keys
-    (:func:`reference_embeddings`); a method that scores with the reference then reads them by
-    key (:func:`cached_reference_embed`) and pays for that one pass up front.
+    ``reference_cache``: a :class:`jeststream.ReferenceCache` of the pool
+    (:func:`write_reference_cache`); a method that scores with the reference then looks its
+    embeddings up by key, runs no reference forward, and pays for that one pass up front.
     """
     from jeststream.loader import JESTLoader
 
@@ -428,28 +440,27 @@ def run_method(
     if selecting:
         criterion, n_chunks = LOADER_METHODS[method]
         uses_reference = criterion != "hard_learner"
-        embed = None
         # scoring forwards per super-batch: the learner snapshot (JESTLoader skips it for
         # easy_reference, which gives the learner no weight) and the reference (none when its
         # embeddings come from the cache, paid for up front)
         if criterion != "easy_reference":
             per_step += flops["learner_forward_super_batch"]
+        scorer = reference if uses_reference else None
         if uses_reference and reference_cache is not None:
-            embed = cached_reference_embed(reference, *reference_cache)
-            upfront_flops += len(reference_cache[1]) * flops["per_example_forward"]
+            scorer = reference_cache
+            upfront_flops += len(reference_cache) * flops["per_example_forward"]
         elif uses_reference:
             per_step += flops["reference_forward_super_batch"]
         loader = JESTLoader(
             base,
             learner,
-            reference if uses_reference else None,
+            scorer,
             ratio=cfg.ratio,
             n_chunks=n_chunks or cfg.n_chunks,
             criterion=criterion,
             async_scoring=cfg.async_scoring,
             deterministic=cfg.deterministic,
             seed=seed,
-            embed=embed,
             score_transform=model_input,
             score_resolution=cfg.score_resolution,
         )
@@ -525,8 +536,9 @@ def run_job(spec: dict, progress: Callable | None = None) -> dict:
     if spec["reference_path"] is not None:
         reference, _ = load_reference(cfg, tokenizer.vocab_size, spec["reference_path"])
     if spec["cached_path"] is not None:
-        parts = torch.load(spec["cached_path"], map_location="cpu", weights_only=True)
-        reference_cache = (Embeddings(*parts), spec["pool_keys"])
+        from jeststream.reference_cache import ReferenceCache
+
+        reference_cache = ReferenceCache(spec["cached_path"], reference=reference)
     return run_method(
         spec["method"],
         cfg,
