@@ -129,6 +129,7 @@ class OpenCLIPJESTLoader(JESTLoader):
                 per_epoch = self.num_batches
             except TypeError:
                 return
+            self._close_active()  # between passes; a running one would hold snapshot copies
             self._step = int(epoch) * per_epoch
             self._snapshot.reset_steps(self._step)
 

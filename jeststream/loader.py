@@ -304,7 +304,6 @@ class _JESTIterator:
                     step,
                     step,
                 )
-        loader._restored_snapshot = False
         snap.release_before(loader._floor(step, start))
         base_iter = iter(loader.base_loader)
         if not loader._restored:  # else keep the loaded state: nothing was drawn since
@@ -368,8 +367,10 @@ class _JESTIterator:
             # The pass is over and the base exhausted: from now on the state is the end of this
             # epoch (a resumable base then starts the next one), not the last super-batch's
             # boundary, which a StatefulDataLoader would resume as an empty rest of the epoch.
-            if not ld._restored:
-                ld._resume = ld._make_state(ld._base_state(), ld._step, None, ld._resume["epoch"])
+            # Also after a restore whose pass had nothing left: the next pass is a new one.
+            ld._resume = ld._make_state(ld._base_state(), ld._step, None, ld._resume["epoch"])
+            ld._restored = ld._restored_snapshot = False
+            ld._loaded_snapshot = None
             raise
         except BaseException:
             self.close()
@@ -588,6 +589,8 @@ class JESTLoader:
         self._dropped = 0  # examples drop_last threw away
         self._pending_epoch: int | None = None
         self._restored_snapshot = False  # load_state_dict() restored the snapshot versions
+        self._loaded_snapshot: dict | None = None  # ... which state_dict() returns until a yield
+        self._restore_drawn = False  # an iterator has run since load_state_dict()
         self._resume: dict | None = None
         self._restored = False  # a load_state_dict() not yet followed by a yielded batch
         self._active: weakref.ref[_JESTIterator] | None = None
@@ -735,11 +738,17 @@ class JESTLoader:
         if self._closed:
             raise RuntimeError("this JESTLoader was closed; build a new one to iterate again")
         self._close_active()
-        if self._resume is not None and not self._restored:
-            # A pass left early (break) consumed generator draws for super-batches it scored
-            # ahead and never yielded: the next pass starts from the last yielded boundary.
+        if self._resume is not None:
+            # A pass left early (break, or an iterator dropped before its first batch after a
+            # restore) consumed generator draws for super-batches it scored ahead and never
+            # yielded: the next pass starts from the last yielded (or restored) boundary.
             self._generator.set_state(self._resume["generator"])
+            if self._restored and self._restore_drawn and self._resume["base"] is not None:
+                # an iterator since the restore drew base batches it never yielded: restore
+                # the base to the boundary again, as load_state_dict() left it
+                self.base_loader.load_state_dict(self._resume["base"])
         self._apply_pending_seed()
+        self._restore_drawn = self._restored
         it = _JESTIterator(self)
         self._active = weakref.ref(it)
         return it
@@ -773,7 +782,8 @@ class JESTLoader:
             )
         self._step = info.step + 1
         self._resume = item.resume
-        self._restored = False
+        self._restored = self._restored_snapshot = False
+        self._loaded_snapshot = None
         if info.fallback:
             self._fallbacks += 1
         self.last_info = info
@@ -852,11 +862,14 @@ class JESTLoader:
         if include_snapshot:
             start = state["pass_start"]
             mid_pass = start is not None and start < state["step"]
-            state["snapshot"] = (
-                self._snapshot.state_dict(self._floor(state["step"], start))
-                if mid_pass
-                else None
-            )
+            snap = None
+            if mid_pass and self._restored_snapshot:
+                snap = self._loaded_snapshot  # restored and nothing yielded since
+            elif mid_pass:
+                snap = self._snapshot.state_dict(self._floor(state["step"], start))
+                if not snap["versions"]:  # restored without weights, not iterated yet
+                    snap = None
+            state["snapshot"] = snap
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -881,8 +894,10 @@ class JESTLoader:
         if state.get("snapshot") is not None:
             self._snapshot.load_state_dict(state["snapshot"])
             self._restored_snapshot = True
+            self._loaded_snapshot = state["snapshot"]
         else:
             self._restored_snapshot = False
+            self._loaded_snapshot = None
         if state["base"] is not None:
             self.base_loader.load_state_dict(state["base"])
         self._generator.set_state(state["generator"])
@@ -894,6 +909,13 @@ class JESTLoader:
             self._pending_seed = _epoch_seed(self.seed, self.epoch)
         self._fallbacks = int(state.get("fallbacks", 0))
         self._resume = {k: v for k, v in state.items() if k not in ("snapshot", "pending_epoch")}
+        self._restore_drawn = False
+        if self._pending_epoch is not None:
+            # set_epoch() had abandoned that pass: what comes next is a new pass, as it was for
+            # the loader that saved this state (not the old pass's rest under the new seed)
+            self._resume["pass_start"] = None
+            self._restored_snapshot = False
+            self._loaded_snapshot = None
         self._restored = True
         self._log_append = self._log_mode != "w"
         if not self._restored_snapshot:

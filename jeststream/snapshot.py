@@ -184,9 +184,6 @@ class LearnerSnapshot:
         """The latest published version's module."""
         return self._latest.module
 
-    @property
-    def latest_step(self) -> int:
-        return int(self._latest.step)
 
     @property
     def copies(self) -> int:
@@ -212,9 +209,13 @@ class LearnerSnapshot:
 
     # -- the pool ----------------------------------------------------------------------------
 
-    def _free_slot(self, reclaim_latest: bool) -> _Slot | None:
+    def _free_slot(self, reclaim_latest: bool, step: int | None = None) -> _Slot | None:
         """A slot no forward holds and no schedule needs (caller holds the condition); other
-        slots before the latest, so that the latest stays readable while it is not needed."""
+        slots before the latest, so that the latest stays readable while it is not needed. A
+        copy taken at ``step`` itself is free: the new one at that step supersedes it."""
+        for slot in self._slots:
+            if step is not None and slot.step == step and not (slot.readers or slot.writing):
+                return slot
         latest_ok = None
         newest_at: dict[int, int] = {}  # step -> newest version taken at it
         for slot in self._slots:
@@ -246,11 +247,11 @@ class LearnerSnapshot:
             raise TimeoutError(f"learner snapshot: {what()} for more than {self.timeout:g}s")
         self._cond.wait(_POLL_S)
 
-    def _take_slot(self) -> _Slot:
+    def _take_slot(self, step: int) -> _Slot:
         """A slot to write into (caller holds the condition), marked as being written."""
         deadline = self._deadline()
         while True:
-            slot = self._free_slot(reclaim_latest=True)
+            slot = self._free_slot(reclaim_latest=True, step=step)
             if slot is None and len(self._slots) < self.max_copies:
                 slot = _Slot(self._make_module())
                 self._slots.append(slot)
@@ -284,7 +285,7 @@ class LearnerSnapshot:
         accel = is_accelerator(self.device)
         # Re-read the live tensors each time: a training loop may have replaced a Parameter.
         with self._cond:
-            slot = self._take_slot()
+            slot = self._take_slot(step)
             self.version += 1
             version = self.version
         try:
@@ -327,7 +328,8 @@ class LearnerSnapshot:
         at_or_before = [s for s in published if s.step <= step]
         if at_or_before:
             return max(at_or_before, key=lambda s: (s.step, s.version))
-        # a restore without the snapshot weights: the oldest copy stands in (see the loader)
+        # A restore without the snapshot weights: the copy taken at the restore (the learner as
+        # restored, the oldest copy after reset_steps) stands in for the older scheduled ones.
         return min(published, key=lambda s: (s.step, s.version))
 
     @contextmanager
@@ -343,11 +345,11 @@ class LearnerSnapshot:
         deadline = self._deadline()
         with self._cond:
             while True:
+                if should_stop is not None and should_stop():
+                    raise _Stopped  # checked first: a stopped producer takes no copy
                 slot = self._pick(step)
                 if slot is not None:
                     break
-                if should_stop is not None and should_stop():
-                    raise _Stopped
                 self._wait(
                     deadline,
                     lambda: f"waited for the snapshot of step {step} (latest: "
@@ -371,18 +373,16 @@ class LearnerSnapshot:
         return -1 if at is None else step - at
 
     def reset_steps(self, step: int) -> None:
-        """Re-anchor the latest version at ``step`` (after a restore moved the step counter) and
-        forget the others: their steps belong to the timeline the restore left, and kept they
-        would look scheduled (a restore to an earlier step would then wait for a free copy)."""
+        """Forget every version (after a restore or a jump moved the step counter): their steps
+        belong to the timeline that was left, and kept they would look scheduled (a restore to
+        an earlier step would wait for a free copy) or stand in for the restored learner. The
+        next :meth:`refresh` publishes again; until then :meth:`use` waits."""
         with self._cond:
-            if any(s.readers or s.writing for s in self._slots if s is not self._latest):
+            if any(s.readers or s.writing for s in self._slots):
                 raise RuntimeError("cannot move the snapshot's steps while a forward is using it")
             self._refreshed_at[self.version] = step
-            if self._latest.version is not None:
-                self._latest.step = step
             for s in self._slots:
-                if s is not self._latest:
-                    s.version = s.step = None
+                s.version = s.step = None
             self._cond.notify_all()
 
     # -- checkpointing -----------------------------------------------------------------------
@@ -441,6 +441,21 @@ class LearnerSnapshot:
                 f"the snapshot state holds {len(versions)} versions but this loader keeps at most "
                 f"{self.max_copies} copies; restore with the same prefetch / deterministic settings"
             )
+        own_shapes = {n: tuple(t.shape) for n, t in _named_tensors(self._slots[0].module)}
+        for v in versions:  # validate everything before the pool is touched
+            saved = v["tensors"]
+            if own_shapes.keys() != saved.keys():
+                diff = sorted(set(own_shapes) ^ set(saved))[:5]
+                raise ValueError(
+                    f"the snapshot state does not match this learner (e.g. {diff}); restore "
+                    "it into a loader over the same model architecture"
+                )
+            for name, shape in own_shapes.items():
+                if tuple(saved[name].shape) != shape:
+                    raise ValueError(
+                        f"snapshot state tensor {name} has shape {tuple(saved[name].shape)}, the "
+                        f"learner's has {shape}"
+                    )
         with self._cond:
             if any(s.readers or s.writing for s in self._slots):
                 raise RuntimeError("cannot restore the snapshot while a forward is using it")
@@ -449,22 +464,8 @@ class LearnerSnapshot:
             while len(self._slots) < len(versions):
                 self._slots.append(_Slot(self._make_module()))
             for slot, v in zip(self._slots, versions):
-                own = dict(_named_tensors(slot.module))
-                saved = v["tensors"]
-                if own.keys() != saved.keys():
-                    diff = sorted(set(own) ^ set(saved))[:5]
-                    raise ValueError(
-                        f"the snapshot state does not match this learner (e.g. {diff}); restore "
-                        "it into a loader over the same model architecture"
-                    )
-                for name, dst in own.items():
-                    src = saved[name]
-                    if tuple(src.shape) != tuple(dst.shape):
-                        raise ValueError(
-                            f"snapshot state tensor {name} has shape {tuple(src.shape)}, the "
-                            f"learner's has {tuple(dst.shape)}"
-                        )
-                    dst.copy_(src)
+                for name, dst in _named_tensors(slot.module):
+                    dst.copy_(v["tensors"][name])
                 if is_accelerator(self.device):
                     slot.ready_event = _current_stream(self.device).record_event()
                 self._publish(slot, int(v["version"]), int(v["step"]))

@@ -77,6 +77,10 @@ def trimmable_tower(model: nn.Module) -> _Tower | None:
     get_cast = getattr(tower.transformer, "get_cast_dtype", None)
     if not callable(get_cast):
         return None
+    # open_clip >= 3 transformers take [batch, seq, width]; older ones were fed [seq, batch,
+    # width] by encode_text, and a batch-first call would attend across the batch.
+    if getattr(tower.transformer, "batch_first", False) is not True:
+        return None
     return tower
 
 

@@ -549,3 +549,137 @@ def test_restore_an_earlier_state_into_a_loader_that_ran_past_it(async_scoring, 
         ld.set_epoch(0)  # as a training loop does after a restore (the sampler is at epoch 1)
         again = [info.indices for _, info in ld]
     assert len(again) == 4 and all(torch.equal(a, b) for a, b in zip(rest, again))
+
+
+# -- restores in awkward places (found in review) ---------------------------------------------
+
+
+def test_restore_without_weights_scores_with_the_restored_learner_not_the_initial_one():
+    """reset_steps forgets every old version, so the restored learner (copied at the restore)
+    stands in for the older scheduled snapshots, never the construction-time weights."""
+    live = TinyDual(seed=0)
+    snap = LearnerSnapshot(live, max_copies=3)
+    with torch.no_grad():  # the checkpoint loaded into the model after the loader was built
+        for p in live.parameters():
+            p.add_(100.0)
+    snap.reset_steps(10)
+    snap.release_before(10)
+    snap.refresh(10)
+    scheduled = scheduled_step(10, start=0, lag=2, refresh_every=4)
+    snap.release_before(scheduled)
+    with snap.use(scheduled) as (module, _):
+        assert torch.equal(module.img[0].weight, live.img[0].weight)
+
+
+def test_emergency_checkpoint_after_a_failed_next_resumes_without_waiting(no_thread_leak):
+    """next() at a refresh step fails after the refresh: the saved state holds the snapshot of
+    that very step, and the resumed loader re-takes it instead of waiting for a free copy."""
+    reference, calls = TinyDual(seed=1), []
+
+    def flaky(model, batch):
+        if model is not reference:
+            calls.append(1)
+            if len(calls) == 6:
+                raise RuntimeError("transient failure")
+        return tiny_dual_embed(model, batch)
+
+    def make(embed, ref):
+        return JESTLoader(
+            ResumableList(make_vector_batches(40, 8)), TinyDual(seed=0), ref, 0.25, n_chunks=2,
+            embed=embed, deterministic=True, prefetch=2, seed=5, timeout=5.0,
+        )
+
+    ld = make(flaky, reference)
+    with pytest.raises(RuntimeError, match="transient"):
+        for _ in ld:
+            pass
+    state = ld.state_dict(include_snapshot=True)
+    ld.close()
+    assert [v["step"] for v in state["snapshot"]["versions"]] == [3, 4, 5]
+    with make(tiny_dual_embed, TinyDual(seed=1)) as resumed:
+        resumed.load_state_dict(state)
+        assert len(list(resumed)) == 5
+
+
+def test_iterating_twice_after_a_restore_draws_as_once(no_thread_leak):
+    """An iterator dropped before its first batch (a timeout, a peek) drew base batches and
+    generator draws; the next iter() starts again from the restored boundary."""
+
+    def make():
+        return JESTLoader(
+            ResumableList(make_vector_batches(40, 8)), TinyDual(seed=0), TinyDual(seed=1), 0.25,
+            n_chunks=2, embed=tiny_dual_embed, deterministic=True, prefetch=2, seed=5,
+            return_info=True,
+        )
+
+    ld = make()
+    it = iter(ld)
+    for _ in range(3):
+        next(it)
+    state = copy.deepcopy(ld.state_dict(include_snapshot=True))
+    ld.close()
+
+    def rest(double):
+        with make() as ld2:
+            ld2.load_state_dict(copy.deepcopy(state))
+            if double:
+                first = iter(ld2)
+                time.sleep(0.3)  # its producer scores ahead
+                first.close()
+            return [info.indices for _, info in ld2]
+
+    once, twice = rest(False), rest(True)
+    assert len(once) == len(twice) == 7
+    assert all(torch.equal(a, b) for a, b in zip(once, twice))
+
+
+class _EpochList(ResumableList):
+    def __iter__(self):
+        yield from super().__iter__()
+        self.pos = 0  # the next pass is a new epoch
+
+
+def test_a_restored_pass_with_nothing_left_ends_it_and_the_next_epoch_starts_afresh(no_thread_leak):
+    """A checkpoint after an epoch's last batch (before StopIteration) is mid-pass; after the
+    restore that pass yields nothing, and the next epoch must be a new pass, as uninterrupted."""
+
+    def make(learner):
+        return JESTLoader(
+            _EpochList(make_vector_batches(16, 8)), learner, TinyDual(seed=1), 0.25, n_chunks=2,
+            embed=tiny_dual_embed, deterministic=True, prefetch=2, seed=5, return_info=True,
+            async_scoring=False,
+        )
+
+    learner, full, ck = TinyDual(seed=0), {}, None
+    ld = make(learner)
+    for epoch in range(2):
+        ld.set_epoch(epoch)
+        for i, (batch, info) in enumerate(ld):
+            full[info.step] = (info.staleness, info.indices)
+            _train(learner, batch)
+            if epoch == 0 and i == 3:
+                ck = (copy.deepcopy(ld.state_dict(include_snapshot=True)),
+                      copy.deepcopy(learner.state_dict()))
+    ld.close()
+    learner = TinyDual(seed=0)
+    learner.load_state_dict(ck[1])
+    got = {}
+    with make(learner) as resumed:
+        resumed.load_state_dict(ck[0])
+        for epoch in (0, 1):
+            resumed.set_epoch(epoch)
+            for batch, info in resumed:
+                got[info.step] = (info.staleness, info.indices)
+                _train(learner, batch)
+    assert sorted(got) == [4, 5, 6, 7]
+    for step, (staleness, idx) in got.items():
+        assert staleness == full[step][0] and torch.equal(idx, full[step][1]), step
+
+
+def test_a_failed_snapshot_restore_leaves_the_pool_usable():
+    snap = LearnerSnapshot(TinyDual(seed=0), max_copies=2)
+    bad = {"versions": [{"version": 1, "step": 0, "tensors": {"p:nope": torch.zeros(1)}}]}
+    with pytest.raises(ValueError, match="does not match"):
+        snap.load_state_dict(bad)
+    with snap.use() as (_, version):  # still published: it would wait for ever otherwise
+        assert version == 0

@@ -54,6 +54,9 @@ def test_towers_where_trimming_is_not_exact_are_left_alone():
     assert trimmable_tower(non_causal) is None
     assert encode_text_trimmed(non_causal, _captions([3, 4])) is None
     assert encode_text_trimmed(torch.nn.Linear(2, 2), _captions([3])) is None
+    seq_first = make_tiny_clip()  # older open_clip fed its transformer [seq, batch, width]
+    seq_first.transformer.batch_first = False
+    assert trimmable_tower(seq_first) is None
     with pytest.raises(ValueError, match="bucket"):
         encode_text_trimmed(make_tiny_clip(), _captions([3]), bucket=0)
 
