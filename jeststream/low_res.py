@@ -11,7 +11,9 @@ Duck-typed like :func:`jeststream.scoring.default_embed`: an open_clip ``VisionT
 (``visual.conv1``, ``class_embedding``, 2-D ``positional_embedding`` of ``1 + grid**2`` rows,
 ``ln_pre``, ``transformer``, ``_pool``) runs with its positional embeddings resampled bicubically
 (antialiased, class token kept: timm's ``resample_abs_pos_embed`` convention) to the new grid.
-Any other image tower gets the resized images as they are (convolutional towers take any size).
+Any other image tower gets the resized images as they are: fully convolutional ones take any
+size; one with a fixed-size input (open_clip's ModifiedResNet attention pool, most timm ViTs)
+raises in its forward rather than scoring wrongly.
 """
 
 from __future__ import annotations
