@@ -148,19 +148,93 @@ def vit_b16(ratio: float) -> dict:
     }
 
 
-def _demo(cfg, ratio: float) -> dict:
+def _median_s(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _demo_wall(model, cfg, captions: torch.Tensor, ratio: float, repeats: int) -> dict:
+    """Wall time (one thread, median of ``repeats``) of a training step at b = 128 and of the
+    scoring forwards of its super-batch, and the JEST-step ratios they give."""
+    from open_clip.loss import SigLipLoss
+
+    from jeststream.low_res import resize_images
+    from jeststream.scoring import default_embed
+
+    b = 128
+    big = b * round(1 / ratio)
+    s = cfg.image_size
+    text_b = captions[torch.arange(b) % len(captions)]
+    text_big = captions[torch.arange(big) % len(captions)]
+    images_b, images_big = torch.rand(b, 3, s, s), torch.rand(big, 3, s, s)
+    half = resize_images(images_big, s // 2)
+    loss_fn = SigLipLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def train():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        img = model.encode_image(images_b, normalize=True)
+        txt = model.encode_text(text_b, normalize=True)
+        loss_fn(img, txt, model.logit_scale.exp(), model.logit_bias).backward()
+        opt.step()
+
+    def untrimmed():
+        with torch.inference_mode():
+            model.encode_image(images_big, normalize=True)
+            model.encode_text(text_big, normalize=True)
+
+    def trimmed():
+        with torch.inference_mode():
+            default_embed(model, (images_big, text_big))
+
+    def half_trimmed():
+        with torch.inference_mode():
+            default_embed(model, (half, text_big))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = _median_s(train, repeats)
+        model.eval()
+        full, trim, low = (_median_s(f, repeats) for f in (untrimmed, trimmed, half_trimmed))
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "train_step_s": t,
+        "score_forward_super_batch_s": {"untrimmed": full, "trimmed": trim, "half_resolution_trimmed": low},
+        "jest_step_vs_uniform_step": {
+            "full_scoring": (t + 2 * full) / t,
+            "full_scoring_trimmed": (t + 2 * trim) / t,
+            "cached_reference": (t + full) / t,
+            "cached_reference_trimmed": (t + trim) / t,
+            "cached_reference_half_resolution_trimmed": (t + low) / t,
+        },
+        "note": "model compute only (no data loading or selection), one thread, median of "
+        f"{repeats}; b = {b}, B = {big}",
+    }
+
+
+def _demo(cfg, ratio: float, repeats: int = 0) -> dict:
     from jeststream.demo.model import build_model
 
     t0 = time.perf_counter()
     vocab, captions = _demo_captions(cfg.context_length)
     model = build_model(cfg, vocab, seed=0)
     costs = _tower_costs(model, cfg.image_size, captions)
+    wall = _demo_wall(model, cfg, captions, ratio, repeats) if repeats else None
     return {
         "model": f"demo SigLIP model ({cfg.image_size} px, patch {cfg.patch_size}, width {cfg.width}, "
         f"context {cfg.context_length})",
         "caption_lengths": "the demo pool's own captions (first 256)",
         "gflops_per_example": {k: None if v is None else v / 1e9 for k, v in costs.items()},
         "jest_step_vs_uniform_step": _ratios(costs, ratio),
+        "wall": wall,
         "count_seconds": time.perf_counter() - t0,
     }
 
@@ -184,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = {"ratio": args.ratio, "torch": torch.__version__, "models": {}}
-    out["models"]["demo"] = _demo(ModelConfig(), args.ratio)
-    out["models"]["demo_patch4"] = _demo(replace(ModelConfig(), patch_size=4), args.ratio)
+    repeats = 5 if args.quick else 20
+    out["models"]["demo"] = _demo(ModelConfig(), args.ratio, repeats)
+    out["models"]["demo_patch4"] = _demo(replace(ModelConfig(), patch_size=4), args.ratio, repeats)
     if not args.quick:
         out["models"]["vit_b16"] = vit_b16(args.ratio)
     json.dump(out, sys.stdout, indent=1)
