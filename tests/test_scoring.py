@@ -143,3 +143,27 @@ def test_scorer_without_the_learner(vector_batches):
     res = scorer(vector_batches(1, 6)[0], 6)
     assert res.learner is None and res.reference.image.shape == (6, 8)
     assert models == [scorer.reference] and res.version == 1
+
+
+def test_scoring_cost_benchmark_quick_prints_json():
+    """benchmarks/scoring_cost.py counts the library's scoring paths: trimming and half
+    resolution cut the counted FLOPs, the cache halves the scoring."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scoring_cost.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=240,
+        check=True,
+    ).stdout
+    models = json.loads(out)["models"]
+    assert set(models) == {"demo", "demo_patch4"}
+    for m in models.values():
+        g, r = m["gflops_per_example"], m["jest_step_vs_uniform_step"]
+        assert g["text_forward_captions_trimmed"] < g["text_forward_captions_untrimmed"]
+        assert g["image_forward_half_resolution"] < g["image_forward"]
+        assert r["cached_scoring_share_of_full_scoring"] == 0.5
+        assert r["full_scoring"] > r["cached_reference"] > r["cached_reference_half_resolution_trimmed"] > 1
+        assert m["wall"]["train_step_s"] > 0
