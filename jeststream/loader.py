@@ -169,7 +169,7 @@ class _Producer:
         size = _batch_size(super_batch)
         k = max(1, min(size, math.floor(size / ld.n + 0.5)))
         want_keys = ld._log_path is not None or ld._scorer.needs_keys
-        keys = find_keys(super_batch, ld.key_fn) if want_keys else None
+        keys = find_keys(super_batch, ld.key_fn, size=size) if want_keys else None
         snap_step = ld._scheduled(step, self.start)
         self.activity = (
             f"scoring step {step}"
@@ -293,7 +293,7 @@ class _JESTIterator:
         mid_pass = pass_start is not None and pass_start < step
         self._start_step = start = int(pass_start) if mid_pass else step
         snap = loader._snapshot
-        if not (mid_pass and loader._restored_snapshot):
+        if not (mid_pass and loader._loaded_snapshot is not None):
             snap.release_before(step)  # the previous pass's versions are not needed any more
             snap.refresh(step)  # the learner may have trained since the last pass
             if mid_pass and loader._lag() is not None and loader._scheduled(step, start) < step:
@@ -304,7 +304,7 @@ class _JESTIterator:
                     step,
                     step,
                 )
-        snap.release_before(loader._floor(step, start))
+        snap.release_before(loader._scheduled(step, start))
         base_iter = iter(loader.base_loader)
         if not loader._restored:  # else keep the loaded state: nothing was drawn since
             loader._resume = loader._make_state(loader._base_state(), step, step, loader.epoch)
@@ -332,7 +332,7 @@ class _JESTIterator:
         step = ld._step
         t0 = time.perf_counter()
         try:
-            ld._snapshot.release_before(ld._floor(step, self._start_step))
+            ld._snapshot.release_before(ld._scheduled(step, self._start_step))
             if ld.refresh_every and step > self._start_step and step % ld.refresh_every == 0:
                 ld._snapshot.refresh(step)
             if self._prefetcher is not None:
@@ -369,7 +369,7 @@ class _JESTIterator:
             # boundary, which a StatefulDataLoader would resume as an empty rest of the epoch.
             # Also after a restore whose pass had nothing left: the next pass is a new one.
             ld._resume = ld._make_state(ld._base_state(), ld._step, None, ld._resume["epoch"])
-            ld._restored = ld._restored_snapshot = False
+            ld._restored = False
             ld._loaded_snapshot = None
             raise
         except BaseException:
@@ -579,17 +579,17 @@ class JESTLoader:
         )
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
-        # set_epoch()'s reseed, applied when the next pass starts: a producer still running for
-        # the current pass may be drawing from the generator at that moment.
-        self._pending_seed: int | None = None
+        # set_epoch()'s epoch, whose seed is applied when the next pass starts: a producer still
+        # running for the current pass may be drawing from the generator at that moment.
+        self._pending_epoch: int | None = None
 
         self._step = 0  # batches yielded (== super-batches consumed), across passes
         self._fallbacks = 0
         self._base_batches = 0  # base batches drawn, across passes
         self._dropped = 0  # examples drop_last threw away
-        self._pending_epoch: int | None = None
-        self._restored_snapshot = False  # load_state_dict() restored the snapshot versions
-        self._loaded_snapshot: dict | None = None  # ... which state_dict() returns until a yield
+        # the snapshot versions load_state_dict() restored (state_dict() returns them until a
+        # batch is yielded); None when the restore had none
+        self._loaded_snapshot: dict | None = None
         self._restore_drawn = False  # an iterator has run since load_state_dict()
         self._resume: dict | None = None
         self._restored = False  # a load_state_dict() not yet followed by a yielded batch
@@ -638,15 +638,12 @@ class JESTLoader:
         return None if self.async_scoring else 0
 
     def _scheduled(self, step: int, start: int) -> int | None:
+        """The step whose snapshot scores super-batch ``step`` (None: whatever is latest). It is
+        also the pool's floor: no super-batch from ``step`` on needs a snapshot taken before."""
         lag = self._lag()
         if lag is None:
             return None
         return scheduled_step(step, start=start, lag=lag, refresh_every=self.refresh_every)
-
-    def _floor(self, step: int, start: int) -> int | None:
-        """Snapshots taken before this step are needed by no super-batch from ``step`` on
-        (None: only the latest is, the non-deterministic asynchronous case)."""
-        return self._scheduled(step, start)
 
     @property
     def batch_size(self) -> int | None:
@@ -707,7 +704,6 @@ class JESTLoader:
         """
         epoch = int(epoch)
         if not (self._restored and epoch == self.epoch):
-            self._pending_seed = _epoch_seed(self.seed, epoch)
             self._pending_epoch = epoch
         self.epoch = epoch
         if hasattr(self.base_loader, "set_epoch"):
@@ -760,9 +756,8 @@ class JESTLoader:
         self._active = None
 
     def _apply_pending_seed(self) -> None:
-        if self._pending_seed is not None:
-            self._generator.manual_seed(self._pending_seed)
-            self._pending_seed = None
+        if self._pending_epoch is not None:
+            self._generator.manual_seed(_epoch_seed(self.seed, self._pending_epoch))
             self._pending_epoch = None
 
     def _on_yield(self, item: _Item, info: SelectionInfo) -> None:
@@ -782,7 +777,7 @@ class JESTLoader:
             )
         self._step = info.step + 1
         self._resume = item.resume
-        self._restored = self._restored_snapshot = False
+        self._restored = False
         self._loaded_snapshot = None
         if info.fallback:
             self._fallbacks += 1
@@ -843,9 +838,9 @@ class JESTLoader:
                 those super-batches with the learner as restored (the weights after the last
                 yielded step) instead of the older snapshots: with synchronous or deterministic
                 scoring the first ``L`` super-batches after the restore (L = ``prefetch`` when
-                deterministic, else up to ``refresh_every - 1``) may select differently, and
-                everything after them is identical. At a pass boundary nothing differs: every
-                pass starts by copying the live learner.
+                deterministic, else up to ``refresh_every - 1``) may select differently (and a
+                learner trained on them diverges from then on). At a pass boundary nothing
+                differs: every pass starts by copying the live learner.
         """
         if self._log is not None:
             self._log.flush()
@@ -863,10 +858,10 @@ class JESTLoader:
             start = state["pass_start"]
             mid_pass = start is not None and start < state["step"]
             snap = None
-            if mid_pass and self._restored_snapshot:
+            if mid_pass and self._loaded_snapshot is not None:
                 snap = self._loaded_snapshot  # restored and nothing yielded since
             elif mid_pass:
-                snap = self._snapshot.state_dict(self._floor(state["step"], start))
+                snap = self._snapshot.state_dict(self._scheduled(state["step"], start))
                 if not snap["versions"]:  # restored without weights, not iterated yet
                     snap = None
             state["snapshot"] = snap
@@ -893,20 +888,15 @@ class JESTLoader:
         self._close_active()  # scored-ahead super-batches are dropped and drawn again
         if state.get("snapshot") is not None:
             self._snapshot.load_state_dict(state["snapshot"])
-            self._restored_snapshot = True
-            self._loaded_snapshot = state["snapshot"]
-        else:
-            self._restored_snapshot = False
-            self._loaded_snapshot = None
+        self._loaded_snapshot = state.get("snapshot")
         if state["base"] is not None:
             self.base_loader.load_state_dict(state["base"])
         self._generator.set_state(state["generator"])
-        self._pending_seed = self._pending_epoch = None
+        self._pending_epoch = None
         self._step = int(state["step"])
         self.epoch = int(state.get("epoch", self.epoch))
         if state.get("pending_epoch") is not None:
             self.epoch = self._pending_epoch = int(state["pending_epoch"])
-            self._pending_seed = _epoch_seed(self.seed, self.epoch)
         self._fallbacks = int(state.get("fallbacks", 0))
         self._resume = {k: v for k, v in state.items() if k not in ("snapshot", "pending_epoch")}
         self._restore_drawn = False
@@ -914,9 +904,8 @@ class JESTLoader:
             # set_epoch() had abandoned that pass: what comes next is a new pass, as it was for
             # the loader that saved this state (not the old pass's rest under the new seed)
             self._resume["pass_start"] = None
-            self._restored_snapshot = False
             self._loaded_snapshot = None
         self._restored = True
         self._log_append = self._log_mode != "w"
-        if not self._restored_snapshot:
+        if self._loaded_snapshot is None:
             self._snapshot.reset_steps(self._step)

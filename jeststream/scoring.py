@@ -245,15 +245,16 @@ class Scorer:
             if not self.score_learner:
                 version = self.snapshot.version
             else:
+                # resized before a snapshot copy is taken: the copy is held only for the forward
+                learner_batch = (
+                    batch
+                    if self.score_resolution is None
+                    else resize_batch_images(batch, self.score_resolution)
+                )
                 with self.snapshot.use(snapshot_step, should_stop=should_stop) as (
                     module,
                     version,
                 ):
-                    learner_batch = (
-                        batch
-                        if self.score_resolution is None
-                        else resize_batch_images(batch, self.score_resolution)
-                    )
                     with self._autocast(for_learner=True):
                         raw = self.embed(module, learner_batch)
                     learner = check_embeddings(raw, "learner", super_batch_size)

@@ -209,34 +209,41 @@ class LearnerSnapshot:
 
     # -- the pool ----------------------------------------------------------------------------
 
-    def _free_slot(self, reclaim_latest: bool, step: int | None = None) -> _Slot | None:
-        """A slot no forward holds and no schedule needs (caller holds the condition); other
-        slots before the latest, so that the latest stays readable while it is not needed. A
-        copy taken at ``step`` itself is free: the new one at that step supersedes it."""
+    def _newest_at_step(self) -> dict[int, int]:
+        """step -> the newest published version taken at it (an older copy of the same step,
+        left by a forward that held it through a re-take, is superseded)."""
+        newest: dict[int, int] = {}
+        for s in self._slots:
+            if s.version is not None:
+                newest[s.step] = max(newest.get(s.step, -1), s.version)
+        return newest
+
+    def _free_slot(self, step: int) -> _Slot | None:
+        """A slot to write the copy of ``step`` into (caller holds the condition): one no
+        forward holds and no schedule needs; other slots before the latest, so that the latest
+        stays readable while it is not needed. A copy taken at ``step`` itself is free: the new
+        one supersedes it."""
         for slot in self._slots:
-            if step is not None and slot.step == step and not (slot.readers or slot.writing):
+            if slot.step == step and not (slot.readers or slot.writing):
                 return slot
-        latest_ok = None
-        newest_at: dict[int, int] = {}  # step -> newest version taken at it
-        for slot in self._slots:
-            if slot.version is not None:
-                newest_at[slot.step] = max(newest_at.get(slot.step, -1), slot.version)
+        latest = None
+        newest = self._newest_at_step()
         for slot in self._slots:
             if slot.readers or slot.writing:
                 continue
+            published = slot.version is not None
             if (
-                slot.version is not None
+                published
                 and self._floor is not None
                 and slot.step >= self._floor
-                and newest_at[slot.step] == slot.version  # an older copy of the same step is not
+                and newest[slot.step] == slot.version
             ):
-                continue
-            if slot is self._latest and slot.version is not None:
-                if reclaim_latest:
-                    latest_ok = slot
+                continue  # scheduled
+            if published and slot is self._latest:
+                latest = slot
                 continue
             return slot
-        return latest_ok
+        return latest
 
     def _deadline(self) -> float | None:
         return None if self.timeout is None else time.monotonic() + self.timeout
@@ -251,7 +258,7 @@ class LearnerSnapshot:
         """A slot to write into (caller holds the condition), marked as being written."""
         deadline = self._deadline()
         while True:
-            slot = self._free_slot(reclaim_latest=True, step=step)
+            slot = self._free_slot(step)
             if slot is None and len(self._slots) < self.max_copies:
                 slot = _Slot(self._make_module())
                 self._slots.append(slot)
@@ -391,10 +398,7 @@ class LearnerSnapshot:
         """Weights of every kept version taken at or after ``from_step`` (always the latest; only
         it for None), on the CPU: what the scoring of the super-batches after a checkpoint needs."""
         with self._cond:
-            newest_at: dict[int, int] = {}
-            for s in self._slots:
-                if s.version is not None:
-                    newest_at[s.step] = max(newest_at.get(s.step, -1), s.version)
+            newest_at = self._newest_at_step()
             slots = [
                 s
                 for s in self._slots
