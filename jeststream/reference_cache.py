@@ -423,7 +423,7 @@ class ReferenceCache:
             image[i], text[i] = self._computed[keys[i]]
 
     def _compute(self, keys: list[str], todo: list[int], batch: Any, embed: Any) -> None:
-        from jeststream.batch import batch_size, index_batch
+        from jeststream.batch import batch_size, index_batch, iter_tensors
         from jeststream.scoring import _autocast_dtype, check_embeddings, default_embed
         from jeststream.snapshot import is_accelerator
 
@@ -434,7 +434,7 @@ class ReferenceCache:
             )
         idx = torch.tensor(todo, dtype=torch.long)
         sub = index_batch(batch, idx)
-        device = next((t.device for t in _tensors(sub)), torch.device("cpu"))
+        device = next((t.device for t in iter_tensors(sub)), torch.device("cpu"))
         param = next(iter(self.reference.parameters()), None)
         if param is not None and param.device != device:
             self.reference.to(device)
@@ -451,8 +451,3 @@ class ReferenceCache:
             self._computed[keys[i]] = (img[j].copy(), txt[j].copy())
         self.stats["computed"] += len(todo)
 
-
-def _tensors(batch: Any) -> Iterator[torch.Tensor]:
-    from jeststream.batch import iter_tensors
-
-    return iter_tensors(batch)
