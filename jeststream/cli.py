@@ -10,6 +10,11 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("jeststream.demo", "main", "JEST vs uniform training on the embedded digits set"),
     "inspect": ("jeststream.selection_log", "inspect_main", "summarise a selection log"),
+    "report": (
+        "jeststream.report",
+        "main",
+        "an HTML page of what a selection log kept and rejected, with thumbnails",
+    ),
     "precompute-reference": (
         "jeststream.adapters.precompute_reference",
         "main",
