@@ -6,8 +6,12 @@ Same as ``jeststream demo --full``: trains the same tiny open_clip SigLIP model 
 sampling, JEST, independent learnability / hard-learner / easy-reference sampling, static
 filtering and the clean-only oracle on the embedded noisy digits set; prints the table, then
 the headline figures as JSON (steps and FLOPs ratios to reach uniform's final held-out accuracy,
-uniform's plateau check, selected-example composition). Writes runs/learning/results.json and
-runs/learning/learning_curves.png. Measured on 2 CPU cores with the default --jobs 2: 41 min
+uniform's plateau check, final retrieval recall@1/@5 both ways, the batch learnability of the
+selected sub-batches against independent and uniform draws from the same super-batches, and the
+selected-example composition). Writes runs/learning/results.json and
+runs/learning/learning_curves.png (its third panel: batch learnability over training, the
+paper's Fig. 2 on this run). Where joint selection beats independent selection (filtering
+ratio, loss, the fine-grained pairs task) is the sweep's job: benchmarks/selection_sweep.py. Measured on 2 CPU cores with the default --jobs 2: 41 min
 for every method over 3 seeds at 2,000 steps (21 runs). A JEST-type run (jest, independent,
 hard_learner) took ~5.5 min and easy_reference ~3.7 min, two at a time: each decodes
 1/ratio = 5 base batches per step and scores them; a uniform, static or oracle run took
@@ -40,6 +44,12 @@ def run(argv: list[str]) -> int:
         },
         "flops_ratio_vs_uniform": {
             m: v["flops_ratio_vs_uniform"] for m, v in results["methods"].items()
+        },
+        "final_retrieval": {m: v["final_retrieval"] for m, v in results["methods"].items()},
+        "batch_learnability": {
+            m: {d: s["mean_over_steps"] for d, s in v["batch_learnability"].items()}
+            for m, v in results["methods"].items()
+            if "batch_learnability" in v
         },
         "composition": {
             m: {t: s["mean"] for t, s in v["composition"].items()}

@@ -4,7 +4,11 @@
         log.write(keys=keys, epoch=0, step=12, scores=scores, selected=mask)
 
 Each record holds the sample key (when the source provides one), epoch, step, the example's
-position in its super-batch, its score and whether JEST selected it.
+position in its super-batch, its score and whether JEST selected it. A loader built with
+``batch_learnability=True`` adds three per-super-batch columns, the same on every row of a step
+(:mod:`jeststream.diagnostics`): ``batch_learnability`` of the selected sub-batch as a whole, and
+``batch_learnability_independent`` / ``batch_learnability_uniform`` of an independent and a
+uniform draw of its size from the same super-batch. Logs without them read as before.
 
 Formats. A path ending with ``.parquet`` (and pyarrow importable) is a *directory of immutable
 Parquet segments*: each flush writes one new file ``part-000000.parquet``, ``part-000001.parquet``,
@@ -75,6 +79,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("key", "epoch", "step", "pos", "score", "selected")
+# Optional per-super-batch columns (BatchLearnability's selected / independent / uniform).
+LEARNABILITY_COLUMNS = (
+    "batch_learnability",
+    "batch_learnability_independent",
+    "batch_learnability_uniform",
+)
 _PARQUET_MAGIC = b"PAR1"
 _THREAD_NAME = "jeststream-selection-log"
 _MAX_PENDING = 2  # hand-offs queued or being written; write() waits beyond that
@@ -109,19 +119,26 @@ def _have_pyarrow() -> bool:
     return True
 
 
-def _schema():
+def _schema(learnability: bool = False):
     import pyarrow as pa
 
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("epoch", pa.int64()),
-            ("step", pa.int64()),
-            ("pos", pa.int32()),
-            ("score", pa.float32()),
-            ("selected", pa.bool_()),
-        ]
-    )
+    fields = [
+        ("key", pa.string()),
+        ("epoch", pa.int64()),
+        ("step", pa.int64()),
+        ("pos", pa.int32()),
+        ("score", pa.float32()),
+        ("selected", pa.bool_()),
+    ]
+    if learnability:
+        fields += [(c, pa.float32()) for c in LEARNABILITY_COLUMNS]
+    return pa.schema(fields)
+
+
+def _learnability_column(ch: dict[str, Any], c: str) -> np.ndarray:
+    """Column ``c`` of a chunk, NaN where the chunk has none (a log that gained it mid-way)."""
+    got = ch.get(c)
+    return np.full(len(ch["step"]), np.nan, np.float32) if got is None else got
 
 
 def _column(x: Any, dtype: type) -> np.ndarray:
@@ -189,7 +206,15 @@ def _table(chunks: list[dict[str, Any]]):
         )
         for c in COLUMNS
     }
-    return pa.table(columns, schema=_schema())
+    learnability = any(LEARNABILITY_COLUMNS[0] in ch for ch in chunks)
+    if learnability:
+        for c in LEARNABILITY_COLUMNS:
+            columns[c] = np.concatenate([_learnability_column(ch, c) for ch in chunks])
+    return pa.table(columns, schema=_schema(learnability))
+
+
+def _json_float(x: float) -> str:
+    return repr(x) if math.isfinite(x) else "null"
 
 
 def _jsonl_bytes(chunks: list[dict[str, Any]]) -> bytes:
@@ -197,6 +222,12 @@ def _jsonl_bytes(chunks: list[dict[str, Any]]) -> bytes:
     enc = json.encoder.encode_basestring_ascii
     lines = []
     for ch in chunks:
+        # the per-super-batch columns are one value per chunk: one suffix for all its lines
+        extra = "".join(
+            f',"{c}":{_json_float(float(ch[c][0]))}'
+            for c in LEARNABILITY_COLUMNS
+            if c in ch and len(ch[c])
+        )
         for k, e, s, p, sc, sel in zip(
             ch["key"],
             ch["epoch"].tolist(),
@@ -207,8 +238,8 @@ def _jsonl_bytes(chunks: list[dict[str, Any]]) -> bytes:
         ):
             lines.append(
                 f'{{"key":{"null" if k is None else enc(k)},"epoch":{e},"step":{s},'
-                f'"pos":{p},"score":{repr(sc) if math.isfinite(sc) else "null"},'
-                f'"selected":{"true" if sel else "false"}}}'
+                f'"pos":{p},"score":{_json_float(sc)},'
+                f'"selected":{"true" if sel else "false"}{extra}}}'
             )
     return ("\n".join(lines) + "\n").encode("ascii")
 
@@ -508,9 +539,13 @@ class SelectionLog:
         step: int,
         scores: Any,
         selected: Any,
+        batch_learnability: Any = None,
     ) -> None:
         """Record one super-batch: ``scores`` and bool ``selected`` are [B] (tensors or arrays);
-        ``keys`` B or None. Only buffers: the rows are written on the writer thread."""
+        ``keys`` B or None; ``batch_learnability`` optionally a
+        :class:`jeststream.diagnostics.BatchLearnability` (or a (selected, independent, uniform)
+        triple), written to every row of the step. Only buffers: the rows are written on the
+        writer thread."""
         if self._closed:
             raise RuntimeError(f"SelectionLog {self.path} is closed")
         scores_np = _column(scores, np.float32)
@@ -534,6 +569,15 @@ class SelectionLog:
             "score": scores_np,
             "selected": selected_np,
         }
+        if batch_learnability is not None:
+            values = tuple(batch_learnability)[: len(LEARNABILITY_COLUMNS)]
+            if len(values) != len(LEARNABILITY_COLUMNS):
+                raise ValueError(
+                    f"batch_learnability must hold (selected, independent, uniform), got "
+                    f"{batch_learnability!r}"
+                )
+            for c, v in zip(LEARNABILITY_COLUMNS, values):
+                chunk[c] = np.full(size, float(v), dtype=np.float32)
         with self._lock:
             w = self._writer
             with w.cond:
@@ -684,6 +728,11 @@ def _table_columns(table: Any) -> dict[str, Any]:
         "pos": table.column("pos").to_numpy().astype(np.int32),
         "score": table.column("score").to_numpy(zero_copy_only=False).astype(np.float32),
         "selected": table.column("selected").to_numpy(zero_copy_only=False).astype(bool),
+        **{
+            c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+            for c in LEARNABILITY_COLUMNS
+            if c in table.column_names
+        },
     }
 
 
@@ -704,12 +753,22 @@ def _read_segments(path: Path) -> dict[str, Any]:
     tables = []
     for _, name in segments:
         try:
-            tables.append(pq.read_table(str(path / name)).select(list(COLUMNS)).cast(_schema()))
+            table = pq.read_table(str(path / name))
+            extra = LEARNABILITY_COLUMNS[0] in table.column_names
+            names = list(COLUMNS) + (list(LEARNABILITY_COLUMNS) if extra else [])
+            tables.append(table.select(names).cast(_schema(extra)))
         except Exception as exc:  # noqa: BLE001 -- name the file; a segment is never half-written
             raise ValueError(
                 f"selection log {path}: segment {name} cannot be read ({type(exc).__name__}: "
                 f"{exc})"
             ) from exc
+    if any(LEARNABILITY_COLUMNS[0] in t.column_names for t in tables):
+        # segments written without the optional columns read as NaN there
+        for i, t in enumerate(tables):
+            if LEARNABILITY_COLUMNS[0] not in t.column_names:
+                for c in LEARNABILITY_COLUMNS:
+                    t = t.append_column(c, pa.array(np.full(len(t), np.nan, np.float32)))
+                tables[i] = t
     return _table_columns(pa.concat_tables(tables))
 
 
@@ -718,8 +777,9 @@ def read_selection_log(path: str | os.PathLike, *, dedupe: bool = True) -> dict[
 
     ``path`` is a directory of Parquet segments, a single Parquet file (older jeststream) or a
     JSON-lines file. Returns ``{"key": list[str | None], "epoch": int64[N], "step": int64[N],
-    "pos": int32[N], "score": float32[N] (NaN for fallback super-batches), "selected": bool[N]}``,
-    rows in write order (an empty directory: no rows). With ``dedupe`` (default) a (step, pos)
+    "pos": int32[N], "score": float32[N] (NaN for fallback super-batches), "selected": bool[N]}``
+    plus, for a log written with batch learnability, its three float32 columns
+    (``LEARNABILITY_COLUMNS``; NaN where a step has none), rows in write order (an empty directory: no rows). With ``dedupe`` (default) a (step, pos)
     record written again after a resume replaces the earlier one.
     """
     path = Path(path)
@@ -733,7 +793,8 @@ def read_selection_log(path: str | os.PathLike, *, dedupe: bool = True) -> dict[
 
         cols = _table_columns(pq.read_table(str(path)))
     else:
-        raw: dict[str, list] = {c: [] for c in COLUMNS}
+        raw: dict[str, list] = {c: [] for c in COLUMNS + LEARNABILITY_COLUMNS}
+        learnability = False
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 line = line.strip()
@@ -745,8 +806,9 @@ def read_selection_log(path: str | os.PathLike, *, dedupe: bool = True) -> dict[
                     # A crash can leave a half-written last line; everything before it is good.
                     logger.warning("%s:%d: skipping unreadable record (%s)", path, lineno, exc)
                     continue
-                for c in COLUMNS:
+                for c in COLUMNS + LEARNABILITY_COLUMNS:
                     raw[c].append(rec.get(c))
+                learnability = learnability or LEARNABILITY_COLUMNS[0] in rec
         cols = {
             "key": raw["key"],
             "epoch": np.asarray(raw["epoch"], dtype=np.int64),
@@ -757,6 +819,11 @@ def read_selection_log(path: str | os.PathLike, *, dedupe: bool = True) -> dict[
             ),
             "selected": np.asarray(raw["selected"], dtype=bool),
         }
+        if learnability:
+            for c in LEARNABILITY_COLUMNS:
+                cols[c] = np.asarray(
+                    [math.nan if v is None else v for v in raw[c]], dtype=np.float32
+                )
     if dedupe and len(cols["step"]):
         ids = cols["step"] * (int(cols["pos"].max()) + 1) + cols["pos"]
         # keep the last occurrence of each (step, pos), preserving write order
@@ -819,7 +886,37 @@ def summarize(cols: dict[str, Any], top: int = 10) -> dict[str, Any]:
 
     out["top_keys"] = rows(ranked[:top])
     out["bottom_keys"] = rows(ranked[::-1][:top]) if top else []
+    if LEARNABILITY_COLUMNS[0] in cols:
+        out["batch_learnability"] = _learnability_summary(cols)
     return out
+
+
+def _mean_std(x: np.ndarray) -> dict[str, float]:
+    x = x.astype(np.float64)
+    return {
+        "mean": float(x.mean()) if len(x) else math.nan,
+        "std": float(x.std(ddof=1)) if len(x) > 1 else (0.0 if len(x) else math.nan),
+    }
+
+
+def _learnability_summary(cols: dict[str, Any]) -> dict[str, Any]:
+    """Per super-batch (one value per (epoch, step)): mean ± std of the selected, independent and
+    uniform draws' batch learnability, and of selected − independent."""
+    epoch, step = cols["epoch"], cols["step"]
+    ids = epoch * (int(step.max()) + 1 if len(step) else 1) + step
+    _, first = np.unique(ids, return_index=True)
+    sel, ind, uni = (cols[c][first] for c in LEARNABILITY_COLUMNS)
+    ok = np.isfinite(sel) & np.isfinite(ind) & np.isfinite(uni)
+    sel, ind, uni = sel[ok], ind[ok], uni[ok]
+    gap = sel.astype(np.float64) - ind
+    return {
+        "super_batches": int(ok.sum()),
+        "selected": _mean_std(sel),
+        "independent": _mean_std(ind),
+        "uniform": _mean_std(uni),
+        "selected_minus_independent": _mean_std(gap),
+        "selected_above_independent_share": float((gap > 0).mean()) if len(gap) else math.nan,
+    }
 
 
 def selected_keys(cols: dict[str, Any]) -> list[str]:
@@ -861,6 +958,20 @@ def _format(summary: dict[str, Any], path: Path | str) -> str:
                 lines.append(
                     f"  {r['score']:>10.4g}  {r['seen']:>4}  {r['selected']:>4}  {r['key']}"
                 )
+    bl = summary.get("batch_learnability")
+    if bl and bl["super_batches"]:
+        def ms(d: dict[str, float]) -> str:
+            return f"{d['mean']:.4g} ± {d['std']:.3g}"
+
+        lines.append(
+            f"batch learnability over {bl['super_batches']} super-batches (mean ± std): "
+            f"selected {ms(bl['selected'])}, independent draw {ms(bl['independent'])}, "
+            f"uniform draw {ms(bl['uniform'])}"
+        )
+        lines.append(
+            f"  selected − independent: {ms(bl['selected_minus_independent'])}, above it in "
+            f"{100 * bl['selected_above_independent_share']:.0f}% of super-batches"
+        )
     if not summary["unique_keys"] and summary["examples_seen"]:
         lines.append("(no sample keys in this log: pass key_fn= or a keyed base loader)")
     return "\n".join(lines)
@@ -869,10 +980,16 @@ def _format(summary: dict[str, Any], path: Path | str) -> str:
 def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
     if len(parts) == 1:
         return parts[0]
-    return {
+    out = {
         c: ([k for p in parts for k in p[c]] if c == "key" else np.concatenate([p[c] for p in parts]))
         for c in COLUMNS
     }
+    if any(LEARNABILITY_COLUMNS[0] in p for p in parts):
+        for c in LEARNABILITY_COLUMNS:
+            out[c] = np.concatenate(
+                [p.get(c, np.full(len(p["step"]), np.nan, np.float32)) for p in parts]
+            )
+    return out
 
 
 def inspect_main(argv: Sequence[str] | None = None) -> int:

@@ -151,9 +151,15 @@ def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_p
 
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path, capsys):
+    from jeststream.demo.model import RETRIEVAL
+
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "JEST reaches" in out and "jest" in out
+    # the comparison at the run's own scale, not a verdict on the full comparison's target
+    assert "at this scale (12 steps" in out and "steps to uniform's final accuracy" in out
+    assert "MET" not in out
+    for label in ("i→t R@1", "i→t R@5", "t→i R@1", "t→i R@5", "batch learnability"):
+        assert label in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
     methods = results["methods"]
@@ -166,6 +172,23 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     for run in results["runs"]:
         assert run["curve"][-1]["step"] == steps
         assert run["curve"][-1]["flops"] > 0
+        for k in RETRIEVAL:
+            assert 0.0 <= run["curve"][-1][k] <= 1.0
+        # recall@5 finds at least what recall@1 finds
+        last = run["curve"][-1]
+        assert last["i2t_recall_at_5"] >= last["i2t_recall_at_1"]
+        assert last["t2i_recall_at_5"] >= last["t2i_recall_at_1"]
+        # measured for the learnability criterion only, on every step
+        measured = run["method"] in ("jest", "independent")
+        assert ("batch_learnability" in run) == measured, run["method"]
+        if measured:
+            bl = run["batch_learnability"]
+            assert bl["steps"] == steps and bl["windows"]["end_step"][-1] == steps
+            assert bl["selected_minus_independent"]["mean"] == pytest.approx(
+                bl["selected"]["mean"] - bl["independent"]["mean"]
+            )
+    assert set(methods["jest"]["final_retrieval"]) == set(RETRIEVAL)
+    assert "batch_learnability" in methods["jest"] and "batch_learnability" not in methods["oracle"]
     # Selection methods pay for their scoring forwards.
     by = {r["method"]: r for r in results["runs"]}
     assert by["jest"]["flops_per_step"] > by["uniform"]["flops_per_step"]
@@ -251,3 +274,180 @@ def test_flops_count_the_library_scoring_path():
     assert full["reference_forward_super_batch"] < padded["reference_forward_super_batch"]
     with pytest.raises(ValueError, match="--score-resolution 6"):
         config_from_args(build_parser().parse_args(["--patch-size", "4", "--score-resolution", "6"]))
+
+
+def test_default_digits_config_keeps_its_fingerprint_fields():
+    """Fields added for the pairs task and the softmax learner stay out of the digits
+    fingerprints at their defaults, so shards and reference caches written before are found."""
+    from jeststream.demo.model import ModelConfig
+
+    assert "task" not in DataConfig().identity() and "heldout_size" not in DataConfig().identity()
+    assert "loss" not in ModelConfig().identity()
+    assert DataConfig(task="pairs").identity()["task"] == "pairs"
+    assert ModelConfig(loss="softmax").identity()["loss"] == "softmax"
+    with pytest.raises(ValueError, match="task='letters'"):
+        DataConfig(task="letters")
+
+
+def test_pairs_task_labels_captions_and_scans_agree():
+    from jeststream.demo.data import (
+        DIGIT_WORDS,
+        JUNK_CAPTIONS,
+        PAIR_TEMPLATES,
+        _load_scans,
+        caption,
+        class_captions,
+        n_classes,
+    )
+
+    cfg = DataConfig(task="pairs", pool_size=1200, curated_size=300, heldout_size=400,
+                     duplicate_sources=4)
+    splits = build_splits(cfg)
+    _, targets = _load_scans()
+    assert n_classes("pairs") == 100 and len(class_captions("pairs")) == 100 * len(PAIR_TEMPLATES)
+    assert caption(38, 0, "pairs") == "a handwritten three eight"
+    assert caption(38, 1, "pairs") == "the number 3 8"
+    words = {w: i for i, w in enumerate(DIGIT_WORDS)}
+
+    def named_class(text: str) -> int:
+        """The class a caption names: its two digit words, or its two digit tokens."""
+        toks = text.split()
+        digits = [words[t] for t in toks if t in words] or [int(t) for t in toks if t.isdigit()]
+        assert len(digits) == 2, text
+        return 10 * digits[0] + digits[1]
+
+    scans = {}
+    for name, split in splits.items():
+        n = len(split["caption"])
+        assert split["image"].shape == (n, 16, 16) and split["scan"].shape == (n, 2)
+        scans[name] = set(split["scan"].flatten().tolist())
+        for i in range(n):
+            noise, label, text = split["noise"][i], int(split["label"][i]), split["caption"][i]
+            if noise == "mismatched":
+                assert text in JUNK_CAPTIONS
+            elif noise == "garbage":
+                assert label == -1
+            else:
+                named = named_class(text)
+                assert (named == label) == (noise != "wrong_class"), (noise, text, label)
+            if noise != "garbage":  # the left scan shows the tens digit, the right one the units
+                left, right = split["scan"][i].tolist()
+                assert (int(targets[left]), int(targets[right])) == divmod(label, 10)
+    assert not scans["curated"] & scans["pool"] and not scans["pool"] & scans["heldout"]
+    assert not scans["curated"] & scans["heldout"]
+    held = splits["heldout"]["label"]
+    assert torch.bincount(held, minlength=100).tolist() == [4] * 100  # balanced
+    assert set(splits["heldout"]["noise"]) == {"clean"}
+    # the left and right halves are the two scans: swapping the classes changes the image
+    img = splits["heldout"]["image"].float()
+    assert (img[:, :, :8] - img[:, :, 8:]).abs().mean() > 5
+    tok = WordTokenizer(cfg.context_length, "pairs")
+    ids = tok(class_captions("pairs"))
+    assert (ids == tok.UNK).sum() == 0  # the pairs vocabulary covers every caption
+
+
+def test_class_level_recall_both_ways():
+    from jeststream.demo.model import _class_recall
+
+    labels = torch.tensor([0, 1, 1, 2])
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.0, 0.2],  # image 0 (class 0): nearest caption 0 -> hit
+            [0.1, 0.0, 0.2, 0.9],  # image 1 (class 1): nearest caption 3 (class 2), then 2
+            [0.8, 0.1, 0.3, 0.0],  # image 2 (class 1): nearest caption 0, then 2 (class 1)
+            [0.0, 0.9, 0.8, 0.1],  # image 3 (class 2): nearest 1 and 2 (both class 1), then 3
+        ]
+    )
+    assert _class_recall(sim, labels, labels, 1) == pytest.approx(0.25)
+    assert _class_recall(sim, labels, labels, 2) == pytest.approx(0.75)
+    assert _class_recall(sim, labels, labels, 5) == pytest.approx(1.0)  # k > N: everything
+    # text -> image reads the columns: only caption 0 finds its class first (captions 1 and 2
+    # find image 3, caption 3 finds image 1)
+    assert _class_recall(sim.T, labels, labels, 1) == pytest.approx(0.25)
+
+
+def test_pairs_and_softmax_options():
+    cfg = config_from_args(build_parser().parse_args(["--task", "pairs", "--loss", "softmax"]))
+    assert cfg.data.task == "pairs" and cfg.model.loss == "softmax"
+    assert cfg.model.width == 128 and cfg.model.layers == cfg.model.text_layers == 2
+    assert cfg.steps == 2000 and cfg.data.n_heldout == 2000
+    cfg = config_from_args(build_parser().parse_args(["--task", "pairs", "--width", "64"]))
+    assert cfg.model.width == 64
+    digits = config_from_args(build_parser().parse_args([]))
+    assert digits.model.width == 64 and digits.model.layers == 1 and digits.steps == 1000
+    assert digits.preset == "default" and digits.batch_learnability
+    with pytest.raises(ValueError, match="--layers must be at least 1"):
+        config_from_args(build_parser().parse_args(["--layers", "0"]))
+
+
+def _sweep_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_sweep.py"
+    spec = importlib.util.spec_from_file_location("selection_sweep", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_plan_and_filters():
+    sweep = _sweep_module()
+    runs = sweep.plan([0, 1, 2], 0.2, "sigmoid")
+    ids = {r.id for r in runs}
+    assert len(ids) == len(runs) == 3 * (1 + 6 + 1 + 2 + 5)
+    assert "digits-sigmoid-r0.1-jest-seed2" in ids and "digits-softmax-r0.2-independent-seed0" in ids
+    assert "pairs-sigmoid-oracle-seed1" in ids and "pairs-sigmoid-r0.2-easy_reference-seed1" in ids
+    f = sweep.parse_filters(["ratio=0.2", "task=digits", "loss=sigmoid"])
+    kept = {r.id for r in runs if r.matches(f)}
+    # uniform serves every ratio; the other ratios' runs are left out
+    assert kept == {f"digits-sigmoid{m}-seed{s}" for s in range(3)
+                    for m in ("-uniform", "-r0.2-jest", "-r0.2-independent")}
+    with pytest.raises(ValueError, match="KEY=V"):
+        sweep.parse_filters(["ratio"])
+    with pytest.raises(ValueError, match="KEY one of"):
+        sweep.parse_filters(["colour=red"])
+
+
+@pytest.mark.slow
+def test_sweep_writes_each_run_and_resumes(tmp_path, capsys):
+    """Each run lands in its own JSON file as it ends; a second invocation skips them, and the
+    summary has the per-configuration table and plot."""
+    sweep = _sweep_module()
+    common = [
+        "--results", str(tmp_path / "res"), "--docs", str(tmp_path / "docs"), "--quick",
+        "--steps", "2", "--ref-steps", "2", "--jobs", "1", "--seeds", "0",
+        "--only", "task=digits", "--only", "loss=sigmoid", "--only", "ratio=0.5",
+        "--only", "method=uniform,independent",
+    ]
+    assert sweep.main(["run", *common]) == 0
+    files = sorted((tmp_path / "res" / "runs").glob("*.json"))
+    assert [f.name for f in files] == [
+        "digits-sigmoid-r0.5-independent-seed0.json",
+        "digits-sigmoid-uniform-seed0.json",
+    ]
+    run = json.loads(files[0].read_text())
+    assert run["config"]["ratio"] == 0.5 and run["config"]["steps"] == 2
+    assert run["config"]["methods"] == ["independent"] and run["wall_s"] > 0
+    assert run["result"]["batch_learnability"]["steps"] == 2
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    first = capsys.readouterr()
+    assert "0 finished (skipped), 2 to run" in first.err
+
+    assert sweep.main(["run", *common]) == 0  # resumes: nothing left to train
+    second = capsys.readouterr()
+    assert "2 finished (skipped), 0 to run" in second.err and "done " not in second.err
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    summary = json.loads(second.out)
+    conf = summary["configurations"]["digits-sigmoid-r0.5"]
+    assert set(conf["methods"]) == {"uniform", "independent"}
+    assert "batch_learnability" in conf["methods"]["independent"]
+    md = (tmp_path / "docs" / "selection_sweep.md").read_text()
+    assert "## digits, sigmoid loss, ratio 0.5" in md and "| independent |" in md
+    assert (tmp_path / "docs" / "selection_sweep.png").stat().st_size > 0
+    # other settings in the same results directory are refused, not mixed in
+    with pytest.raises(SystemExit):
+        sweep.main(["run", *[a if a != "2" else "3" for a in common]])
+    assert "written with other settings" in capsys.readouterr().err

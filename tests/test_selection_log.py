@@ -271,3 +271,54 @@ def test_jsonl_records_are_standard_json_with_odd_keys(tmp_path):
     assert [r["key"] for r in recs] == keys
     assert [r["score"] for r in recs] == [pytest.approx(0.1), None, None, 2.5]
     assert [r["selected"] for r in recs] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_batch_learnability_columns_roundtrip_and_summary(tmp_path, name, capsys):
+    """The optional per-super-batch columns: written on every row of a step, NaN for steps
+    logged without them (a log that gained them mid-way), summarised by `jeststream inspect`."""
+    from jeststream.diagnostics import BatchLearnability
+    from jeststream.selection_log import LEARNABILITY_COLUMNS
+
+    path = tmp_path / name
+    with SelectionLog(path, flush_every=6) as log:
+        _write_steps(log, [0])  # no learnability: a segment / lines without the columns
+        for step, (sel, ind, uni) in enumerate([(3.0, 1.0, 0.5), (5.0, 6.0, 1.5)], start=1):
+            log.write(
+                keys=[f"k{step}_{i}" for i in range(6)], epoch=0, step=step,
+                scores=torch.zeros(6), selected=torch.arange(6) < 2,
+                batch_learnability=BatchLearnability(sel, ind, uni, 0.5),
+            )
+        with pytest.raises(ValueError, match="selected, independent, uniform"):
+            log.write(keys=None, epoch=0, step=9, scores=torch.zeros(2),
+                      selected=torch.zeros(2), batch_learnability=(1.0,))
+    cols = read_selection_log(path)
+    assert set(LEARNABILITY_COLUMNS) <= set(cols)
+    assert np.isnan(cols["batch_learnability"][:6]).all()
+    assert cols["batch_learnability"][6:].tolist() == [3.0] * 6 + [5.0] * 6
+    assert cols["batch_learnability_independent"][12:].tolist() == [6.0] * 6
+    assert cols["batch_learnability_uniform"][6:12].tolist() == [0.5] * 6
+    assert inspect_main([str(path), "--json"]) == 0
+    bl = json.loads(capsys.readouterr().out)["batch_learnability"]
+    assert bl["super_batches"] == 2  # step 0 has none
+    assert bl["selected"]["mean"] == pytest.approx(4.0)
+    assert bl["uniform"]["mean"] == pytest.approx(1.0)
+    assert bl["selected_minus_independent"]["mean"] == pytest.approx(0.5)
+    assert bl["selected_above_independent_share"] == pytest.approx(0.5)
+    assert inspect_main([str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "batch learnability over 2 super-batches" in text and "selected 4 ±" in text
+
+
+def test_logs_without_learnability_read_as_before(tmp_path):
+    path = tmp_path / "log.parquet"
+    with SelectionLog(path) as log:
+        _write_steps(log, range(2))
+    assert set(read_selection_log(path)) == set(COLUMNS)
+    assert "batch_learnability" not in cli_summary(path)
+
+
+def cli_summary(path):
+    from jeststream.selection_log import summarize
+
+    return summarize(read_selection_log(path))

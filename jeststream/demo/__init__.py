@@ -4,7 +4,8 @@
 uniform sampling, with JEST (through JESTLoader) and on the clean pairs only, then prints a table
 and writes ``runs/demo/results.json`` and ``runs/demo/learning_curves.png``. ``--full`` runs
 every baseline over three seeds (also ``benchmarks/learning.py``); ``--quick`` is the smoke
-test the test suite runs.
+test the test suite runs. ``--task pairs`` is the fine-grained variant (100 two-digit classes),
+``--loss softmax`` trains CLIP-style learners and selects with the softmax loss.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 __all__ = ["build_parser", "config_from_args", "main", "run_comparison"]
@@ -35,8 +36,22 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# The pairs task's model and schedule defaults (explicit options override them): 100 classes
+# that share digits need a wider model and a longer run than digits to be learnt at all.
+PAIRS_MODEL = {"width": 128, "layers": 2}
+PAIRS_STEPS = 2000
+
+
+def _pairs_defaults_help() -> str:
+    return (
+        f"width {PAIRS_MODEL['width']}, {PAIRS_MODEL['layers']} layer(s), {PAIRS_STEPS} steps, "
+        "2,000 held-out examples"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from jeststream.demo.data import DataConfig
+    from jeststream.demo.data import TASKS, DataConfig
+    from jeststream.demo.model import LOSSES
     from jeststream.demo.runs import METHODS, RunConfig
 
     d, r = DataConfig(), RunConfig()
@@ -64,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the full comparison: every method, seeds 0 1 2, twice the default steps (41 min "
         "on 2 CPU cores with --jobs 2; --scale, --methods or --seeds shorten it)",
+    )
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default="digits",
+        help="digits: 10 classes; pairs: 100 two-digit numbers, two scans side by side "
+        f"(captions like 'three eight'; its defaults: {_pairs_defaults_help()})",
     )
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (shards, cache, results)")
     p.add_argument(
@@ -94,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help=f"learner steps per method (default {r.steps}; --full {2 * r.steps})",
+        help=f"learner steps per method (default {r.steps}; --full {2 * r.steps}; --task pairs "
+        f"{PAIRS_STEPS})",
     )
     t.add_argument("--batch-size", type=int, default=r.batch_size, help="training batch size b")
     t.add_argument("--lr", type=float, default=r.lr, help="AdamW peak learning rate")
@@ -108,10 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--threads", type=int, default=r.threads, help="torch intra-op threads")
     t.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=r.model.loss,
+        help="the learner's and reference's training loss, and the loss JEST scores with: "
+        "sigmoid (SigLIP, logit bias -10) or softmax (CLIP, no bias; exact conditional gains)",
+    )
+    t.add_argument(
         "--width",
         type=int,
-        default=r.model.width,
-        help="model width: the image and text towers' width and the embedding size",
+        default=None,
+        help=f"model width: the image and text towers' width and the embedding size (default "
+        f"{r.model.width}; --task pairs: {PAIRS_MODEL['width']})",
+    )
+    t.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help=f"transformer layers of each tower (default {r.model.layers}; --task pairs: "
+        f"{PAIRS_MODEL['layers']})",
     )
     t.add_argument(
         "--patch-size",
@@ -151,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the frozen reference on every super-batch, instead of embedding the pool "
         "with it once and looking its embeddings up by key (the same scores up to float "
         "rounding, more compute)",
+    )
+    s.add_argument(
+        "--no-batch-learnability",
+        action="store_true",
+        help="do not record the selected sub-batches' learnability next to an independent and "
+        "a uniform draw from the same super-batch (jeststream.diagnostics; it changes no "
+        "selection, and costs a few b x b products per step)",
     )
     s.add_argument(
         "--sync-scoring",
@@ -210,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.heldout_scans,
         help="scans reserved for the held-out split",
     )
+    g.add_argument(
+        "--heldout-size",
+        type=int,
+        default=None,
+        help="held-out examples (default: one per held-out scan for digits, 2,000 for pairs)",
+    )
     g.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels")
     g.add_argument("--data-seed", type=int, default=d.seed, help="seed of the data set itself")
     return p
@@ -232,12 +283,23 @@ def config_from_args(args: argparse.Namespace):
         garbage=args.garbage,
         duplicate=args.duplicate,
         seed=args.data_seed,
+        task=args.task,
+        heldout_size=args.heldout_size,
     )
-    steps = RunConfig().steps if args.steps is None else args.steps
+    pairs = args.task == "pairs"
+    default_steps = PAIRS_STEPS if pairs else RunConfig().steps
+    width = args.width
+    if width is None:
+        width = PAIRS_MODEL["width"] if pairs else ModelConfig().width
+    layers = args.layers
+    if layers is None:
+        layers = PAIRS_MODEL["layers"] if pairs else ModelConfig().layers
+    steps = default_steps if args.steps is None else args.steps
     ref_steps, eval_every = args.ref_steps, args.eval_every
     batch_size = args.batch_size
     methods = RunConfig().methods
     seeds: tuple[int, ...] = (0,)
+    preset = "quick" if args.quick else "full" if args.full else "default"
     if args.quick:
         data = dataclasses.replace(data, pool_size=1500, curated_size=256, duplicate_sources=8)
         ref_steps, eval_every, batch_size = 12, 4, 32
@@ -273,10 +335,10 @@ def config_from_args(args: argparse.Namespace):
             f"--score-resolution {r} must be a multiple of --patch-size {args.patch_size} "
             f"between it and --image-size {args.image_size}"
         )
-    if args.width < 8 or args.width % 2:
-        raise ValueError(
-            f"--width must be an even number >= 8 (2 attention heads), got {args.width}"
-        )
+    if width < 8 or width % 2:
+        raise ValueError(f"--width must be an even number >= 8 (2 attention heads), got {width}")
+    if layers < 1:
+        raise ValueError(f"--layers must be at least 1, got {layers}")
     jobs = args.jobs
     if jobs is None:
         jobs = 1 if args.quick else max(1, min(2, os.cpu_count() or 1))
@@ -299,14 +361,19 @@ def config_from_args(args: argparse.Namespace):
         deterministic=not args.nondeterministic,
         score_resolution=args.score_resolution,
         cache_reference=not args.no_reference_cache,
+        batch_learnability=not args.no_batch_learnability,
+        preset=preset,
         data=data,
         model=ModelConfig(
             image_size=args.image_size,
             context_length=data.context_length,
-            width=args.width,
+            width=width,
             patch_size=args.patch_size,
-            text_width=args.width,
-            embed_dim=args.width,
+            text_width=width,
+            embed_dim=width,
+            layers=layers,
+            text_layers=layers,
+            loss=args.loss,
         ),
     )
 
@@ -384,7 +451,15 @@ def _cost(method: str) -> int:
     return 2 + int(criterion_weights(LOADER_METHODS[method][0])[0] != 0)
 
 
-def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
+def run_comparison(
+    cfg,
+    out_dir: Path,
+    progress: bool = True,
+    *,
+    work_dir: Path | None = None,
+    only: Collection[tuple[int, str]] | None = None,
+    on_run: Callable[[dict, dict], None] | None = None,
+) -> dict:
     """Run every (seed, method) of `cfg`; write results.json and the plot; return the results.
 
     With ``cfg.jobs > 1`` the references and then the runs go to that many worker processes
@@ -392,6 +467,15 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     its curve does not depend on ``jobs`` or on thread timing (``deterministic`` scoring, the
     default; with ``deterministic=False`` and asynchronous scoring, which learner snapshot
     scores a super-batch depends on timing). Wall times are on shared cores.
+
+    Args:
+        work_dir: where the shards and the reference caches go (default ``out_dir``); several
+            comparisons can share one, each with its own ``out_dir``.
+        only: run just these (seed, method) pairs of the cross product (a resumed sweep skips
+            finished ones); a reference is trained only for seeds that need one.
+        on_run: called as ``on_run(result, partial)`` with each run's result as soon as it
+            ends (in the parent process), ``partial`` the summary so far (its "flops",
+            "reference" and "config").
     """
     import torch
 
@@ -412,11 +496,12 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     bar = _bar_factory() if progress else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = out_dir if work_dir is None else Path(work_dir)
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    shards = prepare_shards(cfg.data, out_dir / "data")
+    shards = prepare_shards(cfg.data, work_dir / "data")
     data_dir = Path(shards["pool"][0]).parent
-    tokenizer = WordTokenizer(cfg.data.context_length)
+    tokenizer = WordTokenizer(cfg.data.context_length, cfg.data.task)
     s = cfg.data.image_size
     pool = load_split(shards["pool"], tokenizer, s)  # curated, held-out: read by the jobs
     noise_of = dict(zip(pool["key"], pool["noise"]))
@@ -427,8 +512,8 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
 
     ref_tag = report.fingerprint(
         {
-            "data": dataclasses.asdict(cfg.data),
-            "model": dataclasses.asdict(cfg.model),
+            "data": cfg.data.identity(),
+            "model": cfg.model.identity(),
             "ref_steps": cfg.ref_steps,
             "lr": cfg.lr,
             "wd": cfg.weight_decay,
@@ -440,7 +525,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
     references: dict[int, dict] = {}
 
     def ref_cache(seed: int) -> Path:
-        return out_dir / "cache" / f"reference-{ref_tag}-seed{seed}.pt"
+        return work_dir / "cache" / f"reference-{ref_tag}-seed{seed}.pt"
 
     def ref_args(seed: int) -> tuple:
         return (cfg, shards["curated"], shards["heldout"], tokenizer, seed, ref_cache(seed))
@@ -461,7 +546,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
                 reference,
                 cached,
                 pool["key"],
-                out_dir / "cache" / f"reference-cache-{ref_tag}-seed{seed}",
+                work_dir / "cache" / f"reference-cache-{ref_tag}-seed{seed}",
                 cfg,
             )
         out = []
@@ -516,14 +601,22 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
         partial["wall_s"] = {"total": time.perf_counter() - t_start, "setup": setup_s}
         partial["complete"] = False
         (out_dir / "results.json").write_text(json.dumps(partial, indent=1))
+        if on_run is not None:
+            on_run(result, partial)
 
-    ref_methods = [m for m in cfg.methods if m not in REFERENCE_FREE]
-    free_methods = [m for m in cfg.methods if m in REFERENCE_FREE]
+    def wanted(seed: int, reference: bool) -> list[str]:
+        """The seed's methods to run that need (or do not need) the reference."""
+        return [
+            m
+            for m in cfg.methods
+            if (m not in REFERENCE_FREE) == reference and (only is None or (seed, m) in only)
+        ]
+
     if cfg.jobs <= 1:
         for seed in cfg.seeds:
-            if ref_methods:
+            if wanted(seed, True):
                 references[seed] = _timed_reference(*ref_args(seed), progress=bar)
-            for _, fn, args in jobs_of(seed, cfg.methods):
+            for _, fn, args in jobs_of(seed, wanted(seed, True) + wanted(seed, False)):
                 finished(fn(*args, progress=bar))
     else:
         import heapq
@@ -541,9 +634,9 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
             heapq.heappush(ready, (priority, next(order), kind, seed, fn, args))
 
         for seed in cfg.seeds:
-            if ref_methods:
+            if wanted(seed, True):
                 push((-1_000,), "ref", seed, _timed_reference, ref_args(seed))
-            for method, fn, args in jobs_of(seed, free_methods):
+            for method, fn, args in jobs_of(seed, wanted(seed, False)):
                 push(_priority(method), "run", seed, fn, args)
 
         ctx = mp.get_context("spawn")  # the parent runs threads (tqdm); never fork them
@@ -571,7 +664,7 @@ def run_comparison(cfg, out_dir: Path, progress: bool = True) -> dict:
                     kind, seed = running.pop(fut)
                     if kind == "ref":
                         references[seed] = fut.result()
-                        for method, fn, args in jobs_of(seed, ref_methods):
+                        for method, fn, args in jobs_of(seed, wanted(seed, True)):
                             push(_priority(method), "run", seed, fn, args)
                     else:
                         finished(fut.result())

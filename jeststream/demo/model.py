@@ -1,13 +1,17 @@
-"""The demo's tiny open_clip SigLIP model and its held-out evaluation."""
+"""The demo's tiny open_clip SigLIP (or CLIP) model, its loss and its held-out evaluation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from jeststream.demo.data import DIGIT_WORDS, TEMPLATES, WordTokenizer, caption
+from jeststream.demo.data import WordTokenizer, class_captions, n_classes, templates
+
+LOSSES = ("sigmoid", "softmax")
+# Retrieval metrics of :func:`evaluate`, class-level: i2t = image -> text, t2i = text -> image.
+RETRIEVAL = ("i2t_recall_at_1", "i2t_recall_at_5", "t2i_recall_at_1", "t2i_recall_at_5")
 
 
 @dataclass
@@ -23,10 +27,25 @@ class ModelConfig:
     text_layers: int = 1
     embed_dim: int = 64
     context_length: int = 12
+    # the contrastive loss it trains with: "sigmoid" (SigLIP, logit bias initialised at -10) or
+    # "softmax" (CLIP, no bias)
+    loss: str = "sigmoid"
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not one of {LOSSES}")
+
+    def identity(self) -> dict:
+        """Fields for fingerprints; ``loss`` left out at its default (see DataConfig.identity)."""
+        out = asdict(self)
+        if out["loss"] == "sigmoid":
+            del out["loss"]
+        return out
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
-    """An open_clip CLIP from a custom config (no download), with SigLIP's logit bias."""
+    """An open_clip CLIP from a custom config (no download); with SigLIP's logit bias unless
+    ``cfg.loss`` is "softmax"."""
     from open_clip.model import CLIP
 
     torch.manual_seed(seed)
@@ -49,7 +68,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module
             "mlp_ratio": 2.0,
         },
         init_logit_scale=float(torch.log(torch.tensor(10.0))),
-        init_logit_bias=-10.0,
+        init_logit_bias=-10.0 if cfg.loss == "sigmoid" else None,
     )
 
 
@@ -62,13 +81,36 @@ def siglip_loss(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tenso
     return -F.logsigmoid(labels * logits).sum() / len(img)
 
 
+def clip_loss(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """The CLIP (softmax) loss, as open_clip's ClipLoss computes it."""
+    img = model.encode_image(images, normalize=True)
+    txt = model.encode_text(texts, normalize=True)
+    logits = model.logit_scale.exp() * img @ txt.T
+    target = torch.arange(len(img), device=img.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def contrastive_loss(loss: str):
+    """The training loss of ``ModelConfig.loss``: :func:`siglip_loss` or :func:`clip_loss`."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+    return siglip_loss if loss == "sigmoid" else clip_loss
+
+
 @torch.inference_mode()
 def class_text_embeddings(model: torch.nn.Module, tokenizer: WordTokenizer) -> torch.Tensor:
-    """[10, d]: each class's caption embeddings averaged over the templates, re-normalised."""
-    texts = [caption(c, t) for c in range(len(DIGIT_WORDS)) for t in range(len(TEMPLATES))]
-    emb = model.encode_text(tokenizer(texts), normalize=True)
-    emb = emb.view(len(DIGIT_WORDS), len(TEMPLATES), -1).mean(1)
+    """[C, d]: each class's caption embeddings (of the tokenizer's task) averaged over the
+    templates, re-normalised."""
+    task = tokenizer.task
+    emb = model.encode_text(tokenizer(class_captions(task)), normalize=True)
+    emb = emb.view(n_classes(task), len(templates(task)), -1).mean(1)
     return F.normalize(emb, dim=-1)
+
+
+def _class_recall(sim: torch.Tensor, query: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    """Share of queries (rows of `sim`) whose k nearest targets include one of their class."""
+    top = sim.topk(min(k, sim.shape[1]), dim=1).indices
+    return target[top].eq(query[:, None]).any(1).float().mean().item()
 
 
 @torch.inference_mode()
@@ -79,10 +121,12 @@ def evaluate(
     texts: torch.Tensor,
     tokenizer: WordTokenizer,
 ) -> dict[str, float]:
-    """Zero-shot accuracy and image->text recall@1 on the held-out split.
+    """Zero-shot accuracy and retrieval recall@1 and @5 both ways on the held-out split.
 
-    Captions are templates, so many held-out captions are word-for-word identical; a retrieval
-    counts as correct when the nearest caption names the image's digit.
+    Captions are templates, so many held-out captions are word-for-word identical: retrieval is
+    class-level. Image -> text counts as correct when one of the k nearest held-out captions
+    names the image's class, text -> image when one of the k nearest held-out images shows the
+    caption's class (every held-out caption describes its own image).
     """
     was_training = model.training
     model.eval()
@@ -90,7 +134,10 @@ def evaluate(
     cls = class_text_embeddings(model, tokenizer)
     acc = (img @ cls.T).argmax(1).eq(labels).float().mean().item()
     txt = model.encode_text(texts, normalize=True)
-    nearest = (img @ txt.T).argmax(1)
-    recall = labels[nearest].eq(labels).float().mean().item()
+    sim = img @ txt.T
+    out = {"accuracy": acc}
+    for k in (1, 5):
+        out[f"i2t_recall_at_{k}"] = _class_recall(sim, labels, labels, k)
+        out[f"t2i_recall_at_{k}"] = _class_recall(sim.T, labels, labels, k)
     model.train(was_training)
-    return {"accuracy": acc, "recall_at_1": recall}
+    return out

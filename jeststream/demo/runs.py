@@ -10,6 +10,11 @@ batch size b and number of learner steps. Only what the learner sees differs:
 - ``hard_learner`` / ``easy_reference``: independent sampling by learner loss / −reference loss;
 - ``static``: keep the pool's top share by reference score once before training, then uniform;
 - ``oracle``: uniform over the pool's pairs that carry no injected noise (the upper bound).
+
+With ``RunConfig.batch_learnability`` (the default) every JESTLoader run also records, per
+yielded batch, the criterion's score of the selected sub-batch as a whole next to an
+independent and a uniform draw from the same super-batch (:mod:`jeststream.diagnostics`; it does
+not change the selection).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from jeststream.demo.data import NOISE_TYPES, DataConfig, WordTokenizer, to_model_input
-from jeststream.demo.model import ModelConfig, build_model, evaluate, siglip_loss
+from jeststream.demo.model import RETRIEVAL, ModelConfig, build_model, contrastive_loss, evaluate
 from jeststream.losses import Embeddings
 
 logger = logging.getLogger(__name__)
@@ -77,6 +82,10 @@ class RunConfig:
     deterministic: bool = True
     score_resolution: int | None = None  # the learner snapshot scores images resized to this
     cache_reference: bool = True  # embed the pool with the frozen reference once, look up by key
+    # JESTLoader runs record the selected sub-batch's learnability next to an independent and a
+    # uniform draw (jeststream.diagnostics); measuring changes no selection
+    batch_learnability: bool = True
+    preset: str = "default"  # "default", "quick" or "full": what the table reports against
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -276,6 +285,7 @@ def train_reference(
     model = build_model(cfg.model, tokenizer.vocab_size, seed=10_000 + seed)
     model.train()
     opt, sched = make_optimizer(model, cfg, cfg.ref_steps)
+    loss_fn = contrastive_loss(cfg.model.loss)
     gen = torch.Generator().manual_seed(10_000 + seed)
     n, b = len(curated["label"]), cfg.batch_size
     perm, pos = torch.randperm(n, generator=gen), 0
@@ -285,7 +295,7 @@ def train_reference(
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos : pos + b]
         pos += b
-        loss = siglip_loss(model, curated["image"][idx], curated["text"][idx])
+        loss = loss_fn(model, curated["image"][idx], curated["text"][idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -313,12 +323,16 @@ def reference_embeddings(reference: torch.nn.Module, pool: dict, chunk: int = 20
         torch.cat(images),
         torch.cat(texts),
         reference.logit_scale.exp().clone(),
-        reference.logit_bias.clone(),
+        None if reference.logit_bias is None else reference.logit_bias.clone(),  # CLIP: none
     )
 
 
 def reference_scores(cached: Embeddings) -> torch.Tensor:
-    """Each pool pair's own reference SigLIP loss (lower = more typical of curated data)."""
+    """Each pool pair's own reference loss (lower = more typical of curated data): its SigLIP
+    positive-pair loss, or for a CLIP reference (no bias) the negative pair similarity (a
+    softmax loss needs the other examples of a batch; static filtering ranks by CLIP score)."""
+    if cached.logit_bias is None:
+        return -(cached.image * cached.text).sum(-1)
     logit = cached.logit_scale * (cached.image * cached.text).sum(-1) + cached.logit_bias
     return -F.logsigmoid(logit)
 
@@ -333,8 +347,6 @@ def write_reference_cache(
     FLOPs), JESTLoader then looks them up by sample key instead of running the reference on
     every super-batch. The learner snapshot is still run on every super-batch.
     """
-    import dataclasses
-
     from jeststream.reference_cache import init_cache, reference_fingerprint, write_shard
 
     header = {
@@ -343,7 +355,7 @@ def write_reference_cache(
             "image_size": cfg.data.image_size,
             "input": "uint8 / 255 (jeststream.demo.data.to_model_input), no augmentation",
             "tokenizer": {"class": "WordTokenizer", "context_length": cfg.data.context_length},
-            "data": dataclasses.asdict(cfg.data),
+            "data": cfg.data.identity(),
         },
         "embed_dim": int(cached.image.shape[1]),
         "dtype": "float32",
@@ -385,7 +397,7 @@ def measure_flops(
 
     model.train()
     with FlopCounterMode(display=False) as counter:
-        siglip_loss(model, *inputs(b)).backward()
+        contrastive_loss(cfg.model.loss)(model, *inputs(b)).backward()
     model.zero_grad(set_to_none=True)
     train = counter.get_total_flops()
     model.eval()
@@ -433,6 +445,12 @@ def run_method(
     opt, sched = make_optimizer(learner, cfg, cfg.steps)
     n = round(1 / cfg.ratio)
     selecting = method in LOADER_METHODS
+    # batch learnability is measured for the learnability criterion (jest, independent): for
+    # the others the criterion's score of a sub-batch is not its learnability
+    measuring = (
+        selecting and cfg.batch_learnability and LOADER_METHODS[method][0] == "learnability"
+    )
+    loss_fn = contrastive_loss(cfg.model.loss)
     base = StreamLoader(
         train_shards, cfg.batch_size, cfg.steps * (n if selecting else 1), tokenizer, seed=seed
     )
@@ -457,7 +475,10 @@ def run_method(
             scorer,
             ratio=cfg.ratio,
             n_chunks=n_chunks or cfg.n_chunks,
+            loss=cfg.model.loss,
             criterion=criterion,
+            batch_learnability=measuring,
+            return_info=measuring,
             async_scoring=cfg.async_scoring,
             deterministic=cfg.deterministic,
             seed=seed,
@@ -468,6 +489,7 @@ def run_method(
         loader = base
 
     composition: Counter = Counter()
+    draws: list[tuple[float, float, float, float]] = []  # per step: BatchLearnability
     curve: list[dict] = []
     t0 = time.perf_counter()
     eval_s = 0.0
@@ -481,7 +503,7 @@ def run_method(
             {
                 "step": step,
                 "accuracy": ev["accuracy"],
-                "recall_at_1": ev["recall_at_1"],
+                **{k: ev[k] for k in RETRIEVAL},
                 "flops": upfront_flops + step * per_step,
                 "wall_s": time.perf_counter() - t0 - eval_s,
             }
@@ -492,9 +514,13 @@ def run_method(
     step = 0
     try:
         for batch in loader:
+            if measuring:
+                batch, info = batch
+                if info.batch_learnability is not None:  # None: a uniform fallback
+                    draws.append(tuple(info.batch_learnability))
             images, texts, keys = model_input(batch)
             composition.update(noise_of[k] for k in keys)
-            loss = siglip_loss(learner, images, texts)
+            loss = loss_fn(learner, images, texts)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -515,7 +541,7 @@ def run_method(
     if step < cfg.steps:
         raise RuntimeError(f"{method}: the loader ran dry after {step} of {cfg.steps} steps")
     total = sum(composition.values())
-    return {
+    out = {
         "method": method,
         "seed": seed,
         "curve": curve,
@@ -524,6 +550,40 @@ def run_method(
         "flops_per_step": per_step,
         "upfront_flops": upfront_flops,
     }
+    if measuring:
+        out["batch_learnability"] = summarise_draws(
+            draws, LOADER_METHODS[method][0], cfg.eval_every
+        )
+    return out
+
+
+DRAWS = ("selected", "independent", "uniform")
+
+
+def summarise_draws(draws: list[tuple], criterion: str, window: int) -> dict:
+    """A run's per-step batch learnability (selected, independent, uniform, overlap): mean and
+    std over its steps, and the means over consecutive windows of ``window`` steps (the curve
+    the report plots). Sum form: divide by b for open_clip's mean loss."""
+    x = np.asarray(draws, dtype=np.float64).reshape(-1, 4)
+    out: dict[str, Any] = {"criterion": criterion, "steps": len(x)}
+    cols = {name: x[:, i] for i, name in enumerate((*DRAWS, "overlap"))}
+    # paired differences, per super-batch: free of the trend over training that dominates the
+    # spread of each draw's own values
+    cols["selected_minus_independent"] = cols["selected"] - cols["independent"]
+    cols["selected_minus_uniform"] = cols["selected"] - cols["uniform"]
+    cols["independent_minus_uniform"] = cols["independent"] - cols["uniform"]
+    for name, v in cols.items():
+        out[name] = {
+            "mean": float(v.mean()) if len(v) else None,
+            "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+        }
+    ends = list(range(window, len(x), window)) + [len(x)] if len(x) else []
+    starts = [0] + ends[:-1]
+    out["windows"] = {
+        "end_step": ends,
+        **{name: [float(cols[name][a:b].mean()) for a, b in zip(starts, ends)] for name in DRAWS},
+    }
+    return out
 
 
 def run_job(spec: dict, progress: Callable | None = None) -> dict:
