@@ -162,6 +162,11 @@ def test_quick_run_end_to_end(tmp_path, capsys):
         assert label in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
+    # the JEST run's selection log and its HTML report, whose path the demo prints
+    report_path = tmp_path / "selection_report.html"
+    assert results["selection_report"] == str(report_path) and str(report_path) in out
+    page = report_path.read_text()
+    assert "data:image/" in page and "clean" in page  # thumbnails, the per-noise-type table
     methods = results["methods"]
     assert set(methods) == set(results["config"]["methods"])
     for name, m in methods.items():

@@ -581,6 +581,11 @@ def run_comparison(
                 "upfront_flops": upfront,
                 "reference_path": None if method in REFERENCE_FREE else ref_cache(seed),
                 "cached_path": cached_path if cfg.cache_reference else None,
+                # the first seed's JEST run logs its selections for the HTML report (JSONL:
+                # the demo extra has no pyarrow)
+                "selection_log": selection_log_path(out_dir, cfg)
+                if method == "jest" and seed == cfg.seeds[0]
+                else None,
             }
             out.append((method, run_job, (spec,)))
         out.sort(key=lambda j: _priority(j[0]))
@@ -690,7 +695,34 @@ def run_comparison(
         report.plot(results, out_dir / "learning_curves.png")
     except ImportError as exc:  # matplotlib is an optional extra of the demo
         logger.warning("no plot (%s); install jeststream[demo]", exc)
+    if "jest" in cfg.methods:
+        results["selection_report"] = str(write_selection_report(cfg, out_dir, shards["pool"]))
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def selection_log_path(out_dir: Path, cfg) -> Path:
+    return out_dir / f"selection-jest-seed{cfg.seeds[0]}.jsonl"
+
+
+def write_selection_report(cfg, out_dir: Path, pool_shards: Sequence[str]) -> Path:
+    """The `jeststream report` page of the first seed's JEST run, beside the plot."""
+    from jeststream.demo.runs import LOADER_METHODS
+    from jeststream.report import write_report
+
+    criterion, n_chunks = LOADER_METHODS["jest"]
+    return write_report(
+        [selection_log_path(out_dir, cfg)],
+        list(pool_shards),
+        out_dir / "selection_report.html",
+        title=f"JEST selection, demo seed {cfg.seeds[0]}",
+        config={
+            "ratio": cfg.ratio,
+            "n_chunks": n_chunks or cfg.n_chunks,
+            "criterion": criterion,
+            "loss": cfg.model.loss,
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -710,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nresults: {Path(args.out) / 'results.json'}   "
         f"plot: {Path(args.out) / 'learning_curves.png'}   "
+        f"selection report: {results.get('selection_report', '-')}   "
         f"total {time.perf_counter() - t0:.0f}s"
     )
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -431,8 +432,12 @@ def run_method(
     upfront_flops: float = 0.0,
     progress: Callable | None = None,
     reference_cache: Any = None,
+    selection_log: str | os.PathLike | None = None,
 ) -> dict:
     """Train one learner with `method`; return its curve, composition and costs.
+
+    ``selection_log``: a path for the JEST loader's per-example selection log (the demo's
+    ``selection_report.html`` is drawn from it); ignored by methods without a loader.
 
     ``reference_cache``: a :class:`jeststream.ReferenceCache` of the pool
     (:func:`write_reference_cache`); a method that scores with the reference then looks its
@@ -484,6 +489,7 @@ def run_method(
             seed=seed,
             score_transform=model_input,
             score_resolution=cfg.score_resolution,
+            selection_log=selection_log,
         )
     else:
         loader = base
@@ -612,4 +618,5 @@ def run_job(spec: dict, progress: Callable | None = None) -> dict:
         upfront_flops=spec["upfront_flops"],
         progress=progress,
         reference_cache=reference_cache,
+        selection_log=spec.get("selection_log"),
     )
