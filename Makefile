@@ -6,7 +6,15 @@ PIP    := $(PY) -m pip
 # torch and torchvision first, pinned to the builds this machine kind ships on disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test soak lint bench clean
+# webdataset 1.x beside the 0.2.86 that open_clip_train pins: a light overlay on .venv
+# (webdataset 1.0.2 alone in its own venv, ahead of .venv's site-packages on sys.path, which a
+# .pth file adds with its own .pth files, the editable install's among them: no second copy of
+# torch), in which `make test-wds1` runs the webdataset tests.
+WDS1_VENV := build/venv-wds1
+WDS1_PY   := $(WDS1_VENV)/bin/python
+WDS1      := webdataset==1.0.2
+
+.PHONY: demo test test-wds1 browser soak lint bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +35,33 @@ $(VENV)/.dev: $(VENV)/.torch pyproject.toml
 demo: $(VENV)/.demo
 	$(VENV)/bin/jeststream demo
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev browser
 	$(VENV)/bin/ruff check jeststream adapters tests benchmarks examples
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-wds1
+
+$(WDS1_VENV)/.ready: $(VENV)/.dev
+	rm -rf $(WDS1_VENV)
+	$(PYTHON) -m venv --without-pip $(WDS1_VENV)
+	$(PIP) install --quiet --no-deps --target $(WDS1_VENV)/wds1 '$(WDS1)'
+	$(PY) -c 'import site, sys, pathlib; v = pathlib.Path(sys.argv[1]).resolve(); \
+	  sp = next(v.glob("lib/python*/site-packages")); \
+	  (sp / "jeststream-overlay.pth").write_text(str(v / "wds1") + "\nimport site; " + \
+	  "; ".join(f"site.addsitedir({p!r})" for p in site.getsitepackages()) + "\n")' $(WDS1_VENV)
+	$(WDS1_PY) -c 'import webdataset, sys; v = webdataset.__version__; \
+	  sys.exit(0 if v.startswith("1.") else f"webdataset {v} in $(WDS1_VENV), expected 1.x")'
+	touch $@
+
+test-wds1: $(WDS1_VENV)/.ready
+	$(WDS1_PY) -m pytest -q tests/test_adapters_webdataset.py tests/test_user_pipelines.py
+
+# Headless Chromium for the browser test of `jeststream report` (tests/test_report.py): Debian's
+# package, installed when it is missing and apt-get is there (run as root); without apt-get
+# nothing is installed and that test skips, saying why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 soak: $(VENV)/.dev
 	$(PY) -m pytest -q -m soak

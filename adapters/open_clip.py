@@ -365,6 +365,10 @@ def load_reference(
                 raise ValueError(
                     f"{spec}: {folder} must hold open_clip_config.json (with model_cfg) and weights"
                 )
+            if "init_logit_bias" not in model_kwargs:
+                bias = _siglip_bias_missing_from_config(folder)
+                if bias is not None:
+                    model_kwargs["init_logit_bias"] = bias
         elif os.sep in spec or spec.endswith((".pt", ".bin", ".safetensors")):
             raise ValueError(f"the reference {spec!r} looks like a file path, but does not exist")
         elif pretrained is None and not spec.startswith("hf-hub:"):
@@ -381,6 +385,69 @@ def load_reference(
     ref.eval()
     ref.requires_grad_(False)
     return ref
+
+
+# open_clip's local-dir loader takes the first of these it finds (factory._find_checkpoint_in_dir)
+_LOCAL_DIR_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
+
+
+def _local_dir_weights(folder: Path) -> Path | None:
+    """The weights file open_clip's ``local-dir:`` loader reads (its order of preference)."""
+    found = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.pth")])
+    found.sort(key=lambda p: p.suffix == ".safetensors", reverse=True)
+    preferred = [p for p in found if p.name in _LOCAL_DIR_WEIGHTS]
+    if preferred:
+        return min(preferred, key=lambda p: _LOCAL_DIR_WEIGHTS.index(p.name))
+    return found[0] if found else None
+
+
+def _stored_logit_bias(path: Path) -> float | None:
+    """The ``logit_bias`` in a weights file, read without loading the rest of it."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            names = [k for k in f.keys() if k in ("logit_bias", "module.logit_bias")]
+            return float(f.get_tensor(names[0])) if names else None
+    try:  # memory-mapped: only the pages of the tensors touched are read
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    sd = state.get("state_dict", state) if isinstance(state, dict) else {}
+    for name in ("logit_bias", "module.logit_bias"):
+        if isinstance(sd.get(name), torch.Tensor):
+            return float(sd[name])
+    return None
+
+
+def _siglip_bias_missing_from_config(folder: Path) -> float | None:
+    """The stored ``logit_bias`` of a ``local-dir:`` model whose config has no
+    ``init_logit_bias`` (a model trained with ``--siglip`` saved with its architecture's
+    config): open_clip would build it without the parameter and then fail loading the weights
+    (``'NoneType' object has no attribute 'ndim'``). None when nothing is missing."""
+    config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+    model_cfg = config.get("model_cfg", config) if isinstance(config, dict) else {}
+    if not isinstance(model_cfg, dict) or "init_logit_bias" in model_cfg:
+        return None
+    weights = _local_dir_weights(folder)
+    bias = None if weights is None else _stored_logit_bias(weights)
+    if bias is not None:
+        logger.info(
+            "JEST reference: %s has a logit_bias (%.4g) that its open_clip_config.json does not "
+            "declare (init_logit_bias); building the model with it",
+            weights,
+            bias,
+        )
+    return bias
 
 
 def check_compatible(learner: nn.Module, reference: nn.Module) -> None:

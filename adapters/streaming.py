@@ -22,6 +22,11 @@ Two streaming pitfalls handled by :class:`JESTStreamingDataLoader`:
   every pass) streaming has not advanced its epoch yet and its sample counter is the previous
   pass's, so its state would describe the previous epoch. Here it describes the coming one.
 
+Only streaming's public API is used (``StreamingDataLoader.__iter__`` / ``state_dict`` /
+``load_state_dict`` / ``num_samples_yielded``, ``StreamingDataset.next_epoch``), so the adapter
+runs on ``mosaicml-streaming`` (0.13, the ``streaming`` extra) and on its maintained fork
+``streaming-community`` (0.14.2 checked: the adapter's tests pass unchanged; docs/install.md).
+
 Exact resume needs the same ``batch_size`` given to the dataset (its partitioning depends on
 it), the same ``num_workers`` and world size. Tests: call
 ``streaming.base.util.clean_stale_shared_memory()`` between datasets and give each dataset its
@@ -133,14 +138,15 @@ class JESTStreamingDataLoader(StreamingDataLoader):
         self._pending: dict[str, Any] | None = None  # loaded, not yet consumed by a pass
 
     def __iter__(self) -> Iterator[Any]:
-        # Eager (StreamingDataLoader.__iter__ is a generator, so it resets only at next()).
+        # Eager: StreamingDataLoader.__iter__ is a generator, so it resets its sample count only
+        # at the first next(); a state taken between iter() and then must already be the new
+        # pass's. Its own generator still does the counting (num_samples_yielded).
         self.num_samples_yielded = 0
         self._started = False
-        return self._generate()
+        return self._generate(super().__iter__())
 
-    def _generate(self) -> Iterator[Any]:
-        for batch in super(StreamingDataLoader, self).__iter__():
-            self.num_samples_yielded += self._get_batch_size(batch)
+    def _generate(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
             self._started = True
             self._pending = None
             yield batch

@@ -130,3 +130,28 @@ def test_wheel_install_imports_adapters(wheel, tmp_path):
     assert Path(path).resolve().is_relative_to(venv.resolve())
     assert found == "True"
     assert (venv / "bin" / "jeststream").exists()
+
+
+def test_wheel_extras_split_open_clip_from_its_training_stack(wheel):
+    """``openclip`` (jestify, load_reference) must not pull open_clip's [training] extra, which
+    pins webdataset<=0.2.86; ``openclip-train`` does, and ``dev`` / ``all`` have both."""
+    names = zipfile.ZipFile(wheel).namelist()
+    (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    lines = zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+    extras = {line.split(":", 1)[1].strip() for line in lines if line.startswith("Provides-Extra:")}
+    assert {"openclip", "openclip-train", "webdataset", "streaming", "dev", "all"} <= extras
+    requires: dict[str, list[str]] = {}
+    for line in lines:
+        if line.startswith("Requires-Dist:") and "; extra ==" in line:
+            req, extra = line.split(":", 1)[1].split("; extra ==")
+            requires.setdefault(extra.strip().strip("'\""), []).append(req.strip())
+    (plain,) = [r for r in requires["openclip"] if r.lower().startswith("open-clip-torch")
+                or r.lower().startswith("open_clip_torch")]
+    assert "[" not in plain, plain
+    (train,) = requires["openclip-train"]
+    assert "[training]" in train, train
+    for bundle in ("dev", "all"):
+        (self_req,) = [r for r in requires[bundle] if r.startswith("jeststream[")]
+        assert {"openclip", "openclip-train", "webdataset"} <= set(
+            self_req[len("jeststream["):].split("]")[0].split(",")
+        ), self_req

@@ -243,6 +243,35 @@ def test_load_reference_local_dir_and_dtype(tmp_path):
     assert next(ref16.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_load_reference_local_dir_siglip_config_without_logit_bias(tmp_path, fmt):
+    """A model trained with --siglip, saved with its architecture's config (which has no
+    init_logit_bias, as open_clip's own config files don't): open_clip builds it without the
+    parameter and fails on the weights; load_reference reads the bias from the weights, as it
+    does for checkpoint files."""
+    from safetensors.torch import save_file
+
+    model = make_tiny_clip(6, siglip=True)
+    with torch.no_grad():
+        model.logit_bias.fill_(-6.25)
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
+    if fmt == "bin":
+        torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    else:
+        save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
+    spec = f"local-dir:{folder}"
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'ndim'"):
+        open_clip.create_model(spec)  # what open_clip does on its own
+    ref = load_reference(spec)
+    assert _same_weights(ref, model) and float(ref.logit_bias) == -6.25
+    # a plain CLIP local dir is untouched: no logit_bias appears
+    clip = make_tiny_clip(7)
+    plain = write_local_dir(clip, TINY_CLIP_CFG, tmp_path / "clip")
+    assert load_reference(plain).logit_bias is None
+
+
 @pytest.mark.parametrize("by", ["tag", "file"])
 def test_load_reference_released_name_and_pretrained(tmp_path, tiny_name, monkeypatch, by):
     """Route (a): a model name with a pretrained tag from open_clip's registry (here a tag whose
