@@ -10,8 +10,9 @@ rejected examples; the selected share and the mean scores over training steps; t
 rate and the share of the selected batch of each value of a low-cardinality sample field (a
 label, a noise type) over training; and the run as recorded: examples seen, super-batch size B
 and sub-batch b per log (one log per rank), the ratio b/B they imply, and the configuration
-passed with ``config=`` / ``--config`` (the log itself records no ratio, chunks, criterion or
-loss). Everything is inline: PNG/JPEG thumbnails as ``data:`` URIs, plots as SVG drawn here, CSS
+the loader recorded beside each log (``LOG.run.json``: ratio, n_chunks, criterion, loss, ...),
+or the one passed with ``config=`` / ``--config``, which takes its place. Everything is
+inline: PNG/JPEG thumbnails as ``data:`` URIs, plots as SVG drawn here, CSS
 in the page, no script; a Content-Security-Policy forbids any network access.
 
 Memory is bounded by the number of distinct keys, never by the number of rows: the log is read in
@@ -1022,6 +1023,34 @@ def _value_order(values: list[str], seen: np.ndarray) -> list[int]:
     return sorted(range(len(values)), key=lambda i: (-int(seen[i]), values[i]))
 
 
+def _recorded_config(paths: Sequence[Path], notes: list[str]) -> dict[str, Any]:
+    """The run configuration the loader wrote beside the logs (``LOG.run.json``). Settings that
+    differ between the logs (one per rank) are shown per log."""
+    from jeststream.selection_log import read_run_config
+
+    found = {}
+    for p in paths:
+        try:
+            c = read_run_config(p)
+        except (OSError, ValueError) as exc:
+            notes.append(f"{p}: its run configuration is unreadable ({exc})")
+            continue
+        if c is not None:
+            found[p] = c
+    if not found:
+        return {}
+    merged: dict[str, Any] = {}
+    for k in dict.fromkeys(k for c in found.values() for k in c):
+        values = {p: c.get(k) for p, c in found.items()}
+        distinct = {json.dumps(v, sort_keys=True, default=str) for v in values.values()}
+        merged[k] = (
+            next(iter(values.values()))
+            if len(distinct) == 1
+            else ", ".join(f"{p.name}: {v}" for p, v in values.items())
+        )
+    return merged
+
+
 def collect_report(
     log_paths: Sequence[str | os.PathLike],
     shards: str | Sequence[str | os.PathLike] | None = None,
@@ -1133,7 +1162,7 @@ def collect_report(
     return ReportData(
         title=title or "JEST selection report",
         logs=stats,
-        config=dict(config or {}),
+        config=dict(config) if config is not None else _recorded_config(paths, notes),
         rows=rows,
         selected=sum(s.selected for s in stats),
         unique_keys=len(table),
@@ -1460,9 +1489,9 @@ def _config_section(d: ReportData) -> str:
         if missing:
             out.append(f'<p class="muted">Not given: {", ".join(missing)}.</p>')
     else:
-        out.append('<p class="muted">Configuration: the selection log records no ratio, '
-                   "n_chunks, criterion or loss; pass them with --config FILE.json "
-                   "(or write_report(config=...)) to show them here.</p>")
+        out.append('<p class="muted">Configuration: no run configuration was recorded beside '
+                   "the log (LOG.run.json, which JESTLoader writes) and none was given; pass "
+                   "--config FILE.json (or write_report(config=...)) to show it here.</p>")
     return "".join(out)
 
 

@@ -72,6 +72,9 @@ __all__ = [
     "SelectionLog",
     "SelectionLogError",
     "read_selection_log",
+    "read_run_config",
+    "run_config_path",
+    "write_run_config",
     "inspect_main",
     "summarize",
 ]
@@ -473,6 +476,38 @@ class _Writer:
 # -- the log ---------------------------------------------------------------------------------
 
 
+def run_config_path(log_path: str | os.PathLike) -> Path:
+    """Where a log's run configuration lives: beside it, ``LOG.run.json`` (outside a Parquet
+    log's directory, which holds its segments only)."""
+    p = Path(log_path)
+    return p.with_name(p.name + ".run.json")
+
+
+def write_run_config(log_path: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """Write ``config`` to :func:`run_config_path` durably: temporary name, fsync, rename. A
+    resumed run rewrites it with its own (normally identical) settings."""
+    target = run_config_path(log_path)
+    text = json.dumps(dict(config), indent=1, sort_keys=True, allow_nan=False)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    return target
+
+
+def read_run_config(log_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The run configuration written beside ``log_path``, or None when there is none."""
+    p = run_config_path(log_path)
+    if not p.is_file():
+        return None
+    config = json.loads(p.read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ValueError(f"{p}: a run configuration must be a JSON object, got {type(config)}")
+    return config
+
+
 class SelectionLog:
     """Append-only, crash-safe writer of selection records with bounded memory.
 
@@ -482,6 +517,9 @@ class SelectionLog:
             suffix -> one JSON-lines file.
         flush_every: rows buffered before they are handed to the writer thread.
         mode: "a" appends to an existing log (resume-safe, the default); "w" starts afresh.
+        run_config: the run's selection settings (ratio, n_chunks, criterion, loss, ...): written
+            as JSON beside the log, to :func:`run_config_path` (``PATH.run.json``, atomically),
+            where ``jeststream report`` finds them; JSON-serialisable values only.
 
     ``rows_written`` counts the rows this writer has made durable (not the rows of an earlier run
     it appends to). Raises :class:`SelectionLogError` from ``write``/``flush``/``close`` when the
@@ -489,7 +527,12 @@ class SelectionLog:
     """
 
     def __init__(
-        self, path: str | os.PathLike, *, flush_every: int = 65536, mode: str = "a"
+        self,
+        path: str | os.PathLike,
+        *,
+        flush_every: int = 65536,
+        mode: str = "a",
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         self._closed = True
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
@@ -519,6 +562,8 @@ class SelectionLog:
         self._chunks: list[dict[str, Any]] = []  # one per write(): numpy columns + keys
         self._n_buf = 0
         sink = _SegmentDir(path, mode) if self.format == "parquet" else _JsonlFile(path, mode)
+        if run_config is not None:
+            write_run_config(path, run_config)
         self._writer = _Writer(sink)
         self._pid = os.getpid()
         self._closed = False

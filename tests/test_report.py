@@ -62,7 +62,8 @@ def write_shards(root: Path, n: int, *, prefix: str = "s", bad_image: set[int] =
 def _run(urls: list[str], log: Path, seed: int) -> None:
     base = webdataset_loader(urls, batch_size=4, tokenizer=toy_tokenize)
     learner, reference = make_tiny_clip(seed=seed), make_tiny_clip(seed=seed + 1)
-    with JESTLoader(base, learner, reference, ratio=0.5, n_chunks=2, selection_log=log) as jest:
+    with JESTLoader(base, learner, reference, ratio=0.5, n_chunks=2, selection_log=log,
+                    seed=seed) as jest:
         for epoch in range(EPOCHS):
             jest.set_epoch(epoch)
             for _ in jest:
@@ -519,3 +520,25 @@ def test_mds_shards_give_thumbnails_and_fields(tmp_path):
         assert s.caption == f"caption {int(s.key[1:])}" and s.size == (24, 24)
         assert s.fields["noise"] == NOISE[int(s.key[1:]) % 3]
         assert _decode(s.image).getpixel((0, 0))[0] == int(s.key[1:]) * 8
+
+
+def test_the_loader_records_its_configuration_beside_the_log(real_run, tmp_path):
+    from jeststream.report import collect_report
+    from jeststream.selection_log import read_run_config, run_config_path
+
+    for log in real_run["logs"]:
+        # beside the log, never inside a Parquet log's directory of segments
+        assert run_config_path(log).is_file() and run_config_path(log).parent == log.parent
+        config = read_run_config(log)
+        assert config["ratio"] == 0.5 and config["n_chunks"] == 2 and config["n"] == 2
+        assert config["criterion"] == "learnability" and config["loss"] == "sigmoid"
+    # without --config the report shows what the loader recorded
+    data = collect_report(real_run["logs"], real_run["urls"])
+    assert data.config["ratio"] == 0.5 and data.config["loss"] == "sigmoid"
+    # seeds differ between the two 'ranks': shown per log, not silently the first
+    assert data.config["seed"] == "sel.rank0.jsonl: 0, sel.rank1.parquet: 2"
+    out = tmp_path / "r.html"
+    assert cli_main(["report", *map(str, real_run["logs"]), "--shards",
+                     "::".join(real_run["urls"]), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "learnability" in page and "no run configuration was recorded" not in page
