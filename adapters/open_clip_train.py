@@ -169,7 +169,7 @@ def check_open_clip_version(version: str | None = None) -> str:
         version = version or _installed_open_clip_version()
     except metadata.PackageNotFoundError:
         raise RuntimeError(
-            "open_clip_torch is not installed; `pip install 'jeststream[openclip]'`"
+            "open_clip_torch is not installed; `pip install 'jeststream[openclip-train]'`"
         ) from None
     lo, hi = SUPPORTED_OPEN_CLIP
     if not _version_tuple(lo) <= _version_tuple(version) < _version_tuple(hi):
@@ -288,6 +288,18 @@ class _SelectionReporter:
             self.writer = None
 
 
+class _CPUFriendlyDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP as open_clip_train builds it, ``device_ids=[device]``, which torch refuses for a CPU
+    module; on CPU the ids are dropped (what DDP wants there), so that ``--device cpu
+    --dist-backend gloo`` runs under torchrun. Installed only for a JEST run."""
+
+    def __init__(self, module: torch.nn.Module, device_ids: Any = None, *args: Any,
+                 **kwargs: Any) -> None:
+        if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        super().__init__(module, device_ids, *args, **kwargs)
+
+
 class _Hook:
     """The two names rebound in open_clip_train.main for one run."""
 
@@ -389,6 +401,12 @@ class _Hook:
             strip_keys=keys,
         )
         self.loaders.append(wrapped.dataloader)
+        dist_stats = wrapped.dataloader.stats.get("distributed")
+        if dist_stats is not None:  # under torchrun: global selection by default
+            logger.info(
+                "JEST: %s selection over %d ranks (this is rank %d)",
+                dist_stats["mode"], dist_stats["world_size"], dist_stats["rank"],
+            )
         return wrapped
 
     @contextmanager
@@ -396,11 +414,14 @@ class _Hook:
         ocm = self.ocm
         ocm.create_model_and_transforms = self.create_model_and_transforms
         ocm.get_data = self.get_data
+        ddp = torch.nn.parallel.DistributedDataParallel
+        torch.nn.parallel.DistributedDataParallel = _CPUFriendlyDDP
         try:
             yield self
         finally:
             ocm.create_model_and_transforms = self.orig_create
             ocm.get_data = self.orig_get_data
+            torch.nn.parallel.DistributedDataParallel = ddp
             for loader in self.loaders:
                 loader.close()
             if self.reporter is not None:
@@ -464,7 +485,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         _jest_parser().print_help()
         print("\nAll other arguments are open_clip_train's:\n")
-    import open_clip_train.main as ocm
+    try:
+        import open_clip_train.main as ocm
+    except ImportError as exc:  # e.g. only the `openclip` extra: no pandas, no training stack
+        print(
+            f"jeststream openclip-train: error: cannot import open_clip_train ({exc}); it needs "
+            "open_clip's training extras: pip install 'jeststream[openclip-train]'",
+            file=sys.stderr,
+        )
+        return 2
 
     try:
         if not jest_argv:

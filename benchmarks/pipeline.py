@@ -18,6 +18,13 @@ and what does the wrapper itself cost?  Prints one JSON object.
       super-batch (snapshot refresh, checks, info, a fresh super-batch allocation);
       ``vs_plain_*`` also charge the selection maths, which benchmarks/selection.py measures.
    Minimum over interleaved repeats.
+3. shards (the webdataset adapter's reading, ms per batch of 128 samples, on shards like the
+   demo's: 16x16 grey PGM + caption): raw samples from webdataset's own ``tarfile_to_samples``
+   (Python's tarfile), from ``checked_tarfile_samples`` (the checked ustar reader and the
+   adapter's grouping), and from the checked reader grouped by webdataset's ``group_by_keys``;
+   the adapter's former hand-written shuffle buffer against ``wds.shuffle`` (which it uses
+   now); the whole ``webdataset_loader`` (decode + collate) with either grouping.
+   Minimum over interleaved repeats.
 
 Usage: python benchmarks/pipeline.py [--quick]
 """
@@ -28,7 +35,10 @@ import argparse
 import json
 import math
 import platform
+import random
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -184,13 +194,149 @@ def overhead(
     }
 
 
+# -- 3. webdataset shard reading ----------------------------------------------------------------
+
+
+def _write_demo_like_shards(root: Path, n_shards: int, per_shard: int) -> list[str]:
+    """Shards like the demo's: a 16x16 grey binary PGM and a caption per sample."""
+    import webdataset as wds
+
+    g = torch.Generator().manual_seed(0)
+    pattern = str(root / "shard-%04d.tar")
+    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0, mtime=0) as sink:
+        for i in range(n_shards * per_shard):
+            raster = torch.randint(0, 256, (16 * 16,), dtype=torch.uint8, generator=g).numpy()
+            pgm = b"P5\n16 16\n255\n" + raster.tobytes()
+            caption = f"a photo of the digit {i % 10}"
+            sink.write({"__key__": f"s{i:07d}", "pgm": pgm, "txt": caption})
+    return [pattern % s for s in range(n_shards)]
+
+
+def _with_group_by_keys(shards, handler=None):
+    """The checked tar reader grouped by webdataset's own group_by_keys (the comparator)."""
+    from webdataset.tariterators import group_by_keys
+
+    from jeststream.adapters.webdataset import _tar_members
+
+    for url in shards:
+        files = ({"fname": n, "data": d, "__url__": url} for n, d in _tar_members(url))
+        yield from group_by_keys(files)
+
+
+def _handwritten_shuffle(items, bufsize: int, rng: random.Random):
+    """The adapter's shuffle buffer before it used wds.shuffle (the comparator)."""
+    buf: list = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        i = rng.randrange(bufsize)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def shards(n_shards: int, per_shard: int, b: int, buffer: int, repeats: int) -> dict:
+    from unittest import mock
+
+    import webdataset as wds
+
+    import jeststream.adapters.webdataset as adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = _write_demo_like_shards(Path(tmp), n_shards, per_shard)
+        total = n_shards * per_shard
+        readers = {
+            "tarfile_wds_tarfile_to_samples": lambda: wds.tarfile_to_samples()(
+                iter([{"url": u} for u in urls])
+            ),
+            "checked_wds_group_by_keys": lambda: _with_group_by_keys(urls),
+            "checked_tarfile_samples": lambda: adapter.checked_tarfile_samples(urls),
+        }
+        raw = list(adapter.checked_tarfile_samples(urls))
+        shuffles = {
+            "handwritten_shuffle": lambda: _handwritten_shuffle(
+                iter(raw), buffer, random.Random(0)
+            ),
+            "wds_shuffle": lambda: wds.shuffle(buffer, initial=buffer, rng=random.Random(0))(
+                iter(raw)
+            ),
+        }
+        loaders = {  # name: shuffle buffer (the grouping is swapped in by name below)
+            "webdataset_loader": 0,
+            "webdataset_loader_wds_group_by_keys": 0,
+            "webdataset_loader_shuffle_buffer": buffer,
+        }
+        times: dict[str, list[float]] = {k: [] for k in (*readers, *shuffles, *loaders)}
+        for _ in range(repeats):  # interleaved: drifting load hits every variant
+            for name, make in (*readers.items(), *shuffles.items()):
+                t0 = time.perf_counter()
+                got = sum(1 for _ in make())
+                times[name].append((time.perf_counter() - t0) / (got / b))
+                assert got == total, (name, got)
+            for name, shuffle_buffer in loaders.items():
+                grouping = (
+                    _with_group_by_keys if "group_by_keys" in name
+                    else adapter.checked_tarfile_samples
+                )
+                with mock.patch.object(adapter, "checked_tarfile_samples", grouping):
+                    loader = adapter.webdataset_loader(urls, b, shuffle_buffer=shuffle_buffer)
+                    t0 = time.perf_counter()
+                    got = sum(1 for _ in loader)
+                    times[name].append((time.perf_counter() - t0) / got)
+                assert got == total // b, (name, got)
+    best = {k: round(1000 * min(v), 3) for k, v in times.items()}
+    return {
+        "webdataset": wds.__version__,
+        "shards": n_shards,
+        "samples": total,
+        "batch": b,
+        "shuffle_buffer": buffer,
+        "repeats": repeats,
+        "ms_per_batch": best,
+        "checked_vs_tarfile": round(
+            best["checked_tarfile_samples"] / best["tarfile_wds_tarfile_to_samples"], 3
+        ),
+        "group_by_keys_vs_ours": round(
+            best["checked_wds_group_by_keys"] / best["checked_tarfile_samples"], 3
+        ),
+        "loader_group_by_keys_vs_ours": round(
+            best["webdataset_loader_wds_group_by_keys"] / best["webdataset_loader"], 3
+        ),
+        "wds_shuffle_vs_handwritten": round(best["wds_shuffle"] / best["handwritten_shuffle"], 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    parser.add_argument(
+        "--only", choices=("overlap", "overhead", "shards"), help="run one section only"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # shared small machines: one intra-op thread avoids spin contention
     n, b, n_chunks = 4, 64, 16
     steps = 12 if args.quick else 40
+    repeats = 1 if args.quick else 3
+    sections = {
+        "overlap": lambda: [
+            overlap(T, S, steps, n, b, n_chunks, repeats=repeats) for T, S in ((50, 30), (30, 50))
+        ],
+        "overhead": lambda: {
+            # the target: what a training loop with a 50 ms step sees (zero-cost scorer)
+            "consumer": overhead(steps, n, b, n_chunks, repeats=repeats, step_ms=50),
+            # diagnostic: every variant flat out, no training step
+            "cpu": overhead(steps * 2, n, b, n_chunks, repeats=3 if args.quick else 7, step_ms=0),
+        },
+        "shards": lambda: shards(
+            n_shards=2 if args.quick else 16,
+            per_shard=256 if args.quick else 512,
+            b=128,
+            buffer=256 if args.quick else 5000,
+            repeats=1 if args.quick else 7,
+        ),
+    }
     result = {
         "benchmark": "pipeline",
         "quick": args.quick,
@@ -198,17 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                    "base_batch": "uint8 images [b,3,64,64], tokens [b,32], keys list[str]"},
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu_threads": torch.get_num_threads()},
-        "overlap": [
-            overlap(T, S, steps, n, b, n_chunks, repeats=1 if args.quick else 3)
-            for T, S in ((50, 30), (30, 50))
-        ],
-        "overhead": {
-            # the target: what a training loop with a 50 ms step sees (zero-cost scorer)
-            "consumer": overhead(steps, n, b, n_chunks, repeats=1 if args.quick else 3, step_ms=50),
-            # diagnostic: every variant flat out, no training step
-            "cpu": overhead(steps * 2, n, b, n_chunks, repeats=3 if args.quick else 7, step_ms=0),
-        },
     }
+    for name, run in sections.items():
+        if args.only in (None, name):
+            result[name] = run()
     print(json.dumps(result, indent=2))
     return 0
 

@@ -18,11 +18,13 @@ _EXPORTS = {
     "CRITERIA": "jeststream.losses",
     "Embeddings": "jeststream.losses",
     "sigmoid_pair_losses": "jeststream.losses",
+    "blocked_joint_sample": "jeststream.selection",
     "example_scores": "jeststream.selection",
     "independent_sample": "jeststream.selection",
     "joint_sample": "jeststream.selection",
     "joint_sample_from_embeddings": "jeststream.selection",
     "topk_sample": "jeststream.selection",
+    "global_joint_sample": "jeststream.distributed",
     "JESTLoader": "jeststream.loader",
     "SelectionInfo": "jeststream.loader",
     "ReferenceCache": "jeststream.reference_cache",
@@ -36,7 +38,9 @@ __all__ = [
     "ReferenceCache",
     "SelectionInfo",
     "SelectionLog",
+    "blocked_joint_sample",
     "example_scores",
+    "global_joint_sample",
     "independent_sample",
     "joint_sample",
     "joint_sample_from_embeddings",
@@ -45,10 +49,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from jeststream.distributed import global_joint_sample
     from jeststream.loader import JESTLoader, SelectionInfo
     from jeststream.losses import CRITERIA, Embeddings, sigmoid_pair_losses
     from jeststream.reference_cache import ReferenceCache
     from jeststream.selection import (
+        blocked_joint_sample,
         example_scores,
         independent_sample,
         joint_sample,

@@ -27,8 +27,10 @@ from torch import nn
 
 from jeststream.batch import batch_size as _batch_size
 from jeststream.batch import concat_batches, find_keys, index_batch, iter_tensors
+from jeststream.diagnostics import BatchLearnability, measure_draws
+from jeststream.distributed import Coordinator, check_not_sharded, check_resume, resolve_mode
 from jeststream.losses import CRITERIA, Embeddings, criterion_weights
-from jeststream.pipeline import END, Prefetcher, to_device
+from jeststream.pipeline import END, ThreadPipeline, to_device
 from jeststream.reference_cache import ReferenceCache
 from jeststream.scoring import EmbedFn, Scorer, ScoreResult
 from jeststream.selection import LOSSES, example_scores, joint_sample_from_embeddings
@@ -55,7 +57,10 @@ class SelectionInfo:
     indices: positions of the yielded examples in their super-batch (cpu LongTensor[k], draw
     order); scores: their per-example scores (``selection.example_scores``); timings in seconds:
     waited_s (consumer blocked in ``next()``), scored_s (both forwards), selected_s (sampling);
-    staleness: yielded batches between the snapshot refresh and this batch's yield.
+    staleness: yielded batches between the snapshot refresh and this batch's yield;
+    batch_learnability: with ``JESTLoader(batch_learnability=True)``, the criterion's score of
+    the yielded sub-batch as a whole next to an independent and a uniform draw from the same
+    super-batch (:mod:`jeststream.diagnostics`), else None.
     """
 
     indices: torch.Tensor
@@ -71,6 +76,7 @@ class SelectionInfo:
     step: int
     epoch: int
     super_batch_size: int
+    batch_learnability: BatchLearnability | None = None
 
 
 @dataclasses.dataclass
@@ -127,6 +133,8 @@ class _Producer:
         self.start = start  # the pass's first step (the snapshot schedule counts from it)
         self.epoch = loader.epoch  # recorded once per pass: set_epoch() mid-pass is for the next
         self.activity = "starting"  # what the producer is doing (named by timeout errors)
+        # distributed="global": the pass's per-super-batch rounds (jeststream.distributed)
+        self.rounds = loader._dist.start_pass() if loader._dist is not None else None
 
     def draw_and_score(self, should_stop: Callable[[], bool]) -> Any:
         ld = self.loader
@@ -207,7 +215,24 @@ class _Producer:
                 if not bool(torch.isfinite(per_example).all()):
                     bad = ~torch.isfinite(per_example)
             fallback = bad is not None
-            if fallback:
+            if self.rounds is not None:  # global selection: the ranks agree on the outcome
+                idx, fallback = self.rounds.sample(
+                    scored.learner,
+                    scored.reference,
+                    k,
+                    size=size,
+                    step=step,
+                    own_scores=None if fallback else own_scores,
+                    bad_message=None if not fallback else f"{int(bad.sum())} of {size} non-finite",
+                    loss=ld.loss,
+                    criterion=ld.criterion,
+                    n_chunks=ld.n_chunks,
+                    temperature=ld.temperature,
+                    generator=ld._generator,
+                    on_bad_scores=ld.on_bad_scores,
+                )
+                idx = idx.cpu()
+            elif fallback:
                 n_bad = int(bad.sum())
                 if ld.on_bad_scores == "raise":
                     raise ValueError(
@@ -236,6 +261,17 @@ class _Producer:
                     own_scores=own_scores,  # the first chunk's logits: not computed twice
                 ).cpu()
         selected_s = time.perf_counter() - t0
+        learnability = None  # measured after the draw, with its own generator: changes nothing
+        if ld.batch_learnability and not fallback:
+            learnability = measure_draws(
+                scored.learner,
+                scored.reference,
+                idx,
+                loss=ld.loss,
+                criterion=ld.criterion,
+                temperature=ld.temperature,
+                seed=(ld.seed, self.epoch, step),
+            )
         # Tensors made under inference_mode reject in-place use outside it; these reach the user.
         idx, per_example = idx.clone(), per_example.clone()
         batch = index_batch(s.super_batch, idx)
@@ -257,16 +293,31 @@ class _Producer:
             step=step,
             epoch=self.epoch,
             super_batch_size=size,
+            batch_learnability=learnability,
         )
         return _Item(batch, info, resume, s.keys, per_example, mask)
 
+    def produce(self, should_stop: Callable[[], bool]) -> Any:
+        """Step 1 (thread 1); under global selection its end or failure is told to every rank."""
+        if self.rounds is None:
+            return self.draw_and_score(should_stop)
+        return self.rounds.produce(self.draw_and_score, should_stop, self.step)
+
+    def finish(self, s: Any) -> Any:
+        """Step 2 (thread 2); under global selection each super-batch is one round."""
+        if self.rounds is None:
+            return self.select(s)
+        return self.rounds.finish(self.select, s, size=lambda s: s.size)
+
     def __call__(self, should_stop: Callable[[], bool]) -> Any:
         """Both steps inline (the sync path)."""
-        s = self.draw_and_score(should_stop)
-        return s if s is None or s is END else self.select(s)
+        s = self.produce(should_stop)
+        return s if s is None or s is END else self.finish(s)
 
 
 def _scored_tensors(s: _Scored):
+    if not isinstance(s, _Scored):  # a distributed round's marker: no tensors
+        return
     yield from iter_tensors(s.super_batch)
     for e in (s.scored.learner, s.scored.reference):
         if e is not None:
@@ -282,7 +333,7 @@ class _JESTIterator:
 
     def __init__(self, loader: JESTLoader) -> None:
         self._loader = loader
-        self._prefetcher: Prefetcher | None = None
+        self._prefetcher: ThreadPipeline | None = None
         self._done = False
         self._base_batches_at_start = loader._base_batches
         step = loader._step
@@ -310,10 +361,11 @@ class _JESTIterator:
             loader._resume = loader._make_state(loader._base_state(), step, step, loader.epoch)
         producer = _Producer(loader, base_iter, step, start)
         self._producer = producer
+        self._rounds = producer.rounds
         if loader.async_scoring:
-            self._prefetcher = Prefetcher(
-                producer.draw_and_score,
-                stages=[(producer.select, _scored_tensors)],
+            self._prefetcher = ThreadPipeline(
+                producer.produce,
+                stages=[(producer.finish, _scored_tensors)],
                 prefetch=loader.prefetch,
                 device=loader.device,
                 cross_stream_tensors=_item_tensors,
@@ -345,8 +397,8 @@ class _JESTIterator:
                         "StopIteration raised while building a super-batch (embed, "
                         "score_transform or key_fn?)"
                     ) from exc
-                if item is END:
-                    raise StopIteration
+            if item is END:  # the base ended (or, under global selection, a rank's did)
+                raise StopIteration
             info = dataclasses.replace(
                 item.info,
                 waited_s=time.perf_counter() - t0,
@@ -379,10 +431,15 @@ class _JESTIterator:
 
     def close(self) -> None:
         self._done = True
+        alive = False
         if self._prefetcher is not None:
             self._prefetcher.close()
+            alive = any(t.is_alive() for t in self._prefetcher.threads)
             self._prefetcher = None
         self._producer = None
+        rounds, self._rounds = getattr(self, "_rounds", None), None
+        if rounds is not None:  # global selection: release peers still in this pass's round
+            rounds.close(threads_alive=alive)
 
     def __del__(self) -> None:
         try:
@@ -417,12 +474,28 @@ class JESTLoader:
             The reference, the live learner and the yielded batch are unchanged.
         on_bad_scores: "raise" or "uniform" for super-batches with NaN/inf scores.
         return_info: yield ``(batch, SelectionInfo)`` instead of ``batch``.
+        batch_learnability: also measure each yielded sub-batch's learnability as a whole next
+            to an independent and a uniform draw of its size (``SelectionInfo.batch_learnability``
+            and the selection log's columns; :mod:`jeststream.diagnostics`). Its own generator:
+            the selection is the same with or without it.
         selection_log: path of a selection log (jeststream.selection_log.SelectionLog).
         selection_log_mode: "auto" (overwrite an old log at that path, but append after
             ``load_state_dict``), "a" (always append: a run resumed from a checkpoint that holds
             no loader state) or "w" (always overwrite).
         key_fn: ``batch -> list[str]`` of per-example keys for the selection log and a
             reference cache (default: ``jeststream.batch.find_keys``'s rules).
+        distributed: "global": under torch.distributed, select from the super-batches of all
+            ranks as from one (each rank still yields b of its own examples; the ranks
+            all-gather the embeddings of each chunk they draw, :mod:`jeststream.distributed`),
+            end every pass together when any rank's base loader ends, and raise on every rank
+            when one fails; "local": each rank selects from its own super-batch alone, no
+            collectives; "auto" (default): "global" when torch.distributed is initialised with
+            world size > 1, else None (a single process). Under "global" each rank's generator
+            is seeded by (seed, rank, epoch), the group's collectives wait at most ``timeout``
+            seconds (torch's default when None), and every rank must build its loader, start
+            and leave each pass at the same points (it is collective).
+        process_group: the ranks that select together and the backend of the loader's own
+            process group (default: all ranks, the default group's backend).
     """
 
     def __init__(
@@ -453,8 +526,12 @@ class JESTLoader:
         key_fn: Callable[[Any], Sequence[str]] | None = None,
         deterministic: bool = False,
         timeout: float | None = None,
+        batch_learnability: bool = False,
+        distributed: str | None = "auto",
+        process_group: Any = None,
     ) -> None:
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
+        self._dist: Coordinator | None = None
         if not hasattr(base_loader, "__iter__"):
             raise TypeError(f"base_loader must be iterable, got {type(base_loader).__name__}")
         if not isinstance(learner, nn.Module):
@@ -530,6 +607,8 @@ class JESTLoader:
             raise ValueError(f"seed must be an int, got {seed!r}")
         if key_fn is not None and not callable(key_fn):
             raise TypeError(f"key_fn must be callable batch -> list[str], got {key_fn!r}")
+        dist_mode = resolve_mode(distributed, process_group)
+        check_not_sharded(learner)
 
         self.base_loader = base_loader
         self.n = n
@@ -548,6 +627,7 @@ class JESTLoader:
         self.on_bad_scores = on_bad_scores
         self.return_info = bool(return_info)
         self.key_fn = key_fn
+        self.batch_learnability = bool(batch_learnability)
         self.deterministic = bool(deterministic)
         self.timeout = None if timeout is None else float(timeout)
         self.epoch = 0
@@ -614,6 +694,16 @@ class JESTLoader:
             )
         self._log_mode = selection_log_mode
         self._log_append = selection_log_mode == "a"
+        if dist_mode == "global" and self.batch_learnability:
+            raise ValueError(
+                "batch_learnability=True measures draws from one super-batch, but "
+                "distributed='global' selects from the super-batches of all ranks; pass "
+                "distributed='local' to measure per rank, or leave batch_learnability off"
+            )
+        if dist_mode is not None:  # last: its process group is made only for a built loader
+            self._dist = Coordinator(dist_mode, process_group, self.timeout)
+            if dist_mode == "global":
+                self._generator.manual_seed(self._dist.seed(seed, 0))
         self._closed = False
 
     # -- sizes -------------------------------------------------------------------------------
@@ -726,6 +816,8 @@ class JESTLoader:
             out["bad_shards"] = base_stats["bad_shards"]
         elif hasattr(self.base_loader, "bad_shards"):
             out["bad_shards"] = self.base_loader.bad_shards
+        if self._dist is not None:
+            out["distributed"] = self._dist.stats()
         return out
 
     # -- iteration ---------------------------------------------------------------------------
@@ -757,8 +849,29 @@ class JESTLoader:
 
     def _apply_pending_seed(self) -> None:
         if self._pending_epoch is not None:
-            self._generator.manual_seed(_epoch_seed(self.seed, self._pending_epoch))
+            seed = (
+                _epoch_seed(self.seed, self._pending_epoch)
+                if self._dist is None or self._dist.mode != "global"
+                else self._dist.seed(self.seed, self._pending_epoch)
+            )
+            self._generator.manual_seed(seed)
             self._pending_epoch = None
+
+    def _run_config(self) -> dict[str, Any]:
+        """The selection settings recorded beside the selection log (``LOG.run.json``), which
+        ``jeststream report`` shows."""
+        return {
+            "ratio": self.ratio,
+            "n": self.n,
+            "batch_size": self._b,
+            "n_chunks": min(self.n_chunks, self._b) if self._b else self.n_chunks,
+            "criterion": self.criterion,
+            "loss": self.loss,
+            "temperature": self.temperature,
+            "refresh_every": self.refresh_every,
+            "deterministic": self.deterministic,
+            "seed": self.seed,
+        }
 
     def _on_yield(self, item: _Item, info: SelectionInfo) -> None:
         # Everything that can fail comes first: a failing next() leaves the state at the last
@@ -766,7 +879,11 @@ class JESTLoader:
         if self._log_path is not None and self._log is None:
             from jeststream.selection_log import SelectionLog  # optional dependency (pyarrow)
 
-            self._log = SelectionLog(self._log_path, mode="a" if self._log_append else "w")
+            self._log = SelectionLog(
+                self._log_path,
+                mode="a" if self._log_append else "w",
+                run_config=self._run_config(),
+            )
         if self._log is not None:
             self._log.write(
                 keys=item.keys,
@@ -774,6 +891,7 @@ class JESTLoader:
                 step=info.step,
                 scores=item.all_scores,
                 selected=item.selected,
+                batch_learnability=info.batch_learnability,
             )
         self._step = info.step + 1
         self._resume = item.resume
@@ -792,6 +910,8 @@ class JESTLoader:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._dist is not None:
+            self._dist.close()
 
     def __enter__(self) -> JESTLoader:
         return self
@@ -822,6 +942,7 @@ class JESTLoader:
             "pass_start": pass_start,  # None: at the end of a pass (the next one starts afresh)
             "epoch": epoch,
             "fallbacks": self._fallbacks,
+            **({"world_size": 1} if self._dist is None else self._dist.state()),
         }
 
     def state_dict(self, include_snapshot: bool = False) -> dict[str, Any]:
@@ -885,6 +1006,10 @@ class JESTLoader:
         missing = {"base", "generator", "step", "pass_start"} - state.keys()
         if missing:
             raise ValueError(f"JESTLoader state_dict is missing {sorted(missing)}")
+        if self._dist is None:
+            check_resume(state, 1, 0)
+        else:
+            check_resume(state, self._dist.world_size, self._dist.rank)
         self._close_active()  # scored-ahead super-batches are dropped and drawn again
         if state.get("snapshot") is not None:
             self._snapshot.load_state_dict(state["snapshot"])

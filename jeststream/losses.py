@@ -135,6 +135,7 @@ class SigmoidBlocks:
         image, text, scale, bias = _parts(e)
         self.image = image * scale  # t·x_i
         self.text = text
+        self.scale = scale
         self.bias = bias
 
     @property
@@ -184,6 +185,18 @@ class SigmoidBlocks:
             at = torch.arange(idx.numel(), device=block.device)
             block[idx, at] = F.softplus(self._positive_logits(idx).neg_())
         return block
+
+
+    def member_rows(self, image: Tensor) -> Tensor:
+        """ℓ_{i,·} for examples i held elsewhere (another rank's), given their unscaled image
+        embeddings [c, d]: [c, B]. No i is one of these B candidates, so every entry is a
+        negative pair. Scaling here rather than before indexing gives the same floats as
+        :meth:`rows` (one multiplication per entry either way)."""
+        return self._block(image.to(self.image.dtype) * self.scale, self.text)
+
+    def member_cols(self, text: Tensor) -> Tensor:
+        """ℓ_{·,i} for examples i held elsewhere, given their text embeddings [c, d]: [B, c]."""
+        return self._block(self.image, text.to(self.text.dtype))
 
 
 def sigmoid_pair_loss_diagonal(e: Embeddings) -> Tensor:
@@ -273,6 +286,11 @@ class SoftmaxGain:
     recomputed by matmul rather than cached, which would cost O(B·k) memory) and O(B·chunk)
     memory.
 
+    A may also hold *external* members, examples that are not among these B candidates (another
+    rank's selected examples, :func:`jeststream.selection.blocked_joint_sample`): ``add`` takes
+    their embeddings, and their normalisers r_i, c_i over all of A are kept next to the
+    candidates'. Without external members every step is the single-set computation above.
+
     With A empty every gain is 0 (a singleton's CLIP loss is zero), so the joint sampler scores
     its first chunk with :func:`clip_example_losses` instead.
     """
@@ -280,6 +298,7 @@ class SoftmaxGain:
     def __init__(self, e: Embeddings) -> None:
         image, text, scale, _ = _parts(e)
         # Pre-scale once so that each block is a single matmul (β cancels in a softmax).
+        self._scale = scale
         self._image = image * scale
         self._text = text
         self._diag = (self._image * text).sum(dim=1)
@@ -289,6 +308,12 @@ class SoftmaxGain:
         self._chunks: list[Tensor] = []
         # The newest chunk's blocks are reused by the next gains() call.
         self._last: tuple[Tensor, Tensor] | None = None
+        # External members, one entry per chunk: (scaled image [c, d], text [c, d]), and their
+        # normalisers over A in chunk order; the newest chunk's candidate blocks, for gains().
+        self._ext: list[tuple[Tensor, Tensor]] = []
+        self._ext_r = self._r.new_empty(0)
+        self._ext_c = self._c.new_empty(0)
+        self._ext_last: tuple[Tensor, Tensor] | None = None
 
     @property
     def selected(self) -> Tensor:
@@ -297,8 +322,11 @@ class SoftmaxGain:
             return torch.empty(0, dtype=torch.long, device=self._image.device)
         return torch.cat(self._chunks)
 
-    def add(self, idx: Tensor | Sequence[int]) -> None:
-        """Add the candidates ``idx`` (not already added) to A."""
+    def add(
+        self, idx: Tensor | Sequence[int], external: tuple[Tensor, Tensor] | None = None
+    ) -> None:
+        """Add the candidates ``idx`` (not already added) to A, and with ``external`` = (image,
+        text) [c', d] (unscaled, L2-normalised) as many members that are not candidates here."""
         idx = _as_index(idx, self._image.device)
         rows = self._image.index_select(0, idx) @ self._text.T  # [c, B]: l_im, i in the chunk
         cols = self._image @ self._text.index_select(0, idx).T  # [B, c]: l_mi, i in the chunk
@@ -306,6 +334,34 @@ class SoftmaxGain:
         self._r = torch.logaddexp(self._r, cols.logsumexp(dim=1))
         self._chunks.append(idx)
         self._last = (rows, cols)
+        if external is None and not self._ext:
+            return  # no external members, before or now: the single-set computation
+        if external is None:
+            external = (self._image.new_empty(0, self._image.shape[1]),) * 2
+        e_image = external[0].to(self._image.dtype) * self._scale
+        e_text = external[1].to(self._text.dtype)
+        e_rows = e_image @ self._text.T  # [c', B]
+        e_cols = self._image @ e_text.T  # [B, c']
+        self._c = torch.logaddexp(self._c, e_rows.logsumexp(dim=0))
+        self._r = torch.logaddexp(self._r, e_cols.logsumexp(dim=1))
+        # The external members' normalisers: the old ones grow by this chunk (own and
+        # external), the new ones are taken over all of A (this chunk included).
+        new_image = torch.cat([self._image.index_select(0, idx), e_image])
+        new_text = torch.cat([self._text.index_select(0, idx), e_text])
+        if self._ext:
+            old_image = torch.cat([im for im, _ in self._ext])
+            old_text = torch.cat([tx for _, tx in self._ext])
+            self._ext_r = torch.logaddexp(self._ext_r, (old_image @ new_text.T).logsumexp(dim=1))
+            self._ext_c = torch.logaddexp(self._ext_c, (new_image @ old_text.T).logsumexp(dim=0))
+        own = self.selected
+        all_image = torch.cat([self._image.index_select(0, own), *(im for im, _ in self._ext),
+                               e_image])
+        all_text = torch.cat([self._text.index_select(0, own), *(tx for _, tx in self._ext),
+                              e_text])
+        self._ext_r = torch.cat([self._ext_r, (e_image @ all_text.T).logsumexp(dim=1)])
+        self._ext_c = torch.cat([self._ext_c, (all_image @ e_text.T).logsumexp(dim=0)])
+        self._ext.append((e_image, e_text))
+        self._ext_last = (e_rows, e_cols)
 
     def gains(self) -> Tensor:
         """L(A ∪ {m}) − L(A) for every m: [B]. Entries for m ∈ A carry no meaning."""
@@ -318,4 +374,14 @@ class SoftmaxGain:
                 cols = self._image @ self._text.index_select(0, idx).T
             gain += F.softplus(rows - self._r[idx, None]).sum(dim=0)
             gain += F.softplus(cols - self._c[None, idx]).sum(dim=1)
+        start = 0
+        for n_chunk, (image, text) in enumerate(self._ext):
+            stop = start + image.shape[0]
+            if n_chunk == len(self._ext) - 1 and self._ext_last is not None:
+                rows, cols = self._ext_last
+            else:
+                rows, cols = image @ self._text.T, self._image @ text.T
+            gain += F.softplus(rows - self._ext_r[start:stop, None]).sum(dim=0)
+            gain += F.softplus(cols - self._ext_c[None, start:stop]).sum(dim=1)
+            start = stop
         return gain.mul_(0.5)

@@ -36,7 +36,7 @@ import torch
 from jeststream.batch import map_tensors
 from jeststream.snapshot import is_accelerator
 
-__all__ = ["END", "Prefetcher", "to_device", "reraise_from_producer"]
+__all__ = ["END", "ThreadPipeline", "to_device", "reraise_from_producer"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ END = object()  # produce() returns this when the source is exhausted
 _POLL_S = 0.05  # how often blocked queue operations re-check the stop flag / thread liveness
 _JOIN_TIMEOUT_S = 30.0
 
-_LIVE: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
+_LIVE: weakref.WeakSet[ThreadPipeline] = weakref.WeakSet()
 
 
 @atexit.register
@@ -205,9 +205,10 @@ def _run_stage(
         _put(q_out, _Failure(exc), stop)
 
 
-class Prefetcher:
+class ThreadPipeline:
     """Run ``produce`` (and optional further stages) in daemon threads, keeping up to
-    ``prefetch`` finished items ready.
+    ``prefetch`` finished items ready. (Not torchdata's ``nodes.Prefetcher``, which a
+    torchdata base loader may use below JESTLoader; this is JESTLoader's own producer.)
 
     Args:
         produce: called repeatedly in the first thread with a ``should_stop()`` callable;
@@ -223,7 +224,7 @@ class Prefetcher:
         describe: ``() -> str`` naming what the producer is doing, for that error.
 
     On an accelerator an event is recorded on the consumer's current stream when the
-    prefetcher starts, and every producer stream waits on it once before its first item.
+    pipeline starts, and every producer stream waits on it once before its first item.
     """
 
     def __init__(

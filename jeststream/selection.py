@@ -21,13 +21,20 @@ has no pairwise form, the logits are the exact conditional gains of
 Randomness: every chunk of a sampled (temperature > 0) draw consumes one ``torch.rand`` of shape
 [B] from ``generator``, whatever the path, so the matrix and the embeddings paths return the same
 indices for the same generator state.
+
+Several ranks: :func:`blocked_joint_sample` is the definition for a global super-batch split into
+per-rank blocks (each block draws its own quota; after chunk 1 every block's logits are taken
+against the examples selected by all blocks). One chunk loop (:func:`chunk_loop`) serves every
+case; it takes the transport -- "exchange the embeddings of the examples just drawn" -- as a
+function: in-process here, an all-gather in :func:`jeststream.distributed.global_joint_sample`.
+This module never imports torch.distributed.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -44,6 +51,7 @@ from jeststream.losses import (
 
 __all__ = [
     "LOSSES",
+    "blocked_joint_sample",
     "chunk_sizes",
     "example_scores",
     "independent_sample",
@@ -187,32 +195,97 @@ def _draw(logits: Tensor, c: int, temperature: float, generator: torch.Generator
     return torch.topk(keys, c).indices
 
 
-def _chunked_sample(
-    first_logits: Tensor,
-    k: int,
-    n_chunks: int,
-    temperature: float,
-    generator: torch.Generator | None,
-    next_logits: Callable[[Tensor], Tensor],
-) -> Tensor:
-    """Run the chunk loop. ``next_logits(new)`` folds the newest chunk into A and returns the
-    conditional logits of every candidate; it is never called after the last chunk."""
-    n = first_logits.shape[0]
-    selected = torch.zeros(n, dtype=torch.bool, device=first_logits.device)
-    drawn: list[Tensor] = []
-    logits = first_logits
-    for j, c in enumerate(chunk_sizes(k, n_chunks)):
-        if j:
-            logits = next_logits(drawn[-1])
-        new = _draw(logits.masked_fill(selected, -math.inf), c, temperature, generator)
-        selected[new] = True
-        drawn.append(new)
-    return torch.cat(drawn)
+Exchange = Callable[[list[Tensor]], list[Tensor]]
+"""The transport of the chunk loop: given the payload of the examples each local block just
+drew (one [c_r, w] tensor per block), return every rank's payload in rank order."""
+
+
+def _in_process(payloads: list[Tensor]) -> list[Tensor]:
+    """Every block is local: the payloads already are everyone's, in rank order."""
+    return payloads
+
+
+class Block:
+    """One rank's side of the chunk loop: its candidates, its chunk sizes and its running
+    conditional logits. ``payload(new)`` is what the other ranks need of the examples it just
+    drew; ``fold(everyone, me)`` folds every rank's newest chunk (``everyone[me]`` is its own)
+    into the logits. Built by :func:`embedding_block`; run by :func:`chunk_loop`."""
+
+    def __init__(
+        self,
+        first_logits: Tensor,
+        sizes: list[int],
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.logits = first_logits
+        self.sizes = sizes
+        self.temperature = temperature
+        self.generator = generator
+        self.selected = torch.zeros(
+            first_logits.shape[0], dtype=torch.bool, device=first_logits.device
+        )
+        self.drawn: list[Tensor] = []
+
+    def draw(self, j: int) -> Tensor:
+        new = _draw(
+            self.logits.masked_fill(self.selected, -math.inf),
+            self.sizes[j],
+            self.temperature,
+            self.generator,
+        )
+        self.selected[new] = True
+        self.drawn.append(new)
+        return new
+
+    def payload(self, new: Tensor) -> Tensor:  # pragma: no cover -- abstract
+        raise NotImplementedError
+
+    def fold(self, everyone: list[Tensor], me: int) -> None:  # pragma: no cover -- abstract
+        raise NotImplementedError
+
+    def result(self) -> Tensor:
+        return torch.cat(self.drawn)
+
+
+def chunk_loop(
+    blocks: list[Block], ranks: list[int], n_chunks: int, exchange: Exchange = _in_process
+) -> list[Tensor]:
+    """The chunk loop, once for every transport: each block draws its chunk, the payloads of
+    what was drawn are exchanged, every block folds everyone's chunk into its logits. Nothing
+    is exchanged after the last chunk. ``ranks[i]`` is block i's position in ``exchange``'s
+    answer."""
+    for j in range(n_chunks):
+        new = [b.draw(j) for b in blocks]
+        if j + 1 == n_chunks:
+            break
+        everyone = exchange([b.payload(x) for b, x in zip(blocks, new)])
+        for b, me in zip(blocks, ranks):
+            b.fold(everyone, me)
+    return [b.result() for b in blocks]
 
 
 def _fold(running: Tensor, rows: Tensor, cols: Tensor) -> None:
     """running += Σ_{i∈new} S_i· + Σ_{i∈new} S_·i. Shared by both paths so they round alike."""
     running += rows.sum(dim=0) + cols.sum(dim=1)
+
+
+class _MatrixBlock(Block):
+    """A materialised score matrix; one block only (the payload is the drawn indices)."""
+
+    def __init__(self, s: Tensor, sizes, temperature, generator) -> None:
+        self.s = s
+        self.diag = s.diagonal().clone()
+        self.running = torch.zeros_like(self.diag)
+        super().__init__(self.diag, sizes, temperature, generator)
+
+    def payload(self, new: Tensor) -> Tensor:
+        return new
+
+    def fold(self, everyone: list[Tensor], me: int) -> None:
+        new = everyone[me]
+        _fold(self.running, self.s.index_select(0, new), self.s.index_select(1, new))
+        self.logits = self.diag + self.running
 
 
 def joint_sample(
@@ -245,14 +318,8 @@ def joint_sample(
     temperature = _check_temperature(temperature)
     _check_finite(scores, "scores")
     s = scores.to(compute_dtype(scores.dtype))
-    diag = s.diagonal().clone()
-    running = torch.zeros_like(diag)
-
-    def next_logits(new: Tensor) -> Tensor:
-        _fold(running, s.index_select(0, new), s.index_select(1, new))
-        return diag + running
-
-    return _chunked_sample(diag, k, n_chunks, temperature, generator, next_logits)
+    block = _MatrixBlock(s, chunk_sizes(k, n_chunks), temperature, generator)
+    return chunk_loop([block], [0], n_chunks)[0]
 
 
 def _combine(
@@ -288,6 +355,154 @@ def example_scores(
     return _combine(w_l, w_r, lambda: per_example(learner), lambda: per_example(reference))
 
 
+class _EmbeddingBlock(Block):
+    """A super-batch given by each model's embeddings. The payload of drawn examples is their
+    embeddings (image then text, learner then reference, only the models the criterion
+    weighs), unscaled and in the compute dtype, side by side in one [c, w] tensor."""
+
+    def __init__(self, learner, reference, w_l, w_r, first, sizes, temperature, generator):
+        super().__init__(first, sizes, temperature, generator)
+        self.w_l, self.w_r = w_l, w_r
+        self.models = [e for e, w in ((learner, w_l), (reference, w_r)) if w]
+        self.dtypes = [compute_dtype(e.image.dtype) for e in self.models]
+        self.widths = [e.image.shape[1] for e in self.models]
+        dtype = self.dtypes[0]
+        for d in self.dtypes[1:]:
+            dtype = torch.promote_types(dtype, d)
+        self.payload_dtype = dtype
+
+    @property
+    def payload_width(self) -> int:
+        return 2 * sum(self.widths)
+
+    def payload(self, new: Tensor) -> Tensor:
+        parts = []
+        for e in self.models:
+            for t in (e.image, e.text):
+                t = t.detach().to(device=self.logits.device)
+                parts.append(t.index_select(0, new.to(t.device)).to(self.payload_dtype))
+        return torch.cat(parts, dim=1)
+
+    def unpack(self, members: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The inverse of :meth:`payload` for any rank's rows: per model, (image, text)."""
+        out, at = [], 0
+        for d, dtype in zip(self.widths, self.dtypes):
+            image = members[:, at : at + d].to(dtype).contiguous()
+            text = members[:, at + d : at + 2 * d].to(dtype).contiguous()
+            out.append((image, text))
+            at += 2 * d
+        return out
+
+    def _per_model(self, parts: list) -> tuple:
+        """(learner's, reference's) entries of a per-used-model list; None where unweighted."""
+        it = iter(parts)
+        return (next(it) if self.w_l else None), (next(it) if self.w_r else None)
+
+
+class _SigmoidBlock(_EmbeddingBlock):
+    def __init__(self, learner, reference, w_l, w_r, first, sizes, temperature, generator):
+        self.blocks_l = SigmoidBlocks(learner) if w_l else None
+        self.blocks_r = SigmoidBlocks(reference) if w_r else None
+        if first is None:
+            first = _combine(
+                w_l, w_r, lambda: self.blocks_l.diagonal(), lambda: self.blocks_r.diagonal()
+            )
+        self.diag = first
+        self.running = torch.zeros_like(first)
+        super().__init__(learner, reference, w_l, w_r, first, sizes, temperature, generator)
+
+    def fold(self, everyone: list[Tensor], me: int) -> None:
+        # Every rank's newest chunk, own included: S_im + S_mi for all of them. One matmul per
+        # model per direction; the own chunk's diagonal entries sit at selected (masked)
+        # candidates, and no other rank's example is a candidate here, so no positive-pair
+        # fix-up is needed.
+        members = everyone[0] if len(everyone) == 1 else torch.cat(everyone)
+        part_l, part_r = self._per_model(self.unpack(members))
+        rows = _combine(
+            self.w_l,
+            self.w_r,
+            lambda: self.blocks_l.member_rows(part_l[0]),
+            lambda: self.blocks_r.member_rows(part_r[0]),
+        )
+        cols = _combine(
+            self.w_l,
+            self.w_r,
+            lambda: self.blocks_l.member_cols(part_l[1]),
+            lambda: self.blocks_r.member_cols(part_r[1]),
+        )
+        _fold(self.running, rows, cols)
+        self.logits = self.diag + self.running
+
+
+class _SoftmaxBlock(_EmbeddingBlock):
+    def __init__(self, learner, reference, w_l, w_r, first, sizes, temperature, generator):
+        if first is None:
+            first = _combine(
+                w_l,
+                w_r,
+                lambda: clip_example_losses(learner),
+                lambda: clip_example_losses(reference),
+            )
+        self.gain_l = SoftmaxGain(learner) if w_l else None
+        self.gain_r = SoftmaxGain(reference) if w_r else None
+        super().__init__(learner, reference, w_l, w_r, first, sizes, temperature, generator)
+
+    def fold(self, everyone: list[Tensor], me: int) -> None:
+        # Own examples join A by index; the other ranks' by their embeddings (external
+        # members), so that their row and column normalisers count too.
+        others = [p for rank, p in enumerate(everyone) if rank != me]
+        ext_l = ext_r = None
+        if others:
+            ext_l, ext_r = self._per_model(self.unpack(torch.cat(others)))
+        new = self.drawn[-1]
+
+        def term(gain: SoftmaxGain, external) -> Tensor:
+            gain.add(new, external)
+            return gain.gains()
+
+        self.logits = _combine(
+            self.w_l,
+            self.w_r,
+            lambda: term(self.gain_l, ext_l),
+            lambda: term(self.gain_r, ext_r),
+        )
+
+
+def embedding_block(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    k: int,
+    *,
+    loss: str = "sigmoid",
+    criterion: str = "learnability",
+    n_chunks: int = 16,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    own_scores: Tensor | None = None,
+) -> _EmbeddingBlock:
+    """Validate one rank's inputs and build its :class:`Block` (the chunk loop's state)."""
+    n, w_l, w_r = _check_models(learner, reference, loss, criterion)
+    k = _check_k(k, n, n_chunks)
+    temperature = _check_temperature(temperature)
+    if learner is not None:
+        learner = Embeddings(*learner)
+    if reference is not None:
+        reference = Embeddings(*reference)
+    if own_scores is not None:
+        if not isinstance(own_scores, Tensor) or tuple(own_scores.shape) != (n,):
+            raise ValueError(
+                f"own_scores must be a [B={n}] tensor from example_scores(), got "
+                f"{tuple(own_scores.shape) if isinstance(own_scores, Tensor) else own_scores!r}"
+            )
+        _check_finite(own_scores, "own_scores")
+        device, dtype = _device_dtype(learner, reference)
+        own_scores = own_scores.to(device=device, dtype=dtype)
+    cls = _SigmoidBlock if loss == "sigmoid" else _SoftmaxBlock
+    return cls(
+        learner, reference, w_l, w_r, own_scores, chunk_sizes(k, n_chunks), temperature, generator
+    )
+
+
 def joint_sample_from_embeddings(
     learner: Embeddings | None,
     reference: Embeddings | None,
@@ -312,6 +527,8 @@ def joint_sample_from_embeddings(
     information); later chunks use the exact conditional gain of the sum-form CLIP loss,
     L(A ∪ {m}) − L(A), per model (:class:`jeststream.losses.SoftmaxGain`).
 
+    This is :func:`blocked_joint_sample` with one block.
+
     Args:
         learner, reference: each model's :class:`Embeddings` of the super-batch; reference may be
             None with ``criterion="hard_learner"``, learner with ``criterion="easy_reference"``.
@@ -326,63 +543,97 @@ def joint_sample_from_embeddings(
         LongTensor[k] of distinct indices in draw order, on the learner embeddings' device (the
         reference's when learner is None).
     """
-    n, w_l, w_r = _check_models(learner, reference, loss, criterion)
-    k = _check_k(k, n, n_chunks)
-    temperature = _check_temperature(temperature)
-    if own_scores is not None:
-        if not isinstance(own_scores, Tensor) or tuple(own_scores.shape) != (n,):
-            raise ValueError(
-                f"own_scores must be a [B={n}] tensor from example_scores(), got "
-                f"{tuple(own_scores.shape) if isinstance(own_scores, Tensor) else own_scores!r}"
+    block = embedding_block(
+        learner,
+        reference,
+        k,
+        loss=loss,
+        criterion=criterion,
+        n_chunks=n_chunks,
+        temperature=temperature,
+        generator=generator,
+        own_scores=own_scores,
+    )
+    return chunk_loop([block], [0], n_chunks)[0]
+
+
+def _as_list(x, w: int, name: str) -> list:
+    if x is None:
+        return [None] * w
+    if isinstance(x, (list, tuple)) and not isinstance(x, Embeddings):
+        if len(x) != w:
+            raise ValueError(f"{name} has {len(x)} entries but there are {w} blocks (ranks)")
+        return list(x)
+    raise TypeError(f"{name} must be a list with one entry per block (rank), got {type(x)}")
+
+
+def blocked_joint_sample(
+    learners: Sequence[Embeddings | None] | None,
+    references: Sequence[Embeddings | None] | None,
+    ks: Sequence[int],
+    *,
+    loss: str = "sigmoid",
+    criterion: str = "learnability",
+    n_chunks: int = 16,
+    temperature: float = 1.0,
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> list[Tensor]:
+    """Joint selection from one global super-batch split into per-rank blocks, in one process.
+
+    The definition that :func:`jeststream.distributed.global_joint_sample` computes across
+    processes. Block r holds B_r examples and draws exactly ``ks[r]`` of its own, in
+    ``chunk_sizes(ks[r], n_chunks)`` chunks. Chunk 1: each block draws by its own examples'
+    scores (sigmoid: S_mm; softmax: each example's CLIP loss against its *own* block, the
+    super-batch its rank holds). Chunk j > 1: every candidate's conditional logit is taken
+    against the examples selected so far by **all** blocks, A (sigmoid: S_mm + Σ_{i∈A}(S_im +
+    S_mi), with S over the concatenated super-batch; softmax: the exact gain L(A ∪ {m}) − L(A)
+    of the sum-form CLIP loss), and each block draws its chunk from its own candidates
+    (Gumbel-top-c, −inf masking, one ``torch.rand([B_r])`` per chunk from ``generators[r]``).
+
+    With one block this is :func:`joint_sample_from_embeddings`, index for index.
+
+    Args:
+        learners, references: per block :class:`Embeddings` (a list, or None for all-None as
+            the criterion allows); all blocks use the same models and embedding width.
+        ks: per-block quotas k_r (1 <= n_chunks <= k_r <= B_r).
+        loss, criterion, n_chunks, temperature: as in :func:`joint_sample_from_embeddings`.
+        generators: one torch.Generator (or None) per block.
+
+    Returns:
+        One LongTensor[k_r] per block: its local indices, in draw order.
+    """
+    if isinstance(ks, int) or not isinstance(ks, Sequence) or not ks:
+        raise TypeError(f"ks must be a non-empty list of per-block quotas, got {ks!r}")
+    w = len(ks)
+    learners = _as_list(learners, w, "learners")
+    references = _as_list(references, w, "references")
+    generators = _as_list(generators, w, "generators")
+    blocks = []
+    for r in range(w):
+        try:
+            blocks.append(
+                embedding_block(
+                    learners[r],
+                    references[r],
+                    ks[r],
+                    loss=loss,
+                    criterion=criterion,
+                    n_chunks=n_chunks,
+                    temperature=temperature,
+                    generator=generators[r],
+                )
             )
-        _check_finite(own_scores, "own_scores")
-        device, dtype = _device_dtype(learner, reference)
-        own_scores = own_scores.to(device=device, dtype=dtype)
-
-    if loss == "sigmoid":
-        blocks_l = SigmoidBlocks(learner) if w_l else None
-        blocks_r = SigmoidBlocks(reference) if w_r else None
-        diag = own_scores
-        if diag is None:
-            diag = _combine(w_l, w_r, lambda: blocks_l.diagonal(), lambda: blocks_r.diagonal())
-        running = torch.zeros_like(diag)
-
-        def next_logits(new: Tensor) -> Tensor:
-            # One matmul per model per direction. The diagonal entries of these blocks sit at
-            # selected (masked) candidates, so the positive-pair fix-up is skipped.
-            rows = _combine(
-                w_l,
-                w_r,
-                lambda: blocks_l.rows(new, exact_diagonal=False),
-                lambda: blocks_r.rows(new, exact_diagonal=False),
-            )
-            cols = _combine(
-                w_l,
-                w_r,
-                lambda: blocks_l.cols(new, exact_diagonal=False),
-                lambda: blocks_r.cols(new, exact_diagonal=False),
-            )
-            _fold(running, rows, cols)
-            return diag + running
-
-        return _chunked_sample(diag, k, n_chunks, temperature, generator, next_logits)
-
-    first = own_scores
-    if first is None:
-        first = _combine(
-            w_l, w_r, lambda: clip_example_losses(learner), lambda: clip_example_losses(reference)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"block {r}: {exc}") from None
+    spec = {(b.payload_width, b.payload_dtype, tuple(b.widths)) for b in blocks}
+    if len(spec) > 1:
+        raise ValueError(
+            f"the blocks' embeddings differ in width or dtype ({sorted(map(str, spec))}); every "
+            "rank must score with the same models"
         )
-    gain_l = SoftmaxGain(learner) if w_l else None
-    gain_r = SoftmaxGain(reference) if w_r else None
-
-    def softmax_logits(new: Tensor) -> Tensor:
-        def term(gain: SoftmaxGain) -> Tensor:
-            gain.add(new)
-            return gain.gains()
-
-        return _combine(w_l, w_r, lambda: term(gain_l), lambda: term(gain_r))
-
-    return _chunked_sample(first, k, n_chunks, temperature, generator, softmax_logits)
+    if len({b.logits.device for b in blocks}) > 1:
+        raise ValueError("the blocks' embeddings are on different devices; move them to one")
+    return chunk_loop(blocks, list(range(w)), n_chunks)
 
 
 def independent_sample(

@@ -154,6 +154,14 @@ def test_bad_jest_flags_are_rejected(argv, capsys):
     assert "--jest-ratio" in capsys.readouterr().err
 
 
+def test_without_the_training_extras_the_command_names_the_extra(monkeypatch, capsys):
+    # only the `openclip` extra: open_clip_train's imports (pandas...) fail
+    monkeypatch.setitem(__import__("sys").modules, "open_clip_train.main", None)
+    assert oct_.main(["--jest-ratio", "0.2", "--train-data", "x.tar"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import open_clip_train" in err and "jeststream[openclip-train]" in err
+
+
 def test_installed_version_is_supported():
     assert oct_.check_open_clip_version() == oct_._installed_open_clip_version()
 
@@ -435,3 +443,52 @@ def test_small_batch_without_n_chunks_passes_validation():
     jest.n_chunks = 16
     with pytest.raises(ValueError, match="exceeds --batch-size 8"):
         oct_._validate(jest, rest)
+
+
+_TORCHRUN_LAUNCHER = '''"""`jeststream openclip-train` as a torchrun script; first registers the tiny model config
+(the test's, as register_tiny does in-process)."""
+import sys
+
+import open_clip
+
+open_clip.add_model_config(sys.argv[1])
+from jeststream.cli import main  # noqa: E402
+
+rest = sys.argv[2:]
+sys.exit(main(["openclip-train", *(rest[1:] if rest[:1] == ["--"] else rest)]))
+'''
+
+
+@pytest.mark.slow
+def test_openclip_train_under_torchrun_two_ranks_gloo_global_selection(tmp_path):
+    """torchrun --nproc_per_node 2 on CPU with --dist-backend gloo: open_clip_train's DDP trains
+    on JEST batches selected globally across both ranks (hard_learner: no reference needed)."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "configs" / f"{TINY}.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps(TINY_CFG))
+    noisy = write_shards(tmp_path / "noisy", 2, 32, noise=0.5, seed=2)  # one shard per rank
+    launcher = tmp_path / "launch_openclip_train.py"
+    launcher.write_text(_TORCHRUN_LAUNCHER)
+    argv = common(tmp_path, "ddp", noisy, batch=4, samples=64, epochs=1) + [
+        "--dist-backend", "gloo", "--siglip", "--jest-ratio", "0.25",
+        "--jest-criterion", "hard_learner", "--jest-n-chunks", "2",
+    ]
+    # "--" keeps torchrun's own parser off open_clip's flags (--logs would match --logs-specs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(launcher), str(cfg), "--", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = log_of(tmp_path, "ddp")
+    assert "JEST: global selection over 2 ranks (this is rank 0)" in log
+    # 64 samples over 2 ranks x batch 4 = 8 base batches per rank -> 2 JEST steps
+    assert "JEST: ratio 1/4, 8 base batches -> 2 selected batches per epoch (16 samples)" in log
+    steps = train_lines(log, 0)
+    assert len(steps) == 2 and "[16/16 (100%)]" in steps[-1]
+    assert len([ln for ln in log.splitlines() if "JEST Epoch: 0 [" in ln]) == 2
+    assert "Traceback" not in log and "Traceback" not in proc.stderr
+    assert (tmp_path / "logs" / "ddp" / "checkpoints" / "epoch_1.pt").is_file()

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from jeststream.pipeline import END, Prefetcher, reraise_from_producer, to_device
+from jeststream.pipeline import END, ThreadPipeline, reraise_from_producer, to_device
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,7 +34,7 @@ def _counting_producer(limit=None, delay=0.0):
 
 def test_items_in_order_then_stop(no_thread_leak):
     produce, _ = _counting_producer(limit=5)
-    p = Prefetcher(produce, prefetch=2, device=CPU)
+    p = ThreadPipeline(produce, prefetch=2, device=CPU)
     assert [p.get() for _ in range(5)] == [1, 2, 3, 4, 5]
     with pytest.raises(StopIteration):
         p.get()
@@ -46,7 +46,7 @@ def test_items_in_order_then_stop(no_thread_leak):
 
 def test_queue_is_bounded(no_thread_leak):
     produce, state = _counting_producer()
-    p = Prefetcher(produce, prefetch=3, device=CPU)
+    p = ThreadPipeline(produce, prefetch=3, device=CPU)
     assert p.get() == 1
     time.sleep(0.3)  # let the producer run as far as it can
     # consumed 1, at most 3 in flight
@@ -59,7 +59,7 @@ def test_stages_do_not_add_to_the_prefetch_bound(no_thread_leak):
     """Items between stages count against ``prefetch`` too: with two stages and prefetch=2 the
     producer is at most 2 items ahead of the consumer (not 2 + one per stage + one waiting)."""
     produce, state = _counting_producer()
-    p = Prefetcher(produce, stages=[(lambda x: x * 10, None)], prefetch=2, device=CPU)
+    p = ThreadPipeline(produce, stages=[(lambda x: x * 10, None)], prefetch=2, device=CPU)
     assert p.get() == 10
     time.sleep(0.3)
     assert state["made"] <= 1 + 2
@@ -79,7 +79,7 @@ def test_exception_reraises_same_type_chained(no_thread_leak):
     def produce(should_stop):
         raise ValueError("bad shard 7")
 
-    p = Prefetcher(produce, prefetch=2, device=CPU)
+    p = ThreadPipeline(produce, prefetch=2, device=CPU)
     with pytest.raises(ValueError, match="bad shard 7") as ei:
         p.get()
     assert isinstance(ei.value.__cause__, ValueError)
@@ -91,7 +91,7 @@ def test_exception_reraises_same_type_chained(no_thread_leak):
     def produce2(should_stop):
         raise _Custom(1, 2)
 
-    p = Prefetcher(produce2, prefetch=1, device=CPU)
+    p = ThreadPipeline(produce2, prefetch=1, device=CPU)
     with pytest.raises(RuntimeError, match="_Custom") as ei:
         p.get()
     assert isinstance(ei.value.__cause__, _Custom)
@@ -101,7 +101,7 @@ def test_keyboard_interrupt_in_producer_reaches_consumer(no_thread_leak):
     def produce(should_stop):
         raise KeyboardInterrupt
 
-    p = Prefetcher(produce, prefetch=1, device=CPU)
+    p = ThreadPipeline(produce, prefetch=1, device=CPU)
     with pytest.raises(KeyboardInterrupt):
         p.get()
 
@@ -110,7 +110,7 @@ def test_stop_iteration_in_producer_is_not_a_silent_end(no_thread_leak):
     def produce(should_stop):
         raise StopIteration
 
-    p = Prefetcher(produce, prefetch=1, device=CPU)
+    p = ThreadPipeline(produce, prefetch=1, device=CPU)
     with pytest.raises(RuntimeError, match="StopIteration") as ei:
         p.get()
     assert isinstance(ei.value.__cause__, StopIteration)
@@ -125,7 +125,7 @@ def test_reraise_helper():
 
 def test_close_while_producer_blocked_on_full_queue(no_thread_leak):
     produce, _ = _counting_producer()
-    p = Prefetcher(produce, prefetch=1, device=CPU)
+    p = ThreadPipeline(produce, prefetch=1, device=CPU)
     time.sleep(0.1)
     assert p.thread.is_alive()
     p.close()
@@ -142,7 +142,7 @@ def test_close_while_producing_honours_should_stop(no_thread_leak):
             time.sleep(0.01)
         return None
 
-    p = Prefetcher(produce, prefetch=1, device=CPU)
+    p = ThreadPipeline(produce, prefetch=1, device=CPU)
     assert entered.wait(5)
     p.close()
     assert not p.thread.is_alive()
@@ -150,7 +150,7 @@ def test_close_while_producing_honours_should_stop(no_thread_leak):
 
 def test_gc_stops_thread(no_thread_leak):
     produce, _ = _counting_producer()
-    p = Prefetcher(produce, prefetch=2, device=CPU)
+    p = ThreadPipeline(produce, prefetch=2, device=CPU)
     thread = p.thread
     p.get()
     del p
@@ -161,7 +161,7 @@ def test_gc_stops_thread(no_thread_leak):
 
 def test_two_stage_pipeline_order_failure_and_close(no_thread_leak):
     produce, _ = _counting_producer(limit=6)
-    p = Prefetcher(produce, stages=[(lambda x: x * 10, None)], prefetch=2, device=CPU)
+    p = ThreadPipeline(produce, stages=[(lambda x: x * 10, None)], prefetch=2, device=CPU)
     assert len(p.threads) == 2
     assert [p.get() for _ in range(6)] == [10, 20, 30, 40, 50, 60]
     with pytest.raises(StopIteration):
@@ -173,7 +173,7 @@ def test_two_stage_pipeline_order_failure_and_close(no_thread_leak):
         return x
 
     produce, _ = _counting_producer()
-    p = Prefetcher(produce, stages=[(second, None)], prefetch=2, device=CPU)
+    p = ThreadPipeline(produce, stages=[(second, None)], prefetch=2, device=CPU)
     assert [p.get(), p.get()] == [1, 2]
     with pytest.raises(OSError, match="stage two broke") as ei:
         p.get()
@@ -181,7 +181,7 @@ def test_two_stage_pipeline_order_failure_and_close(no_thread_leak):
     assert all(not t.is_alive() for t in p.threads)  # failure closed every stage
 
     produce, _ = _counting_producer()
-    p = Prefetcher(produce, stages=[(lambda x: x, None)], prefetch=1, device=CPU)
+    p = ThreadPipeline(produce, stages=[(lambda x: x, None)], prefetch=1, device=CPU)
     p.get()
     p.close()
     assert all(not t.is_alive() for t in p.threads)
@@ -189,7 +189,7 @@ def test_two_stage_pipeline_order_failure_and_close(no_thread_leak):
 
 def test_invalid_prefetch():
     with pytest.raises(ValueError, match="prefetch"):
-        Prefetcher(lambda s: END, prefetch=0, device=CPU)
+        ThreadPipeline(lambda s: END, prefetch=0, device=CPU)
 
 
 def test_to_device_cpu_keeps_structure():
@@ -253,3 +253,11 @@ def test_pipeline_benchmark_quick_prints_json():
         ov = result["overhead"][part]
         assert ov["plain_ms_per_step"] > 0 and ov["async_ms_per_step"] > 0
         assert "wrapper_overhead_async" in ov
+    shards = result["shards"]  # the webdataset adapter's reading, each variant over all samples
+    assert shards["samples"] == 512 and shards["batch"] == 128
+    assert set(shards["ms_per_batch"]) == {
+        "tarfile_wds_tarfile_to_samples", "checked_wds_group_by_keys", "checked_tarfile_samples",
+        "handwritten_shuffle", "wds_shuffle", "webdataset_loader",
+        "webdataset_loader_wds_group_by_keys", "webdataset_loader_shuffle_buffer",
+    }
+    assert all(v > 0 for v in shards["ms_per_batch"].values())

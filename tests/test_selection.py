@@ -551,3 +551,214 @@ def test_benchmark_quick_smoke(capsys):
     for row in report["results"]:
         assert row["a_and_c_same_first_indices"]
         assert {"a_over_b_time", "c_over_a_time", "c_over_a_memory"} <= set(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocked (per-rank) selection with global context
+# ---------------------------------------------------------------------------------------------
+
+
+def cat_embeddings(blocks: list[Embeddings]) -> Embeddings:
+    return blocks[0]._replace(
+        image=torch.cat([e.image for e in blocks]), text=torch.cat([e.text for e in blocks])
+    )
+
+
+def split_embeddings(e: Embeddings, sizes: list[int]) -> list[Embeddings]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(e._replace(image=e.image[at : at + n], text=e.text[at : at + n]))
+        at += n
+    return out
+
+
+def global_logits(learners, references, loss, criterion, chosen):
+    """The definition: every block's conditional logits against A (global indices into the
+    concatenated super-batch), straight from the loss definitions. Chunk 1 (A empty) uses each
+    example's own score, for softmax against its own block."""
+    w_l, w_r = criterion_weights(criterion)
+    sizes = [e.image.shape[0] for e in learners]
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    if not chosen:
+        return [example_scores(lb, rb, loss=loss, criterion=criterion).double()
+                for lb, rb in zip(learners, references)]
+    lcat, rcat = cat_embeddings(learners), cat_embeddings(references)
+    out = []
+    if loss == "sigmoid":
+        s = score_matrix(lcat, rcat, criterion).double()
+        a = torch.tensor(chosen)
+        full = s.diagonal() + s[a, :].sum(0) + s[:, a].sum(1)
+    else:
+        base_l, base_r = brute_clip_sum(lcat, chosen), brute_clip_sum(rcat, chosen)
+        full = torch.tensor([
+            w_l * (brute_clip_sum(lcat, chosen + [m]) - base_l)
+            + w_r * (brute_clip_sum(rcat, chosen + [m]) - base_r)
+            if m not in chosen else 0.0
+            for m in range(sum(sizes))
+        ], dtype=torch.float64)
+    for off, n in zip(offsets, sizes):
+        out.append(full[off : off + n])
+    return out
+
+
+def blocked_reference(learners, references, ks, *, loss, criterion, n_chunks, temperature,
+                      seeds):
+    """Per-chunk product definition, drawn with the same Gumbel noise as the sampler (one
+    torch.rand([B_r]) per chunk from block r's generator)."""
+    gens = [gen(s) for s in seeds]
+    sizes = [e.image.shape[0] for e in learners]
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    drawn = [[] for _ in ks]
+    chunks = [chunk_sizes(k, n_chunks) for k in ks]
+    chosen: list[int] = []
+    for j in range(n_chunks):
+        logits = global_logits(learners, references, loss, criterion, chosen)
+        new_global = []
+        for r, lg in enumerate(logits):
+            lg = lg.clone()
+            lg[torch.tensor(drawn[r], dtype=torch.long)] = -math.inf
+            c = chunks[r][j]
+            if temperature == 0:
+                idx = torch.sort(lg, descending=True, stable=True).indices[:c]
+            else:
+                u = torch.rand(lg.shape[0], generator=gens[r], dtype=lg.dtype)
+                u = u.clamp_(min=torch.finfo(lg.dtype).tiny)
+                idx = torch.topk(lg + temperature * -torch.log(-torch.log(u)), c).indices
+            drawn[r].extend(idx.tolist())
+            new_global.extend((idx + offsets[r]).tolist())
+        chosen.extend(new_global)
+    return drawn
+
+
+def random_blocks(sizes: list[int], seed: int, d: int = 8):
+    n = sum(sizes)
+    learner = make_embeddings(n, d, seed=seed)
+    reference = make_embeddings(n, d, seed=seed + 1)
+    return split_embeddings(learner, sizes), split_embeddings(reference, sizes)
+
+
+@st.composite
+def block_problems(draw, max_w: int = 3, max_n: int = 7):
+    w = draw(st.integers(1, max_w))
+    sizes = [draw(st.integers(1, max_n)) for _ in range(w)]
+    ks = [draw(st.integers(1, n)) for n in sizes]
+    n_chunks = draw(st.integers(1, min(ks)))
+    return sizes, ks, n_chunks
+
+
+@FAST
+@given(
+    problem=block_problems(),
+    seed=st.integers(0, 2**31),
+    loss=st.sampled_from(["sigmoid", "softmax"]),
+    criterion=st.sampled_from(CRITERIA),
+    temperature=st.sampled_from([0.0, 0.5, 1.0]),
+)
+def test_blocked_sample_is_the_per_chunk_definition(problem, seed, loss, criterion, temperature):
+    """Same noise, same draws: blocked_joint_sample computes the global-context definition
+    (sigmoid: the concatenated S; softmax: brute-force CLIP gains over the union A)."""
+    from jeststream.selection import blocked_joint_sample
+
+    sizes, ks, n_chunks = problem
+    learners, references = random_blocks(sizes, seed)
+    kw = dict(loss=loss, criterion=criterion, n_chunks=n_chunks, temperature=temperature)
+    seeds = [seed + r for r in range(len(sizes))]
+    got = blocked_joint_sample(learners, references, ks, generators=[gen(s) for s in seeds], **kw)
+    want = blocked_reference(learners, references, ks, seeds=seeds, **kw)
+    assert [g.tolist() for g in got] == want
+
+
+@FAST
+@given(
+    problem=problems(max_n=48),
+    seed=st.integers(0, 2**31),
+    loss=st.sampled_from(["sigmoid", "softmax"]),
+    criterion=st.sampled_from(CRITERIA),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_one_block_is_joint_sample_from_embeddings(problem, seed, loss, criterion, dtype):
+    from jeststream.selection import blocked_joint_sample
+
+    n, k, n_chunks = problem
+    learner = make_embeddings(n, seed=seed, dtype=dtype)
+    reference = make_embeddings(n, seed=seed + 1, dtype=dtype)
+    kw = dict(loss=loss, criterion=criterion, n_chunks=n_chunks)
+    want = joint_sample_from_embeddings(learner, reference, k, generator=gen(seed), **kw)
+    (got,) = blocked_joint_sample([learner], [reference], [k], generators=[gen(seed)], **kw)
+    assert torch.equal(got, want)
+
+
+def blocked_probability(
+    learners, references, orders, *, loss, criterion, n_chunks, temperature, cache
+):
+    """Exact probability that the blocked sampler returns ``orders`` (one draw order per block):
+    the product over chunks and blocks of sequential draws without replacement."""
+    sizes = [e.image.shape[0] for e in learners]
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    chunks = [chunk_sizes(len(o), n_chunks) for o in orders]
+    pos = [0] * len(orders)
+    chosen: list[int] = []
+    p = 1.0
+    for j in range(n_chunks):
+        key = frozenset(chosen)  # the logits depend on the set A only
+        if key not in cache:
+            cache[key] = global_logits(learners, references, loss, criterion, sorted(chosen))
+        logits = cache[key]
+        new = []
+        for r, order in enumerate(orders):
+            remaining = [m for m in range(sizes[r]) if m not in order[: pos[r]]]
+            for m in order[pos[r] : pos[r] + chunks[r][j]]:
+                w = {x: math.exp(logits[r][x].item() / temperature) for x in remaining}
+                p *= w[m] / sum(w.values())
+                remaining.remove(m)
+                new.append(m + offsets[r])
+            pos[r] += chunks[r][j]
+        chosen.extend(new)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("loss", "sizes", "ks", "n_chunks", "seed", "samples"),
+    [("sigmoid", [3, 4], [2, 3], 2, 1, 3000), ("softmax", [2, 3], [2, 2], 2, 2, 1500),
+     ("sigmoid", [2, 2, 3], [2, 2, 2], 2, 3, 2000)],
+)
+def test_blocked_distribution_by_enumeration(loss, sizes, ks, n_chunks, seed, samples):
+    from jeststream.selection import blocked_joint_sample
+
+    learners, references = random_blocks(sizes, seed)
+    # milder scale so that no outcome is vanishingly rare
+    learners = [e._replace(logit_scale=torch.tensor(3.0, dtype=torch.float64)) for e in learners]
+    references = [e._replace(logit_scale=torch.tensor(2.0, dtype=torch.float64))
+                  for e in references]
+    kw = dict(loss=loss, criterion="learnability", n_chunks=n_chunks, temperature=1.0)
+    per_block = [list(itertools.permutations(range(n), k)) for n, k in zip(sizes, ks)]
+    cache: dict = {}
+    probs = {
+        outcome: blocked_probability(learners, references, outcome, cache=cache, **kw)
+        for outcome in itertools.product(*per_block)
+    }
+    assert sum(probs.values()) == pytest.approx(1.0)
+    gens = [gen(20_000 + 10 * seed + r) for r in range(len(sizes))]
+    counts = Counter(
+        tuple(tuple(x.tolist()) for x in blocked_joint_sample(
+            learners, references, ks, generators=gens, **kw))
+        for _ in range(samples)
+    )
+    assert chi_square_pvalue(counts, probs, samples) > ALPHA
+
+
+def test_blocked_sample_bad_input_names_the_block():
+    from jeststream.selection import blocked_joint_sample
+
+    learners, references = random_blocks([4, 5], 0)
+    with pytest.raises(ValueError, match="block 1: k=6"):
+        blocked_joint_sample(learners, references, [2, 6], n_chunks=1)
+    with pytest.raises(ValueError, match="block 0: n_chunks=3"):
+        blocked_joint_sample(learners, references, [2, 4], n_chunks=3)
+    with pytest.raises(ValueError, match="2 entries but there are 3 blocks"):
+        blocked_joint_sample(learners, references, [1, 1, 1], n_chunks=1)
+    with pytest.raises(TypeError, match="one entry per block"):
+        blocked_joint_sample(learners[0], references, [1, 1], n_chunks=1)
+    wide = make_embeddings(5, 16, seed=3)
+    with pytest.raises(ValueError, match="differ in width or dtype"):
+        blocked_joint_sample([learners[0], wide], [references[0], wide], [1, 1], n_chunks=1)
