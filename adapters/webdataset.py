@@ -1036,7 +1036,9 @@ def webdataset_loader(
     if world > 1 and num_samples is None:
         logger.warning(
             "webdataset_loader under %d ranks without num_samples=: each rank yields the batches "
-            "its shards hold, and a DDP rank that runs out first leaves the others waiting in "
+            "its shards hold. A JESTLoader with global selection (the default under torchrun) "
+            "ends every rank's pass together when one runs out; used directly, or with "
+            "distributed='local', a DDP rank that runs out first leaves the others waiting in "
             "their next all-reduce; pass num_samples= (the total over all ranks, e.g. the sum "
             "of sizes.json) so that every rank yields the same number of batches",
             world,
