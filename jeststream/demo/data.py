@@ -82,6 +82,15 @@ PAIR_TEMPLATES = (
 TASKS = ("digits", "pairs")
 
 
+def pool_noise(cfg) -> list[str]:
+    """The pool's noise type per example, in NOISE_TYPES order: each type's share of
+    ``cfg.pool_size`` rounded, the rest clean."""
+    n = cfg.pool_size
+    counts = {t: round(getattr(cfg, t) * n) for t in NOISE_TYPES if t != "clean"}
+    counts["clean"] = n - sum(counts.values())
+    return [t for t in NOISE_TYPES for _ in range(counts[t])]
+
+
 def _check_task(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not one of {TASKS}")
@@ -327,14 +336,7 @@ def build_splits(cfg: DataConfig) -> dict[str, dict[str, list | torch.Tensor]]:
     heldout = clean_split(heldout_ids, cfg.n_heldout, cycle=True)
 
     n = cfg.pool_size
-    counts = {
-        "mismatched": round(cfg.mismatched * n),
-        "wrong_class": round(cfg.wrong_class * n),
-        "garbage": round(cfg.garbage * n),
-        "duplicate": round(cfg.duplicate * n),
-    }
-    counts["clean"] = n - sum(counts.values())
-    noise = [t for t in NOISE_TYPES for _ in range(counts[t])]
+    noise = pool_noise(cfg)
     pick = pool_ids[torch.randint(0, len(pool_ids), (n,), generator=gen)]
     labels = targets[pick].clone()
     temps = torch.randint(0, n_t, (n,), generator=gen)
@@ -437,14 +439,7 @@ def _build_pair_splits(cfg: DataConfig) -> dict[str, dict[str, list | torch.Tens
     heldout = clean_split(heldout_ids, held[torch.randperm(len(held), generator=gen)])
 
     n = cfg.pool_size
-    counts = {
-        "mismatched": round(cfg.mismatched * n),
-        "wrong_class": round(cfg.wrong_class * n),
-        "garbage": round(cfg.garbage * n),
-        "duplicate": round(cfg.duplicate * n),
-    }
-    counts["clean"] = n - sum(counts.values())
-    noise = [t for t in NOISE_TYPES for _ in range(counts[t])]
+    noise = pool_noise(cfg)
     noise_t = torch.tensor([NOISE_TYPES.index(t) for t in noise])
     labels = torch.randint(0, n_c, (n,), generator=gen)
     images, left, right = draw(pool_ids, labels)
