@@ -136,7 +136,8 @@ def main() -> int:
         reference = load_reference("local-dir:runs/stage1-reference")
         data["train"] = jestify(data["train"], model, reference, ratio=0.5, loss="sigmoid")
         data["train"].set_epoch(0)
-        for images, texts, keys in data["train"].dataloader:   # open_clip's train_one_epoch
+        for batch in data["train"].dataloader:   # what open_clip's train_one_epoch iterates
+            images, texts = batch[:2]            # (images, texts), plus keys where the loader has them
             train_step(images, texts)
         # /README
         assert len(steps) > before
