@@ -138,6 +138,19 @@ def _comm_device(group: Any, device: torch.device) -> torch.device:
     return device  # nccl, xccl, or a "cpu:gloo,cuda:nccl" mix (it picks by the tensor)
 
 
+def _record_device(group: Any) -> torch.device:
+    """One device for every status record of a group, whatever the caller holds: a rank that
+    ends a pass (no embeddings) must meet its peers in the same backend as those selecting.
+    Host tensors where the backend has gloo (alone or in a "cpu:gloo,cuda:nccl" mix), else the
+    current accelerator (NCCL and other device-only backends)."""
+    if "gloo" in str(dist.get_backend(group)).lower():
+        return torch.device("cpu")
+    acc = torch.accelerator.current_accelerator()
+    if acc is None:
+        return torch.device("cpu")
+    return torch.device(acc.type, torch.accelerator.current_device_index())
+
+
 def _exchange_records(group: Any, record: _Record, device: torch.device) -> list[_Record]:
     raw = torch.frombuffer(bytearray(record.encode()), dtype=torch.uint8)
     device = _comm_device(group, device)
@@ -418,6 +431,7 @@ class Coordinator:
                 group_desc="jeststream",
                 **kwargs,
             )
+        self.record_device = None if self.group is None else _record_device(self.group)
         self.timeout = timeout
         self.broken: BaseException | None = None  # a collective of the group failed
         self._passes = 0
@@ -570,7 +584,9 @@ class PassRounds:
     def _exchange(self, record: _Record, device: torch.device | None = None) -> list[_Record]:
         record.pass_id, record.round_id = self.pass_id, self.round
         try:
-            records = _exchange_records(self.co.group, record, device or torch.device("cpu"))
+            # every record of the pass on the group's one record device (never the caller's:
+            # an ending rank has no embeddings, and a mixed backend picks by the tensor)
+            records = _exchange_records(self.co.group, record, self.co.record_device)
         except Exception as exc:
             self.co.broken = exc
             self.over = True

@@ -871,6 +871,9 @@ class JESTLoader:
             "refresh_every": self.refresh_every,
             "deterministic": self.deterministic,
             "seed": self.seed,
+            "distributed": None if self._dist is None else self._dist.mode,
+            "rank": 0 if self._dist is None else self._dist.rank,
+            "world_size": 1 if self._dist is None else self._dist.world_size,
         }
 
     def _on_yield(self, item: _Item, info: SelectionInfo) -> None:

@@ -348,7 +348,7 @@ class ThreadPipeline:
             reraise_from_producer(got.exc)
         item, event = got
         self._slots.release()  # the producer may start the next item
-        if event is not None:
+        if event is not None and item is not END:  # a stage may end the pass (global mode)
             consumer = torch.accelerator.current_stream(self.device)
             consumer.wait_event(event)
             if self._cross is not None:

@@ -561,9 +561,9 @@ class SelectionLog:
         self._lock = threading.RLock()  # the caller-side buffer
         self._chunks: list[dict[str, Any]] = []  # one per write(): numpy columns + keys
         self._n_buf = 0
-        sink = _SegmentDir(path, mode) if self.format == "parquet" else _JsonlFile(path, mode)
-        if run_config is not None:
+        if run_config is not None:  # first: a failure here must not leave an open (or truncated) log
             write_run_config(path, run_config)
+        sink = _SegmentDir(path, mode) if self.format == "parquet" else _JsonlFile(path, mode)
         self._writer = _Writer(sink)
         self._pid = os.getpid()
         self._closed = False

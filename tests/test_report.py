@@ -233,6 +233,10 @@ def _chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
+    # `make browser` (run by `make test`) installs Debian's chromium, or says why it could not
+    unavailable = Path(__file__).resolve().parent.parent / "build" / "browser-unavailable"
+    if unavailable.is_file():
+        pytest.skip(f"no chromium: {unavailable.read_text().strip()} (make browser)")
     if shutil.which("apt-get"):
         pytest.fail("no chromium although apt-get is there: `make test` installs it "
                     "(apt-get install -y chromium)")
