@@ -352,27 +352,40 @@ def build_splits(cfg: DataConfig) -> dict[str, dict[str, list | torch.Tensor]]:
     garbage = noise_t == NOISE_TYPES.index("garbage")
     if garbage.any():
         images[garbage] = _garbage_images(int(garbage.sum()), cfg.image_size, gen)
-    # Caption class: the shown digit, except wrong-class pairs (another digit) and garbage
-    # images (alt text that claims some digit the image does not show).
-    caption_class = labels.clone()
-    wrong = noise_t == NOISE_TYPES.index("wrong_class")
-    caption_class[wrong] = (
-        labels[wrong] + torch.randint(1, 10, (int(wrong.sum()),), generator=gen)
-    ) % 10
-    caption_class[garbage] = torch.randint(0, 10, (int(garbage.sum()),), generator=gen)
-    labels[garbage] = -1
+    caption_class = _caption_classes(labels, noise_t, garbage, 10, gen)
     junk = torch.randint(0, len(JUNK_CAPTIONS), (n,), generator=gen)
     captions = [
         JUNK_CAPTIONS[int(j)] if t == "mismatched" else caption(int(c), int(tp))
         for t, c, tp, j in zip(noise, caption_class, temps, junk)
     ]
-    perm = torch.randperm(n, generator=gen)
+    return _shuffled_splits(curated, heldout, images, labels, captions, noise, pick, gen)
+
+
+def _caption_classes(
+    labels: torch.Tensor, noise_t: torch.Tensor, garbage: torch.Tensor, n_c: int, gen
+) -> torch.Tensor:
+    """The class each caption names: the shown one, except wrong-class pairs (another class)
+    and garbage images (alt text that claims some class the image does not show). Marks the
+    garbage images' own labels -1, in place."""
+    caption_class = labels.clone()
+    wrong = noise_t == NOISE_TYPES.index("wrong_class")
+    caption_class[wrong] = (
+        labels[wrong] + torch.randint(1, n_c, (int(wrong.sum()),), generator=gen)
+    ) % n_c
+    caption_class[garbage] = torch.randint(0, n_c, (int(garbage.sum()),), generator=gen)
+    labels[garbage] = -1
+    return caption_class
+
+
+def _shuffled_splits(curated, heldout, images, labels, captions, noise, scan, gen) -> dict:
+    """The pool in a random order beside the curated and held-out splits; images as uint8."""
+    perm = torch.randperm(len(captions), generator=gen)
     pool = {
         "image": images[perm],
         "label": labels[perm],
         "caption": [captions[i] for i in perm.tolist()],
         "noise": [noise[i] for i in perm.tolist()],
-        "scan": pick[perm],
+        "scan": scan[perm],
     }
     splits = {"curated": curated, "pool": pool, "heldout": heldout}
     for split in splits.values():
@@ -454,31 +467,15 @@ def _build_pair_splits(cfg: DataConfig) -> dict[str, dict[str, list | torch.Tens
     garbage = noise_t == NOISE_TYPES.index("garbage")
     if garbage.any():
         images[garbage] = _garbage_images(int(garbage.sum()), cfg.image_size, gen)
-    caption_class = labels.clone()
-    wrong = noise_t == NOISE_TYPES.index("wrong_class")
-    caption_class[wrong] = (
-        labels[wrong] + torch.randint(1, n_c, (int(wrong.sum()),), generator=gen)
-    ) % n_c
-    caption_class[garbage] = torch.randint(0, n_c, (int(garbage.sum()),), generator=gen)
-    labels[garbage] = -1
+    caption_class = _caption_classes(labels, noise_t, garbage, n_c, gen)
     temps = torch.randint(0, n_t, (n,), generator=gen)
     junk = torch.randint(0, len(JUNK_CAPTIONS), (n,), generator=gen)
     captions = [
         JUNK_CAPTIONS[int(j)] if t == "mismatched" else caption(int(c), int(tp), "pairs")
         for t, c, tp, j in zip(noise, caption_class, temps, junk)
     ]
-    perm = torch.randperm(n, generator=gen)
-    pool = {
-        "image": images[perm],
-        "label": labels[perm],
-        "caption": [captions[i] for i in perm.tolist()],
-        "noise": [noise[i] for i in perm.tolist()],
-        "scan": torch.stack([left, right], 1)[perm],
-    }
-    splits = {"curated": curated, "pool": pool, "heldout": heldout}
-    for split in splits.values():
-        split["image"] = (split["image"] * 255).round().to(torch.uint8)
-    return splits
+    scan = torch.stack([left, right], 1)
+    return _shuffled_splits(curated, heldout, images, labels, captions, noise, scan, gen)
 
 
 def write_shards(splits: dict, out_dir: Path, cfg: DataConfig) -> dict[str, list[str]]:
