@@ -41,8 +41,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# the joint-sampler benchmark's inputs (benchmarks/selection.py, beside this script on sys.path)
+from selection import make_inputs
+
 from jeststream.distributed import global_joint_sample
-from jeststream.losses import Embeddings
 from jeststream.selection import (
     chunk_loop,
     chunk_sizes,
@@ -52,18 +54,6 @@ from jeststream.selection import (
 
 METHODS = ("local", "global", "compute_only")
 _RECORD_BYTES = 1024
-
-
-def make_inputs(n: int, d: int, seed: int) -> tuple[Embeddings, Embeddings]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(2):
-        image = torch.empty(n, d).normal_(generator=g)
-        image.div_(image.norm(dim=1, keepdim=True))
-        text = torch.empty(n, d).normal_(generator=g).mul_(0.8).add_(image)
-        text.div_(text.norm(dim=1, keepdim=True))
-        out.append(Embeddings(image, text, torch.tensor(10.0), torch.tensor(-10.0)))
-    return out[0], out[1]
 
 
 def compute_only(learner, reference, k, *, loss, n_chunks, generator, world, rank):
