@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from jeststream.atomic import atomic_write
 from jeststream.losses import Embeddings
 
 __all__ = [
@@ -123,26 +123,12 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _update_manifest(directory: Path, update: Callable[[dict | None], dict]) -> dict:
     with _locked(directory):
         path = directory / MANIFEST
         current = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
         new = update(current)
-        _atomic_write(
+        atomic_write(
             path, lambda fh: fh.write(json.dumps(new, indent=1, sort_keys=True) + "\n"), "w"
         )
         return new
@@ -198,10 +184,10 @@ def write_shard(
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"bad shard name {name!r}")
     files = _shard_files(directory, name)
-    _atomic_write(files["keys"], lambda fh: fh.write(json.dumps(list(keys)).encode()))
+    atomic_write(files["keys"], lambda fh: fh.write(json.dumps(list(keys)).encode()))
     for what in ("image", "text"):
         arr = np.ascontiguousarray(image if what == "image" else text, dtype=dtype)
-        _atomic_write(files[what], lambda fh, a=arr: np.save(fh, a, allow_pickle=False))
+        atomic_write(files[what], lambda fh, a=arr: np.save(fh, a, allow_pickle=False))
     entry = {"examples": n, "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **dict(record or {})}
 
     def update(current: dict | None) -> dict:

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from jeststream.atomic import atomic_write
 from jeststream.selection_log import _is_parquet, _need_pyarrow, _scan_segments
 
 __all__ = ["CHUNK_ROWS", "MAX_FIELD_VALUES", "ReportData", "collect_report", "main",
@@ -1673,9 +1674,8 @@ def write_report(
 
 def _write(data: ReportData, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")  # a reader never sees half a page
-    tmp.write_text(render_html(data), encoding="utf-8")
-    os.replace(tmp, out)
+    page = render_html(data)
+    atomic_write(out, lambda fh: fh.write(page), mode="w")  # a reader never sees half a page
     return out
 
 

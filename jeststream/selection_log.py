@@ -68,6 +68,8 @@ from typing import Any
 
 import numpy as np
 
+from jeststream.atomic import atomic_write
+
 __all__ = [
     "SelectionLog",
     "SelectionLogError",
@@ -488,12 +490,7 @@ def write_run_config(log_path: str | os.PathLike, config: dict[str, Any]) -> Pat
     resumed run rewrites it with its own (normally identical) settings."""
     target = run_config_path(log_path)
     text = json.dumps(dict(config), indent=1, sort_keys=True, allow_nan=False)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    atomic_write(target, lambda fh: fh.write(text + "\n"), mode="w")
     return target
 
 
