@@ -581,7 +581,7 @@ class PassRounds:
                 self.pending = exc
             raise
 
-    def _exchange(self, record: _Record, device: torch.device | None = None) -> list[_Record]:
+    def _exchange(self, record: _Record) -> list[_Record]:
         record.pass_id, record.round_id = self.pass_id, self.round
         try:
             # every record of the pass on the group's one record device (never the caller's:
@@ -678,7 +678,6 @@ class PassRounds:
 
         Raises :class:`PassOver` when the round ends the pass. Non-finite scores on any rank
         make every rank raise (``on_bad_scores="raise"``) or select uniformly."""
-        device = _embeddings_device(learner, reference)
         block, own_exc = None, None
         if bad_message is not None:
             record = _Record(status=BAD_SCORES, step=step, size=size, k=k, drawn=size,
@@ -698,7 +697,7 @@ class PassRounds:
             except (TypeError, ValueError) as exc:
                 own_exc = exc
                 record = _Record(status=INVALID, step=step, drawn=size, message=_describe(exc))
-        records = self._exchange(record, device)
+        records = self._exchange(record)
         outcome = self._outcome(records, own_exc)
         if outcome == "end":
             raise PassOver

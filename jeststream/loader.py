@@ -702,8 +702,8 @@ class JESTLoader:
             )
         if dist_mode is not None:  # last: its process group is made only for a built loader
             self._dist = Coordinator(dist_mode, process_group, self.timeout)
-            if dist_mode == "global":
-                self._generator.manual_seed(self._dist.seed(seed, 0))
+            if dist_mode == "global":  # per rank from the start (a single process keeps `seed`)
+                self._generator.manual_seed(self._epoch_generator_seed(0))
         self._closed = False
 
     # -- sizes -------------------------------------------------------------------------------
@@ -847,14 +847,16 @@ class JESTLoader:
             it.close()
         self._active = None
 
+    def _epoch_generator_seed(self, epoch: int) -> int:
+        """The sampling generator's seed for ``epoch``: per (seed, rank, epoch) under global
+        selection, per (seed, epoch) otherwise."""
+        if self._dist is not None and self._dist.mode == "global":
+            return self._dist.seed(self.seed, epoch)
+        return _epoch_seed(self.seed, epoch)
+
     def _apply_pending_seed(self) -> None:
         if self._pending_epoch is not None:
-            seed = (
-                _epoch_seed(self.seed, self._pending_epoch)
-                if self._dist is None or self._dist.mode != "global"
-                else self._dist.seed(self.seed, self._pending_epoch)
-            )
-            self._generator.manual_seed(seed)
+            self._generator.manual_seed(self._epoch_generator_seed(self._pending_epoch))
             self._pending_epoch = None
 
     def _run_config(self) -> dict[str, Any]:
