@@ -162,9 +162,10 @@ class LearnerSnapshot:
         self.version = 0
         self._refreshed_at: OrderedDict[int, int] = OrderedDict({0: 0})
 
-    def _make_module(self) -> nn.Module:
+    def _make_module(self, source: nn.Module | None = None) -> nn.Module:
+        """A scoring copy of ``source`` (default: the live learner)."""
         try:
-            module = copy.deepcopy(self.live)
+            module = copy.deepcopy(self.live if source is None else source)
         except Exception as exc:  # e.g. modules holding locks or open files
             raise TypeError(
                 f"cannot deep-copy the learner ({type(self.live).__name__}) to make a scoring "
@@ -260,7 +261,10 @@ class LearnerSnapshot:
         while True:
             slot = self._free_slot(step)
             if slot is None and len(self._slots) < self.max_copies:
-                slot = _Slot(self._make_module())
+                # Copied from a snapshot, not from the live learner: every copy keeps the
+                # structure the learner had when it was built, so the refresh below still
+                # catches a replaced Parameter of another shape.
+                slot = _Slot(self._make_module(self._slots[0].module))
                 self._slots.append(slot)
             if slot is not None:
                 slot.version = slot.step = None

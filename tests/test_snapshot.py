@@ -112,3 +112,16 @@ def test_forward_never_sees_half_copied_snapshot():
         t.join(10)
     assert not t.is_alive()
     assert bad == []
+
+
+def test_a_shape_change_raises_also_when_the_refresh_needs_a_new_copy():
+    """The copy a refresh allocates lazily (the only one held by a forward) mirrors the learner
+    as it was built, not as it is now: a replaced Parameter of another shape still raises
+    instead of being copied into a fresh slot of the new shape."""
+    m = TinyDual()
+    snap = LearnerSnapshot(m)  # two copies at most; one exists
+    with snap.use() as (_, version):  # a forward holds the only copy: the refresh must add one
+        assert version == 0 and snap.copies == 1
+        m.txt[0].weight = nn.Parameter(torch.zeros(3, 12))
+        with pytest.raises(ValueError, match="shape changed from \\(16, 12\\) to \\(3, 12\\)"):
+            snap.refresh(1)
