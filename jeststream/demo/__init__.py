@@ -409,6 +409,35 @@ def _init_worker(slots, threads: int, progress: bool, parent: int) -> None:
     threading.Thread(target=orphan_watch, name="jeststream-orphan-watch", daemon=True).start()
 
 
+def _stop_pool(pool_ex, started: dict, timeout: float = 10.0) -> None:
+    """Stop every worker of a process pool now, and return only once none is left running.
+
+    ``started`` holds each worker seen so far, by pid. The executor's own table is read again
+    after each round (its management thread may still be replacing or reaping workers), and
+    its management thread is joined, so that no worker and no thread outlives a failure.
+    """
+    # shutdown() forgets the executor's workers and thread: take them first.
+    manager = getattr(pool_ex, "_executor_manager_thread", None)
+    started.update(getattr(pool_ex, "_processes", None) or {})
+    pool_ex.shutdown(wait=False, cancel_futures=True)
+    for _ in range(3):
+        started.update(getattr(pool_ex, "_processes", None) or {})
+        alive = [p for p in started.values() if p.is_alive()]
+        if not alive:
+            break
+        for proc in alive:
+            proc.terminate()
+        for proc in alive:
+            proc.join(timeout=timeout)
+            if proc.is_alive():  # SIGTERM not acted on in time: SIGKILL cannot be ignored
+                proc.kill()
+                proc.join(timeout=timeout)
+    if manager is not None:
+        manager.join(timeout=timeout)
+    for proc in started.values():
+        proc.join(timeout=timeout)
+
+
 def _in_worker(fn, *args, **kwargs):
     """Run ``fn(*args, progress=..., **kwargs)`` in a worker, with its own progress-bar row."""
     return fn(*args, progress=_WORKER.get("progress"), **kwargs)
@@ -675,16 +704,7 @@ def run_comparison(
                         finished(fut.result())
         except BaseException:
             # A failed run or Ctrl-C: stop the others now instead of waiting for them to end.
-            started.update(getattr(pool_ex, "_processes", None) or {})
-            workers = list(started.values())
-            pool_ex.shutdown(wait=False, cancel_futures=True)
-            for proc in workers:
-                proc.terminate()
-            for proc in workers:
-                proc.join(timeout=10)
-                if proc.is_alive():  # SIGTERM not acted on in time: SIGKILL cannot be ignored
-                    proc.kill()
-                    proc.join(timeout=10)
+            _stop_pool(pool_ex, started)
             raise
         pool_ex.shutdown(wait=True)
     results = report.summarise(cfg, runs, references, flops)
