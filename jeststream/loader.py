@@ -702,8 +702,8 @@ class JESTLoader:
             )
         if dist_mode is not None:  # last: its process group is made only for a built loader
             self._dist = Coordinator(dist_mode, process_group, self.timeout)
-            if dist_mode == "global":  # per rank from the start (a single process keeps `seed`)
-                self._generator.manual_seed(self._epoch_generator_seed(0))
+            # per rank from the start (a single process keeps `seed`)
+            self._generator.manual_seed(self._epoch_generator_seed(0))
         self._closed = False
 
     # -- sizes -------------------------------------------------------------------------------
@@ -848,9 +848,10 @@ class JESTLoader:
         self._active = None
 
     def _epoch_generator_seed(self, epoch: int) -> int:
-        """The sampling generator's seed for ``epoch``: per (seed, rank, epoch) under global
-        selection, per (seed, epoch) otherwise."""
-        if self._dist is not None and self._dist.mode == "global":
+        """The sampling generator's seed for ``epoch``: per (seed, rank, epoch) under
+        torch.distributed ("global" or "local": ranks never share a random stream), per
+        (seed, epoch) in a single process."""
+        if self._dist is not None:
             return self._dist.seed(self.seed, epoch)
         return _epoch_seed(self.seed, epoch)
 
