@@ -453,6 +453,9 @@ class Coordinator:
                 f"({_describe(self.broken)}); the ranks can no longer agree. Build a new loader"
             ) from self.broken
         self._passes += 1
+        # stats describe the latest pass (as ended_by always did): a new pass starts at zero
+        self.unread = [0] * self.world_size
+        self.ended_by, self.stopped_by, self.failed_by = [], [], []
         return PassRounds(self, self._passes)
 
     def state(self) -> dict:
@@ -462,6 +465,7 @@ class Coordinator:
         return {
             "mode": self.mode,
             "rank": self.rank,
+            "passes": self._passes,
             "world_size": self.world_size,
             "ended_by": list(self.ended_by),
             "stopped_by": list(self.stopped_by),

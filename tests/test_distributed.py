@@ -177,6 +177,10 @@ def test_uneven_shards_global_ends_together_local_needs_num_samples(ddp_runs):
         assert set(res["keys"]) <= _own_keys(urls, keys_by_shard, r)
         assert res["replicas_equal"]
         assert res["stats"]["distributed"]["mode"] == "local"
+    # local selection too seeds each rank by (seed, rank, epoch): no shared random stream
+    gens = [torch.load(out_dir / f"uneven_local.rank{r}.pt", weights_only=False)["steps"][0]
+            ["generator"] for r in range(WORLD)]
+    assert not torch.equal(gens[0], gens[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +269,7 @@ def _protocol_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
         # break after 2 batches on both ranks, then a whole new pass on the same loader
         jest = loader(make_vector_batches(8, 4, seed=rank))
-        counts = []
+        counts, pass_stats = [], []
         for _ in range(2):
             n = 0
             for _ in jest:
@@ -273,9 +277,28 @@ def _protocol_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 if len(counts) == 0 and n == 2:
                     break
             counts.append(n)
+            pass_stats.append(jest.stats["distributed"])
         jest.close()
-        out["break"] = {"counts": counts, "threads": _live_threads(),
+        out["break"] = {"counts": counts, "threads": _live_threads(), "stats": pass_stats,
                         "groups_left": _n_groups() - groups}
+
+        # an uneven pass (rank 1's base ends first), then an even one on the same loader
+        class _Passes:
+            def __init__(self):
+                self.lengths = [10 if rank == 0 else 6, 8]
+                self.batch_size = 4
+
+            def __iter__(self):
+                yield from make_vector_batches(self.lengths.pop(0), 4, seed=rank)
+
+        jest = loader(_Passes())
+        pass_stats = []
+        for _ in range(2):
+            for _ in jest:
+                pass
+            pass_stats.append(jest.stats["distributed"])
+        jest.close()
+        out["passes"] = pass_stats
 
         # resume in the middle of a pass under the same world size
         def indices(it, n):
@@ -410,6 +433,13 @@ def test_non_finite_scores_on_one_rank_raise_or_fall_back_on_every_rank(protocol
 def test_break_then_a_new_pass_leaves_nothing_behind(protocol):
     for out in protocol:
         assert out["break"]["counts"] == [2, 4]
+        first, second = out["break"]["stats"]
+        assert (first["passes"], first["stopped_by"]) == (1, [0, 1])
+        assert (second["passes"], second["stopped_by"], second["ended_by"]) == (2, [], [0, 1])
+        # stats describe the latest pass: the first pass's unread examples are not carried over
+        uneven_first, even_second = out["passes"]
+        assert uneven_first["ended_by"] == [1] and uneven_first["unread_examples"][0] >= 8
+        assert even_second["ended_by"] == [0, 1] and even_second["unread_examples"] == [0, 0]
         assert out["break"]["threads"] == [] and out["break"]["groups_left"] == 0
         assert out["groups_left"] == 0
 
