@@ -217,15 +217,15 @@ class _ShardStream(IterableDataset):
         from jeststream.adapters.webdataset import (
             IMAGE_EXTS,
             TEXT_EXTS,
-            _first,
-            _shard_samples,
             decode_image,
+            first_field,
+            shard_samples,
         )
 
-        for raw in _shard_samples(shard.source, counter):  # type: ignore[arg-type]
+        for raw in shard_samples(shard.source, counter):  # type: ignore[arg-type]
             key = raw["__key__"]
             try:
-                img, txt = _first(raw, IMAGE_EXTS), _first(raw, TEXT_EXTS)
+                img, txt = first_field(raw, IMAGE_EXTS), first_field(raw, TEXT_EXTS)
                 if img is None or txt is None:
                     raise KeyError("no image" if img is None else "no caption")
                 with decode_image(img[1], img[0]) as im:

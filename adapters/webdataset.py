@@ -101,7 +101,9 @@ __all__ = [
     "decode_image",
     "default_image_transform",
     "expand_urls",
+    "first_field",
     "normalize_batch",
+    "shard_samples",
     "webdataset_loader",
 ]
 
@@ -564,11 +566,14 @@ class _ReportOnce:
         return True
 
 
-def _shard_samples(
+def shard_samples(
     url: str, counter: Any, reported: set[str] | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard; damage goes to ``counter.shard_error(url, exc)`` once per
-    ``reported`` set (a shard read again in a later pass is not reported twice)."""
+    """Raw samples (``{"__key__": ..., ext: bytes}``) of one shard, for tools that read shards
+    outside a loader (``jeststream report``, ``precompute-reference``). Damage goes to
+    ``counter.shard_error(url, exc)`` (a :class:`ShardErrorCounter` or anything with that
+    method) once per ``reported`` set, so a shard read again in a later pass is not reported
+    twice."""
     return checked_tarfile_samples([url], _ReportOnce(counter, reported))
 
 
@@ -626,7 +631,9 @@ def default_image_transform(image: Any) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def _first(sample: Mapping[str, Any], exts: Sequence[str]) -> tuple[str, Any] | None:
+def first_field(sample: Mapping[str, Any], exts: Sequence[str]) -> tuple[str, Any] | None:
+    """(ext, value) of the first of ``exts`` (e.g. :data:`IMAGE_EXTS`) that a raw sample holds,
+    or None."""
     for ext in exts:
         if ext in sample:
             return ext, sample[ext]
@@ -699,8 +706,8 @@ class _Pipeline(IterableDataset):
     def _decode(self, raw: dict[str, Any]) -> tuple[Any, str, str] | None:
         key, url = raw["__key__"], raw["__url__"]
         try:
-            img = _first(raw, self.image_exts)
-            txt = _first(raw, self.text_exts)
+            img = first_field(raw, self.image_exts)
+            txt = first_field(raw, self.text_exts)
             if img is None or txt is None:
                 missing = "image " + "/".join(self.image_exts) if img is None else "caption"
                 raise KeyError(

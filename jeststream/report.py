@@ -912,15 +912,15 @@ class _ShardReader:
             self._flush()
 
     def webdataset(self, urls: list[str]) -> None:
-        from jeststream.adapters.webdataset import IMAGE_EXTS, TEXT_EXTS, _first, _shard_samples
+        from jeststream.adapters.webdataset import IMAGE_EXTS, TEXT_EXTS, first_field, shard_samples
 
         problems = _ShardProblems(self.notes)
         skip = frozenset(IMAGE_EXTS) | frozenset(TEXT_EXTS)
         for url in urls:
-            for raw in _shard_samples(url, problems):  # type: ignore[arg-type]
+            for raw in shard_samples(url, problems):  # type: ignore[arg-type]
                 key = raw["__key__"]
-                img = _first(raw, IMAGE_EXTS)
-                txt = _first(raw, TEXT_EXTS)
+                img = first_field(raw, IMAGE_EXTS)
+                txt = first_field(raw, TEXT_EXTS)
                 fields = _sample_fields(raw, skip)
                 self.add(key, fields)
                 sample = self.wanted.get(key.encode("utf-8", "surrogatepass"))
