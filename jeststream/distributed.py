@@ -58,6 +58,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Seconds a rank that leaves a pass early waits for its peers to take its last record (at most
+# the group's timeout). A peer that is still iterating reaches that round within one
+# super-batch's draw and scoring; after this the rank leaves anyway (its group is then unusable
+# and the peer raises within the group's timeout).
+FAREWELL_TIMEOUT_S = 60.0
+
 MODES = ("auto", "global", "local", None)
 
 # Round record statuses, in increasing precedence of what every rank then does.
@@ -151,12 +157,20 @@ def _record_device(group: Any) -> torch.device:
     return torch.device(acc.type, torch.accelerator.current_device_index())
 
 
-def _exchange_records(group: Any, record: _Record, device: torch.device) -> list[_Record]:
+def _exchange_records(
+    group: Any, record: _Record, device: torch.device, timeout: float | None = None
+) -> list[_Record]:
+    """All-gather one record per rank; with ``timeout`` (seconds) the wait is bounded by it
+    rather than by the group's timeout (it raises, and the group is then unusable)."""
     raw = torch.frombuffer(bytearray(record.encode()), dtype=torch.uint8)
     device = _comm_device(group, device)
     raw = raw.to(device)
     out = [torch.empty_like(raw) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, raw, group=group)
+    if timeout is None:
+        dist.all_gather(out, raw, group=group)
+    else:
+        work = dist.all_gather(out, raw, group=group, async_op=True)
+        work.wait(timeout=datetime.timedelta(seconds=float(timeout)))
     return [_Record.decode(bytes(o.cpu().numpy())) for o in out]
 
 
@@ -585,12 +599,12 @@ class PassRounds:
                 self.pending = exc
             raise
 
-    def _exchange(self, record: _Record) -> list[_Record]:
+    def _exchange(self, record: _Record, timeout: float | None = None) -> list[_Record]:
         record.pass_id, record.round_id = self.pass_id, self.round
         try:
             # every record of the pass on the group's one record device (never the caller's:
             # an ending rank has no embeddings, and a mixed backend picks by the tensor)
-            records = _exchange_records(self.co.group, record, self.co.record_device)
+            records = _exchange_records(self.co.group, record, self.co.record_device, timeout)
         except Exception as exc:
             self.co.broken = exc
             self.over = True
@@ -756,9 +770,16 @@ class PassRounds:
             return
         exc = self.pending
         status = STOPPED if exc is None else FAILED
+        # A peer still in the pass reaches this round within one super-batch's work; one that
+        # never will (blocked in DDP's all-reduce waiting for this rank, say) must not hold
+        # this rank -- and the error it may be carrying -- for the whole group timeout.
+        wait = FAREWELL_TIMEOUT_S if self.co.timeout is None else min(
+            FAREWELL_TIMEOUT_S, float(self.co.timeout)
+        )
         try:
             records = self._exchange(
-                _Record(status=status, message="" if exc is None else _describe(exc))
+                _Record(status=status, message="" if exc is None else _describe(exc)),
+                timeout=wait,
             )
             self._outcome(records, exc)
         except Exception as err:  # noqa: BLE001 -- leaving anyway; say what the peers did

@@ -363,6 +363,35 @@ def _protocol_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
             got["threads"] = _live_threads()
             out[name] = got
 
+        # rank 0's training step raises while rank 1 waits for it in a collective of the
+        # default group (as DDP's all-reduce would): rank 0's farewell record finds no taker,
+        # and rank 0 leaves after the farewell timeout, not the group's (20 s here)
+        import jeststream.distributed as jd
+
+        saved, jd.FAREWELL_TIMEOUT_S = jd.FAREWELL_TIMEOUT_S, 2.0
+        jest = loader(make_vector_batches(40, 4, seed=rank), timeout=20, return_info=False)
+        got: dict = {}
+        t0 = time.monotonic()
+        try:
+            with jest:
+                for n, _ in enumerate(jest):
+                    if n == 1:
+                        time.sleep(0.5)  # both pipelines fill their queues meanwhile
+                        if rank == 0:
+                            t0 = time.monotonic()
+                            raise ValueError("training step failed")
+                        dist.barrier()  # waits for rank 0, which never trains again
+                        break
+        except ValueError as exc:
+            got["error"] = str(exc)
+        got["left_s"] = time.monotonic() - t0
+        if rank == 0:
+            dist.barrier()  # release rank 1
+        got["threads"] = _live_threads()
+        jd.FAREWELL_TIMEOUT_S = saved
+        out["farewell"] = got
+        dist.barrier()
+
         # rank 1 hangs (alive, not iterating): rank 0 raises after the group's timeout (3 s)
         scenario("hung", lambda: time.sleep(4))
         dist.barrier()  # the next loader's group is made collectively: wait for the sleeper
@@ -442,6 +471,16 @@ def test_break_then_a_new_pass_leaves_nothing_behind(protocol):
         assert even_second["ended_by"] == [0, 1] and even_second["unread_examples"] == [0, 0]
         assert out["break"]["threads"] == [] and out["break"]["groups_left"] == 0
         assert out["groups_left"] == 0
+
+
+def test_a_rank_leaving_with_an_error_is_not_held_for_the_group_timeout(protocol):
+    """Rank 0's training raises while rank 1 waits for it outside the loader: rank 0's error
+    reaches its caller after the farewell timeout (2 s here), not the group's 20 s."""
+    got = protocol[0]["farewell"]
+    assert got["error"] == "training step failed"
+    assert got["left_s"] < 10, got
+    for out in protocol:
+        assert out["farewell"]["threads"] == []
 
 
 def test_resume_continues_the_same_selection_and_refuses_another_world_size(protocol):
