@@ -7,7 +7,9 @@
 
 The plan (issue 18): on the noisy digits set (sigmoid loss) filtering ratios 0.5, 0.2 and 0.1
 (super-batches 2x, 5x, 10x), JEST (16 chunks) against independent learnability sampling
-(1 chunk), seeds 0 1 2, plus uniform; ratio 0.2 also with a softmax (CLIP) learner; and the
+(1 chunk), seeds 0 1 2, plus uniform; ratio 0.2 also at sampling temperature 0.25 (both
+samplers), where the pairwise terms decide more of each chunk, and with a softmax (CLIP)
+learner; and the
 fine-grained ``pairs`` task (100 two-digit classes) with uniform, JEST, independent,
 easy-reference and the clean-only oracle (``--pairs-ratio``/``--pairs-loss``: put it where the
 digits sweep shows the largest gap). Every run is deterministic (the demo's default scoring), so
@@ -16,15 +18,15 @@ a seed's figures repeat.
 Resumable: each run's result is written to its own JSON file under ``--results`` (atomically)
 as soon as it ends, with its wall time and full configuration; a later invocation skips the
 runs whose file exists (refusing a file written with other settings) and trains the rest.
-Uniform and the oracle do not depend on the ratio: they run once per task and loss, and a
-``ratio=`` filter keeps them. ``summarise`` (also run at the end of ``run``) writes
+Uniform and the oracle depend on neither the ratio nor the temperature: they run once per task
+and loss, and a ``ratio=`` or ``temperature=`` filter keeps them. ``summarise`` (also run at the end of ``run``) writes
 ``selection_sweep.md`` (a table per configuration: steps and FLOPs to uniform's final accuracy,
 final accuracy, retrieval, batch learnability of the selected sub-batches against independent
 and uniform draws, mean ± std) and ``selection_sweep.png`` under ``--docs`` and prints the
 summary as JSON.
 
-``--only`` keys: task (digits, pairs), loss (sigmoid, softmax), ratio, method, seed; repeat it to
-AND filters, e.g. ``--only ratio=0.2 --only method=jest,uniform``.
+``--only`` keys: task (digits, pairs), loss (sigmoid, softmax), ratio, temperature, method, seed;
+repeat it to AND filters, e.g. ``--only ratio=0.2 --only method=jest,uniform``.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ from pathlib import Path
 DIGITS_RATIOS = (0.5, 0.2, 0.1)
 SOFTMAX_RATIO = 0.2
 DIGITS_STEPS = 2000  # the full comparison's budget: uniform near its plateau
-RATIO_FREE = ("uniform", "oracle")  # their runs do not depend on the filtering ratio
-KEYS = ("task", "loss", "ratio", "method", "seed")
+RATIO_FREE = ("uniform", "oracle")  # their runs depend on neither the ratio nor the temperature
+# Sampling temperatures tried besides the paper's 1, at the digits set's default ratio (sigmoid):
+# a lower one lets the pairwise terms decide more of each chunk (see docs/selection_sweep.md).
+LOW_TEMPERATURES = (0.25,)
+KEYS = ("task", "loss", "ratio", "temperature", "method", "seed")
 METHOD_ORDER = ("uniform", "jest", "independent", "easy_reference", "oracle")
 
 
@@ -53,18 +58,20 @@ class Run:
     ratio: float | None  # None: a ratio-free method (uniform, oracle)
     method: str
     seed: int
+    temperature: float = 1.0  # the sampler's; ratio-free runs keep 1 (they sample nothing)
 
     @property
     def id(self) -> str:
         ratio = "" if self.ratio is None else f"-r{self.ratio:g}"
-        return f"{self.task}-{self.loss}{ratio}-{self.method}-seed{self.seed}"
+        temp = "" if self.temperature == 1.0 else f"-t{self.temperature:g}"
+        return f"{self.task}-{self.loss}{ratio}{temp}-{self.method}-seed{self.seed}"
 
     def matches(self, filters: dict[str, set[str]]) -> bool:
         for key, values in filters.items():
             value = getattr(self, key)
-            if key == "ratio":
-                if value is None:
-                    continue  # uniform and the oracle serve every ratio
+            if key in ("ratio", "temperature"):
+                if self.ratio is None:
+                    continue  # uniform and the oracle serve every ratio and temperature
                 if not any(abs(float(v) - value) < 1e-9 for v in values):
                     return False
             elif str(value) not in values:
@@ -79,6 +86,9 @@ def plan(seeds, pairs_ratio: float, pairs_loss: str) -> list[Run]:
         for ratio in DIGITS_RATIOS:
             for method in ("jest", "independent"):
                 runs.append(Run("digits", "sigmoid", ratio, method, seed))
+        for temperature in LOW_TEMPERATURES:
+            for method in ("jest", "independent"):
+                runs.append(Run("digits", "sigmoid", 0.2, method, seed, temperature))
         runs.append(Run("digits", "softmax", None, "uniform", seed))
         for method in ("jest", "independent"):
             runs.append(Run("digits", "softmax", SOFTMAX_RATIO, method, seed))
@@ -106,10 +116,11 @@ def parse_filters(items: list[str]) -> dict[str, set[str]]:
 
 
 def demo_argv(run_group: tuple, methods: list[str], seeds: list[int], args) -> list[str]:
-    """The `jeststream demo` options of one group of runs (same task, loss and ratio)."""
-    task, loss, ratio = run_group
+    """The `jeststream demo` options of one group of runs (same task, loss, ratio and
+    temperature)."""
+    task, loss, ratio, temperature = run_group
     argv = [
-        "--task", task, "--loss", loss, "--ratio", str(ratio),
+        "--task", task, "--loss", loss, "--ratio", str(ratio), "--temperature", str(temperature),
         "--methods", ",".join(methods), "--seeds", *map(str, seeds),
         "--jobs", str(args.jobs), "--no-progress",
     ]
@@ -151,12 +162,19 @@ def settings_key(cfg) -> dict:
 
 
 def group_of(run: Run, pairs_ratio: float) -> tuple:
-    """(task, loss, ratio) a run trains in; ratio-free runs go with their task's ratio."""
+    """(task, loss, ratio, temperature) a run trains in; ratio-free runs go with their task's
+    ratio at temperature 1."""
     if run.ratio is not None:
-        return run.task, run.loss, run.ratio
+        return run.task, run.loss, run.ratio, run.temperature
     if run.task == "pairs":
-        return run.task, run.loss, pairs_ratio
-    return run.task, run.loss, SOFTMAX_RATIO if run.loss == "softmax" else 0.2
+        return run.task, run.loss, pairs_ratio, 1.0
+    return run.task, run.loss, SOFTMAX_RATIO if run.loss == "softmax" else 0.2, 1.0
+
+
+def group_name(group: tuple) -> str:
+    """The group's work directory name (the temperature only when it is not 1)."""
+    task, loss, ratio, temperature = group
+    return f"{task}-{loss}-{ratio}" + ("" if temperature == 1.0 else f"-t{temperature:g}")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -181,14 +199,13 @@ def status(runs: list[Run], args) -> tuple[list[Run], list[Run]]:
         group = group_of(run, args.pairs_ratio)
         if group not in keys:
             keys[group] = settings_key(config_of(group, args))
-        stored = json.loads(path.read_text())["settings"]
+        # runs written before the temperature was a setting sampled at 1
+        stored = {"temperature": 1.0, **json.loads(path.read_text())["settings"]}
         want = dict(keys[group])
-        if run.ratio is None:  # a ratio-free run serves every ratio
-            stored, want = dict(stored), dict(want)
-            stored.pop("ratio", None)
-            want.pop("ratio", None)
+        if run.ratio is None:  # a ratio-free run serves every ratio and temperature
             for d in (stored, want):
-                d.pop("n_chunks", None)
+                for k in ("ratio", "n_chunks", "temperature"):
+                    d.pop(k, None)
         if stored != want:
             diff = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
             raise ValueError(
@@ -248,7 +265,7 @@ def run_sweep(runs: list[Run], args) -> None:
         print(f"group {group}: {len(members)} run(s) {methods} seeds {seeds}", file=sys.stderr)
         run_comparison(
             cfg,
-            args.results / "groups" / "-".join(map(str, group)),
+            args.results / "groups" / group_name(group),
             progress=False,
             work_dir=args.results / "work",
             only=set(by_key),
@@ -295,32 +312,38 @@ def summarise(results: Path) -> dict:
     from jeststream.demo import report
 
     files = _load(results)
+    for f in files:  # runs written before the temperature was a setting sampled at 1
+        f.setdefault("temperature", 1.0)
     configs = sorted(
-        {(f["task"], f["loss"], f["ratio"]) for f in files if f["ratio"] is not None},
-        key=lambda c: (c[0], c[1], -c[2]),
+        {(f["task"], f["loss"], f["ratio"], f["temperature"]) for f in files
+         if f["ratio"] is not None},
+        key=lambda c: (c[0], c[1], -c[2], -c[3]),
     )
     out: dict = {"configurations": {}, "wall": _wall(results, files)}
-    for task, loss, ratio in configs:
+    for task, loss, ratio, temperature in configs:
+
+        def own(f, ratio=ratio, temperature=temperature) -> bool:
+            return f["ratio"] == ratio and f["temperature"] == temperature
+
         members = [
             f
             for f in files
-            if f["task"] == task
-            and f["loss"] == loss
-            and (f["ratio"] == ratio or f["ratio"] is None)
+            if f["task"] == task and f["loss"] == loss and (own(f) or f["ratio"] is None)
         ]
         ordered = sorted(members, key=lambda f: (f["seed"], METHOD_ORDER.index(f["method"])))
-        cfg_d = next(f for f in members if f["ratio"] == ratio)["config"]
+        cfg_d = next(f for f in members if own(f))["config"]
         seeds = sorted({f["seed"] for f in members})
         methods = list(dict.fromkeys(f["method"] for f in ordered))
         cfg = dataclasses.replace(_config(cfg_d), seeds=tuple(seeds), methods=tuple(methods))
         refs = {f["seed"]: f["reference"] for f in members if f["reference"]}
-        flops = next(f for f in members if f["ratio"] == ratio)["flops"]
+        flops = next(f for f in members if own(f))["flops"]
         summary = report.summarise(cfg, [f["result"] for f in ordered], refs, flops)
         m = summary["methods"]
         entry = {
             "task": task,
             "loss": loss,
             "ratio": ratio,
+            "temperature": temperature,
             "steps": cfg.steps,
             "batch_size": cfg.batch_size,
             "seeds": seeds,
@@ -334,7 +357,8 @@ def summarise(results: Path) -> dict:
                 if j["mean"] and i["mean"] and j["n"] == j["of"] and i["n"] == i["of"]
                 else None
             )
-        out["configurations"][f"{task}-{loss}-r{ratio:g}"] = entry
+        name = f"{task}-{loss}-r{ratio:g}" + ("" if temperature == 1.0 else f"-t{temperature:g}")
+        out["configurations"][name] = entry
     return out
 
 
@@ -409,7 +433,9 @@ def markdown(summary: dict) -> str:
     for c in summary["configurations"].values():
         ratio = c.get("jest_steps_over_independent")
         lines += [
-            f"## {c['task']}, {c['loss']} loss, ratio {c['ratio']:g} "
+            f"## {c['task']}, {c['loss']} loss, ratio {c['ratio']:g}"
+            + ("" if c.get("temperature", 1.0) == 1.0 else f", temperature {c['temperature']:g}")
+            + " "
             f"(super-batch {round(1 / c['ratio'])}×, {c['steps']} steps of b={c['batch_size']}, "
             f"seeds {c['seeds']})",
             "",

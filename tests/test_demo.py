@@ -389,6 +389,10 @@ def test_pairs_and_softmax_options():
     assert digits.preset == "default" and digits.batch_learnability
     with pytest.raises(ValueError, match="--layers must be at least 1"):
         config_from_args(build_parser().parse_args(["--layers", "0"]))
+    for bad in ("-1", "nan"):
+        with pytest.raises(ValueError, match=f"--temperature must be .* got {bad}"):
+            config_from_args(build_parser().parse_args(["--temperature", bad]))
+    assert config_from_args(build_parser().parse_args(["--temperature", "0.25"])).temperature == 0.25
 
 
 def _sweep_module():
@@ -408,14 +412,22 @@ def test_sweep_plan_and_filters():
     sweep = _sweep_module()
     runs = sweep.plan([0, 1, 2], 0.2, "sigmoid")
     ids = {r.id for r in runs}
-    assert len(ids) == len(runs) == 3 * (1 + 6 + 1 + 2 + 5)
+    assert len(ids) == len(runs) == 3 * (1 + 6 + 2 + 1 + 2 + 5)
     assert "digits-sigmoid-r0.1-jest-seed2" in ids and "digits-softmax-r0.2-independent-seed0" in ids
+    assert "digits-sigmoid-r0.2-t0.25-jest-seed1" in ids  # temperature 1 stays out of the ids
     assert "pairs-sigmoid-oracle-seed1" in ids and "pairs-sigmoid-r0.2-easy_reference-seed1" in ids
     f = sweep.parse_filters(["ratio=0.2", "task=digits", "loss=sigmoid"])
     kept = {r.id for r in runs if r.matches(f)}
     # uniform serves every ratio; the other ratios' runs are left out
     assert kept == {f"digits-sigmoid{m}-seed{s}" for s in range(3)
-                    for m in ("-uniform", "-r0.2-jest", "-r0.2-independent")}
+                    for m in ("-uniform", "-r0.2-jest", "-r0.2-independent", "-r0.2-t0.25-jest",
+                              "-r0.2-t0.25-independent")}
+    f = sweep.parse_filters(["temperature=1", "task=digits", "loss=sigmoid", "seed=0"])
+    assert {r.id for r in runs if r.matches(f)} == {
+        "digits-sigmoid-uniform-seed0",
+        *(f"digits-sigmoid-r{r}-{m}-seed0" for r in (0.5, 0.2, 0.1)
+          for m in ("jest", "independent")),
+    }
     with pytest.raises(ValueError, match="KEY=V"):
         sweep.parse_filters(["ratio"])
     with pytest.raises(ValueError, match="KEY one of"):
@@ -430,17 +442,18 @@ def test_sweep_writes_each_run_and_resumes(tmp_path, capsys):
     common = [
         "--results", str(tmp_path / "res"), "--docs", str(tmp_path / "docs"), "--quick",
         "--steps", "2", "--ref-steps", "2", "--jobs", "1", "--seeds", "0",
-        "--only", "task=digits", "--only", "loss=sigmoid", "--only", "ratio=0.5",
-        "--only", "method=uniform,independent",
+        "--only", "task=digits", "--only", "loss=sigmoid", "--only", "ratio=0.2",
+        "--only", "temperature=0.25", "--only", "method=uniform,independent",
     ]
     assert sweep.main(["run", *common]) == 0
     files = sorted((tmp_path / "res" / "runs").glob("*.json"))
     assert [f.name for f in files] == [
-        "digits-sigmoid-r0.5-independent-seed0.json",
+        "digits-sigmoid-r0.2-t0.25-independent-seed0.json",
         "digits-sigmoid-uniform-seed0.json",
     ]
     run = json.loads(files[0].read_text())
-    assert run["config"]["ratio"] == 0.5 and run["config"]["steps"] == 2
+    assert run["config"]["ratio"] == 0.2 and run["config"]["steps"] == 2
+    assert run["config"]["temperature"] == 0.25 and run["temperature"] == 0.25
     assert run["config"]["methods"] == ["independent"] and run["wall_s"] > 0
     assert run["result"]["batch_learnability"]["steps"] == 2
     mtimes = [f.stat().st_mtime_ns for f in files]
@@ -452,11 +465,12 @@ def test_sweep_writes_each_run_and_resumes(tmp_path, capsys):
     assert "2 finished (skipped), 0 to run" in second.err and "done " not in second.err
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     summary = json.loads(second.out)
-    conf = summary["configurations"]["digits-sigmoid-r0.5"]
+    conf = summary["configurations"]["digits-sigmoid-r0.2-t0.25"]
     assert set(conf["methods"]) == {"uniform", "independent"}
     assert "batch_learnability" in conf["methods"]["independent"]
     md = (tmp_path / "docs" / "selection_sweep.md").read_text()
-    assert "## digits, sigmoid loss, ratio 0.5" in md and "| independent |" in md
+    assert "## digits, sigmoid loss, ratio 0.2, temperature 0.25" in md
+    assert "| independent |" in md
     assert (tmp_path / "docs" / "selection_sweep.png").stat().st_size > 0
     # other settings in the same results directory are refused, not mixed in
     with pytest.raises(SystemExit):

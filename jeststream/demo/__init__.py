@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -171,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--ratio", type=float, default=r.ratio, help="JEST filtering ratio b/B (0.2 keeps 1 in 5)"
     )
     s.add_argument("--n-chunks", type=int, default=r.n_chunks, help="JEST sampling chunks")
+    s.add_argument(
+        "--temperature",
+        type=float,
+        default=r.temperature,
+        help="sampling temperature of JEST and independent selection (0: greedy top-k by "
+        "the chunk's logits; default 1, the paper's)",
+    )
     s.add_argument(
         "--ref-steps",
         type=int,
@@ -339,6 +347,10 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--width must be an even number >= 8 (2 attention heads), got {width}")
     if layers < 1:
         raise ValueError(f"--layers must be at least 1, got {layers}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(
+            f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}"
+        )
     jobs = args.jobs
     if jobs is None:
         jobs = 1 if args.quick else max(1, min(2, os.cpu_count() or 1))
@@ -351,6 +363,7 @@ def config_from_args(args: argparse.Namespace):
         eval_every=eval_every,
         ratio=args.ratio,
         n_chunks=args.n_chunks,
+        temperature=args.temperature,
         ref_steps=ref_steps,
         static_keep=args.static_keep,
         seeds=seeds,
@@ -739,6 +752,7 @@ def write_selection_report(cfg, out_dir: Path, pool_shards: Sequence[str]) -> Pa
         config={
             "ratio": cfg.ratio,
             "n_chunks": n_chunks or cfg.n_chunks,
+            "temperature": cfg.temperature,
             "criterion": criterion,
             "loss": cfg.model.loss,
         },

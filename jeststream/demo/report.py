@@ -241,7 +241,9 @@ def table(results: dict) -> str:
     out = [
         f"held-out zero-shot accuracy on {task} ({n_classes(task)} classes; mean over "
         f"{len(seeds)} seed(s) {seeds}), {steps} learner steps of b={cfg['batch_size']}, "
-        f"{loss} loss, ratio {cfg['ratio']}; acc@N = mean of the {SMOOTH} evaluations up to step "
+        f"{loss} loss, ratio {cfg['ratio']}"
+        + ("" if cfg.get("temperature", 1.0) == 1.0 else f", temperature {cfg['temperature']:g}")
+        + f"; acc@N = mean of the {SMOOTH} evaluations up to step "
         "N; steps→uni = steps to uniform's final accuracy, ÷uni's = over uniform's own steps to "
         "it, ÷budget = over uniform's whole budget",
         *_grid(rows),

@@ -71,6 +71,7 @@ class RunConfig:
     eval_every: int = 50
     ratio: float = 0.2
     n_chunks: int = 16
+    temperature: float = 1.0  # JESTLoader's sampling temperature (0: greedy)
     ref_steps: int = 1500
     static_keep: float = 0.3
     seeds: tuple[int, ...] = (0,)
@@ -480,6 +481,7 @@ def run_method(
             scorer,
             ratio=cfg.ratio,
             n_chunks=n_chunks or cfg.n_chunks,
+            temperature=cfg.temperature,
             loss=cfg.model.loss,
             criterion=criterion,
             batch_learnability=measuring,
