@@ -8,12 +8,11 @@
 The plan (issue 18): on the noisy digits set (sigmoid loss) filtering ratios 0.5, 0.2 and 0.1
 (super-batches 2x, 5x, 10x), JEST (16 chunks) against independent learnability sampling
 (1 chunk), seeds 0 1 2, plus uniform; ratio 0.2 also at sampling temperature 0.25 (both
-samplers), where the pairwise terms decide more of each chunk, and with a softmax (CLIP)
-learner; and the
-fine-grained ``pairs`` task (100 two-digit classes) with uniform, JEST, independent,
-easy-reference and the clean-only oracle (``--pairs-ratio``/``--pairs-loss``: put it where the
-digits sweep shows the largest gap). Every run is deterministic (the demo's default scoring), so
-a seed's figures repeat.
+samplers), where the pairwise terms decide more of each draw, and with a softmax (CLIP)
+learner; and the fine-grained ``pairs`` task (100 two-digit classes) with uniform, JEST,
+independent, easy-reference and the clean-only oracle, and JEST and independent at temperature
+0.25 (``--pairs-ratio``/``--pairs-loss``: put it where the digits sweep shows the largest gap).
+Every run is deterministic (the demo's default scoring), so a seed's figures repeat.
 
 Resumable: each run's result is written to its own JSON file under ``--results`` (atomically)
 as soon as it ends, with its wall time and full configuration; a later invocation skips the
@@ -44,8 +43,9 @@ DIGITS_RATIOS = (0.5, 0.2, 0.1)
 SOFTMAX_RATIO = 0.2
 DIGITS_STEPS = 2000  # the full comparison's budget: uniform near its plateau
 RATIO_FREE = ("uniform", "oracle")  # their runs depend on neither the ratio nor the temperature
-# Sampling temperatures tried besides the paper's 1, at the digits set's default ratio (sigmoid):
-# a lower one lets the pairwise terms decide more of each chunk (see docs/selection_sweep.md).
+# Sampling temperatures tried besides the paper's 1 (JEST and independent, at the digits set's
+# default ratio with the sigmoid loss, and on the pairs task): a lower one lets the pairwise
+# terms decide more of each draw (benchmarks/temperature_probe.py).
 LOW_TEMPERATURES = (0.25,)
 KEYS = ("task", "loss", "ratio", "temperature", "method", "seed")
 METHOD_ORDER = ("uniform", "jest", "independent", "easy_reference", "oracle")
@@ -96,6 +96,9 @@ def plan(seeds, pairs_ratio: float, pairs_loss: str) -> list[Run]:
             runs.append(Run("pairs", pairs_loss, None, method, seed))
         for method in ("jest", "independent", "easy_reference"):
             runs.append(Run("pairs", pairs_loss, pairs_ratio, method, seed))
+        for temperature in LOW_TEMPERATURES:
+            for method in ("jest", "independent"):
+                runs.append(Run("pairs", pairs_loss, pairs_ratio, method, seed, temperature))
     return runs
 
 
