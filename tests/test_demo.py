@@ -429,6 +429,13 @@ def test_sweep_plan_and_filters():
         *(f"digits-sigmoid-r{r}-{m}-seed0" for r in (0.5, 0.2, 0.1)
           for m in ("jest", "independent")),
     }
+    # JEST ÷ independent steps: exact, or bounded when seeds never got to uniform's final
+    st = lambda mean, n: {"mean": mean, "n": n, "of": 3}  # noqa: E731
+    assert sweep.steps_ratio(st(0.4, 3), st(0.5, 3)) == (pytest.approx(0.8), "=")
+    # independent missed a seed: counted at the whole budget, (2 x 0.5 + 1) / 3 = 2/3
+    assert sweep.steps_ratio(st(0.4, 3), st(0.5, 2)) == (pytest.approx(0.6), "<=")
+    assert sweep.steps_ratio(st(0.5, 2), st(0.4, 3)) == (pytest.approx(5 / 3), ">=")
+    assert sweep.steps_ratio(st(0.5, 2), st(None, 0)) == (None, "")
     with pytest.raises(ValueError, match="KEY=V"):
         sweep.parse_filters(["ratio"])
     with pytest.raises(ValueError, match="KEY one of"):
