@@ -7,8 +7,8 @@
 
 The plan (issue 18): on the noisy digits set (sigmoid loss) filtering ratios 0.5, 0.2 and 0.1
 (super-batches 2x, 5x, 10x), JEST (16 chunks) against independent learnability sampling
-(1 chunk), seeds 0 1 2, plus uniform; ratio 0.2 also at sampling temperature 0.25 (both
-samplers), where the pairwise terms decide more of each draw, and with a softmax (CLIP)
+(1 chunk), seeds 0 1 2, plus uniform; ratios 0.2 and 0.1 also at sampling temperature 0.25
+(both samplers), where the pairwise terms decide more of each draw, and with a softmax (CLIP)
 learner; and the fine-grained ``pairs`` task (100 two-digit classes) with uniform, JEST,
 independent, easy-reference and the clean-only oracle, and JEST and independent at temperature
 0.25 (``--pairs-ratio``/``--pairs-loss``: put it where the digits sweep shows the largest gap).
@@ -43,10 +43,11 @@ DIGITS_RATIOS = (0.5, 0.2, 0.1)
 SOFTMAX_RATIO = 0.2
 DIGITS_STEPS = 2000  # the full comparison's budget: uniform near its plateau
 RATIO_FREE = ("uniform", "oracle")  # their runs depend on neither the ratio nor the temperature
-# Sampling temperatures tried besides the paper's 1 (JEST and independent, at the digits set's
-# default ratio with the sigmoid loss, and on the pairs task): a lower one lets the pairwise
+# Sampling temperatures tried besides the paper's 1 (JEST and independent, on digits with the
+# sigmoid loss at ratios 0.2 and 0.1, and on the pairs task): a lower one lets the pairwise
 # terms decide more of each draw (benchmarks/temperature_probe.py).
 LOW_TEMPERATURES = (0.25,)
+LOW_TEMPERATURE_RATIOS = (0.2, 0.1)  # digits, sigmoid
 KEYS = ("task", "loss", "ratio", "temperature", "method", "seed")
 METHOD_ORDER = ("uniform", "jest", "independent", "easy_reference", "oracle")
 
@@ -86,9 +87,10 @@ def plan(seeds, pairs_ratio: float, pairs_loss: str) -> list[Run]:
         for ratio in DIGITS_RATIOS:
             for method in ("jest", "independent"):
                 runs.append(Run("digits", "sigmoid", ratio, method, seed))
-        for temperature in LOW_TEMPERATURES:
-            for method in ("jest", "independent"):
-                runs.append(Run("digits", "sigmoid", 0.2, method, seed, temperature))
+        for ratio in LOW_TEMPERATURE_RATIOS:
+            for temperature in LOW_TEMPERATURES:
+                for method in ("jest", "independent"):
+                    runs.append(Run("digits", "sigmoid", ratio, method, seed, temperature))
         runs.append(Run("digits", "softmax", None, "uniform", seed))
         for method in ("jest", "independent"):
             runs.append(Run("digits", "softmax", SOFTMAX_RATIO, method, seed))

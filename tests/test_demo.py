@@ -412,9 +412,10 @@ def test_sweep_plan_and_filters():
     sweep = _sweep_module()
     runs = sweep.plan([0, 1, 2], 0.2, "sigmoid")
     ids = {r.id for r in runs}
-    assert len(ids) == len(runs) == 3 * (1 + 6 + 2 + 1 + 2 + 5 + 2)
+    assert len(ids) == len(runs) == 3 * (1 + 6 + 4 + 1 + 2 + 5 + 2)
     assert "digits-sigmoid-r0.1-jest-seed2" in ids and "digits-softmax-r0.2-independent-seed0" in ids
     assert "digits-sigmoid-r0.2-t0.25-jest-seed1" in ids  # temperature 1 stays out of the ids
+    assert "digits-sigmoid-r0.1-t0.25-independent-seed0" in ids
     assert "pairs-sigmoid-r0.2-t0.25-independent-seed2" in ids
     assert "pairs-sigmoid-oracle-seed1" in ids and "pairs-sigmoid-r0.2-easy_reference-seed1" in ids
     f = sweep.parse_filters(["ratio=0.2", "task=digits", "loss=sigmoid"])
