@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 
-def capture(loss: str, steps: int, at: list[int], out: Path) -> dict[int, dict]:
+def capture(loss: str, steps: int, at: list[int], out: Path, quick: bool = False) -> dict[int, dict]:
     """Embeddings the loader's sampler got at the steps ``at`` (1-based) of a demo JEST run."""
     import jeststream.loader as loader_module
     from jeststream.demo import main as demo_main
@@ -53,7 +53,7 @@ def capture(loss: str, steps: int, at: list[int], out: Path) -> dict[int, dict]:
     loader_module.measure_draws = measure_draws
     try:
         argv = ["--methods", "jest", "--loss", loss, "--steps", str(steps), "--jobs", "1",
-                "--seeds", "0", "--no-progress", "--out", str(out)]
+                "--seeds", "0", "--no-progress", "--out", str(out)] + (["--quick"] if quick else [])
         with contextlib.redirect_stdout(sys.stderr):  # stdout is this script's JSON
             code = demo_main(argv)
         if code != 0:
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.0])
     p.add_argument("--draws", type=int, default=6)
     p.add_argument("--out", type=Path, default=None, help="the demo run's directory (temp)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: the demo's --quick pool (1,500 examples, b = 32)")
     args = p.parse_args(argv)
     if any(a < 1 or a > args.steps for a in args.at):
         p.error(f"--at {args.at}: steps must lie in 1..--steps ({args.steps})")
@@ -132,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--temperatures must be >= 0 and --draws >= 1")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        kept = capture(args.loss, args.steps, args.at, args.out or Path(tmp))
+        kept = capture(args.loss, args.steps, args.at, args.out or Path(tmp), args.quick)
         rows = probe(kept, args.loss, args.temperatures, args.draws)
-    print(json.dumps({"loss": args.loss, "steps": args.steps, "task": "digits", "ratio": 0.2,
+    print(json.dumps({"loss": args.loss, "steps": args.steps, "quick": args.quick,
+                      "task": "digits", "ratio": 0.2,
                       "seed": 0, "n_chunks": 16, "results": rows,
                       "wall_s": time.perf_counter() - t0}, indent=1))
     return 0

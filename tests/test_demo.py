@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -485,3 +486,34 @@ def test_sweep_writes_each_run_and_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sweep.main(["run", *[a if a != "2" else "3" for a in common]])
     assert "written with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_temperature_probe_quick_smoke():
+    """benchmarks/temperature_probe.py --quick trains a few demo steps, keeps the sampler's
+    embeddings and prints, per kept step and temperature, both draws' batch learnability
+    (no figures asserted: what they are is the probe's business)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "temperature_probe.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--steps", "4", "--at", "2", "4", "--draws",
+         "2", "--temperatures", "1", "0", "--loss", "softmax"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert [r["step"] for r in out["results"]] == [2, 4]
+    for row in out["results"]:
+        assert row["k"] == 32 and len(row["chunk_logit_std"]) == 16
+        by_t = {x["temperature"]: x for x in row["by_temperature"]}
+        assert set(by_t) == {1.0, 0.0}
+        assert by_t[0.0]["draws"] == 1 and by_t[1.0]["draws"] == 2  # T = 0 is deterministic
+        for x in by_t.values():
+            assert math.isfinite(x["joint"]) and math.isfinite(x["independent"])
+            assert x["joint_minus_independent"] == pytest.approx(x["joint"] - x["independent"])
+    bad = subprocess.run([sys.executable, str(script), "--steps", "4", "--at", "9"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--at [9]" in bad.stderr
