@@ -458,8 +458,9 @@ class Coordinator:
         return rank_seed(seed, self.rank, epoch)
 
     def start_pass(self) -> PassRounds | None:
-        """The rounds of one pass (None for "local": no collectives)."""
+        """The rounds of one pass (None for "local": no collectives, only the pass count)."""
         if self.mode != "global":
+            self._passes += 1
             return None
         if self.broken is not None:
             raise RuntimeError(

@@ -177,6 +177,7 @@ def test_uneven_shards_global_ends_together_local_needs_num_samples(ddp_runs):
         assert set(res["keys"]) <= _own_keys(urls, keys_by_shard, r)
         assert res["replicas_equal"]
         assert res["stats"]["distributed"]["mode"] == "local"
+        assert res["stats"]["distributed"]["passes"] == 1
     # local selection too seeds each rank by (seed, rank, epoch): no shared random stream
     gens = [torch.load(out_dir / f"uneven_local.rank{r}.pt", weights_only=False)["steps"][0]
             ["generator"] for r in range(WORLD)]
