@@ -52,6 +52,12 @@ KEYS = ("task", "loss", "ratio", "temperature", "method", "seed")
 METHOD_ORDER = ("uniform", "jest", "independent", "easy_reference", "oracle")
 
 
+def temperature_tag(temperature: float) -> str:
+    """The suffix a temperature adds to run ids, group directories and configuration names:
+    none for the paper's 1, so the names of runs from before the temperature existed stand."""
+    return "" if temperature == 1.0 else f"-t{temperature:g}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     task: str
@@ -64,7 +70,7 @@ class Run:
     @property
     def id(self) -> str:
         ratio = "" if self.ratio is None else f"-r{self.ratio:g}"
-        temp = "" if self.temperature == 1.0 else f"-t{self.temperature:g}"
+        temp = temperature_tag(self.temperature)
         return f"{self.task}-{self.loss}{ratio}{temp}-{self.method}-seed{self.seed}"
 
     def matches(self, filters: dict[str, set[str]]) -> bool:
@@ -179,7 +185,7 @@ def group_of(run: Run, pairs_ratio: float) -> tuple:
 def group_name(group: tuple) -> str:
     """The group's work directory name (the temperature only when it is not 1)."""
     task, loss, ratio, temperature = group
-    return f"{task}-{loss}-{ratio}" + ("" if temperature == 1.0 else f"-t{temperature:g}")
+    return f"{task}-{loss}-{ratio}{temperature_tag(temperature)}"
 
 
 def _write_json(path: Path, obj) -> None:
@@ -361,8 +367,7 @@ def summarise(results: Path) -> dict:
             )
             entry["jest_steps_over_independent"] = value
             entry["jest_steps_over_independent_relation"] = relation
-        name = f"{task}-{loss}-r{ratio:g}" + ("" if temperature == 1.0 else f"-t{temperature:g}")
-        out["configurations"][name] = entry
+        out["configurations"][f"{task}-{loss}-r{ratio:g}{temperature_tag(temperature)}"] = entry
     return out
 
 
