@@ -14,6 +14,12 @@ Duck-typed like :func:`jeststream.scoring.default_embed`: an open_clip ``VisionT
 Any other image tower gets the resized images as they are: fully convolutional ones take any
 size; one with a fixed-size input (open_clip's ModifiedResNet attention pool, most timm ViTs)
 raises in its forward rather than scoring wrongly.
+
+:func:`encode_image_mixed` is the paper's remedy for what a coarser look costs in ranking
+quality (Flexi-JEST): the live learner trains a share of each batch at the scoring resolution,
+through the same resampled forward, so that the snapshot's low-resolution embeddings are ones
+the learner was trained to produce. It is differentiable: the gradients of the low-resolution
+share reach the native positional embeddings through the resampling, as in FlexiViT.
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["encode_image_resampled", "resample_pos_embed", "resize_images", "resize_batch_images"]
+__all__ = [
+    "encode_image_mixed",
+    "encode_image_resampled",
+    "resample_pos_embed",
+    "resize_batch_images",
+    "resize_images",
+]
 
 
 def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -88,7 +100,14 @@ def encode_image_resampled(model: nn.Module, images: torch.Tensor, *, normalize:
     if v is None:
         return model.encode_image(images, normalize=normalize)
     stride = v.conv1.stride
-    new_grid = (images.shape[-2] // stride[0], images.shape[-1] // stride[1])
+    h, w = images.shape[-2:]
+    if h % stride[0] or w % stride[1]:
+        raise ValueError(
+            f"a {h}x{w} image does not tile into the ViT's {stride[0]}x{stride[1]} patches (its "
+            "patch convolution would drop the remainder): choose a resolution that is a "
+            f"multiple of {stride[0]}"
+        )
+    new_grid = (h // stride[0], w // stride[1])
     if new_grid == tuple(v.grid_size):  # native resolution: open_clip's own forward
         return model.encode_image(images, normalize=normalize)
     x = v.conv1(images)  # [n, width, gh, gw]
@@ -103,3 +122,42 @@ def encode_image_resampled(model: nn.Module, images: torch.Tensor, *, normalize:
     if getattr(v, "proj", None) is not None:
         pooled = pooled @ v.proj
     return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def encode_image_mixed(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    resolution: int,
+    share: float = 0.5,
+    generator: torch.Generator | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Image features of a training batch with ``round(share * n)`` images, drawn at random,
+    encoded at ``resolution`` (resized, and for an open_clip ViT with resampled positional
+    embeddings: :func:`encode_image_resampled`) and the rest at their own resolution; rows in
+    the batch's order, so the contrastive loss over the whole batch is written as usual::
+
+        img = encode_image_mixed(model, images, resolution=112, share=0.5, generator=g)
+        txt = model.encode_text(texts, normalize=True)
+
+    Differentiable in every parameter the native forward uses. Which rows go low is drawn from
+    ``generator`` (torch's global generator when None), so a seeded run repeats; a draw rather
+    than a fixed half, because a selected sub-batch's order follows the sampler's chunks.
+    ``share=0`` is the native forward; ``share=1`` trains at ``resolution`` only.
+    """
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be a fraction of the batch in [0, 1], got {share!r}")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be an image side in pixels (int >= 1), got {resolution!r}")
+    n = images.shape[0]
+    k = round(share * n)
+    if k == 0:
+        return model.encode_image(images, normalize=normalize)
+    if k == n:
+        return encode_image_resampled(model, resize_images(images, resolution), normalize=normalize)
+    perm = torch.randperm(n, generator=generator).to(images.device)
+    lo, hi = perm[:k], perm[k:]
+    f_lo = encode_image_resampled(model, resize_images(images[lo], resolution), normalize=normalize)
+    f_hi = model.encode_image(images[hi], normalize=normalize)
+    return torch.cat([f_lo.to(f_hi.dtype), f_hi])[torch.argsort(perm)]

@@ -81,3 +81,64 @@ def test_score_resolution_changes_the_learner_scores_only():
                         async_scoring=False, return_info=True) as ld:
             infos[r] = [i for _, i in ld]
     assert not torch.equal(infos[None][0].scores, infos[16][0].scores)
+
+
+def test_mixed_resolution_training_rows_and_gradients():
+    """encode_image_mixed: round(share * n) rows, drawn by the generator, are the resampled
+    low-resolution forward of their image and the rest the native forward; the gradients of the
+    low-resolution rows reach the native positional embeddings through the resampling."""
+    from jeststream.low_res import encode_image_mixed
+
+    model = make_tiny_clip(seed=2).eval()  # eval: no dropout, so rows compare exactly
+    images = torch.randn(10, 3, 32, 32)
+    with torch.no_grad():
+        native = model.encode_image(images, normalize=True)
+        low = encode_image_resampled(model, resize_images(images, 16))
+        got = encode_image_mixed(model, images, resolution=16, share=0.3,
+                                 generator=torch.Generator().manual_seed(5))
+        again = encode_image_mixed(model, images, resolution=16, share=0.3,
+                                   generator=torch.Generator().manual_seed(5))
+        other = encode_image_mixed(model, images, resolution=16, share=0.3,
+                                   generator=torch.Generator().manual_seed(6))
+    assert got.shape == native.shape and torch.equal(got, again)  # seeded: it repeats
+
+    def low_rows(features):
+        is_low = [torch.allclose(features[i], low[i], atol=1e-6) for i in range(10)]
+        is_native = [torch.allclose(features[i], native[i], atol=1e-6) for i in range(10)]
+        assert all(a != b for a, b in zip(is_low, is_native))  # each row is exactly one of them
+        return {i for i in range(10) if is_low[i]}
+
+    assert len(low_rows(got)) == 3
+    assert low_rows(got) != low_rows(other)  # the rows are drawn, not a fixed slice
+    with torch.no_grad():
+        assert torch.equal(encode_image_mixed(model, images, resolution=16, share=0.0), native)
+        assert torch.allclose(encode_image_mixed(model, images, resolution=16, share=1.0), low,
+                              atol=1e-6)
+
+    # Gradients: a loss on the low-resolution rows alone reaches the positional embeddings
+    # (every row of them: the bicubic resampling mixes the whole grid) and the patch projection.
+    model.train()
+    model.zero_grad(set_to_none=True)
+    feats = encode_image_mixed(model, images, resolution=16, share=1.0)
+    feats.sum().backward()
+    pos_grad = model.visual.positional_embedding.grad
+    assert pos_grad is not None and bool((pos_grad[1:].abs().sum(-1) > 0).all())
+    assert model.visual.conv1.weight.grad.abs().sum() > 0
+
+
+def test_mixed_resolution_and_resampled_forward_reject_bad_input():
+    from jeststream.low_res import encode_image_mixed
+
+    model = make_tiny_clip(seed=0)
+    images = torch.randn(4, 3, 32, 32)
+    for share in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="share must be a fraction"):
+            encode_image_mixed(model, images, resolution=16, share=share)
+    for resolution in (0, 16.0, None):
+        with pytest.raises(ValueError, match="resolution must be an image side"):
+            encode_image_mixed(model, images, resolution=resolution, share=0.5)
+    # a side that does not tile into the patches would lose pixels in the patch convolution
+    with pytest.raises(ValueError, match=r"20x20 image does not tile.*multiple of 8"):
+        encode_image_resampled(model, torch.randn(2, 3, 20, 20))
+    with pytest.raises(ValueError, match="does not tile"):
+        encode_image_mixed(model, images, resolution=12, share=0.5)
