@@ -161,6 +161,10 @@ def config_of(run_group: tuple, args):
     return config_from_args(build_parser().parse_args(demo_argv(run_group, ["uniform"], [0], args)))
 
 
+# settings added after runs were written, at the value those runs had
+LATER_SETTINGS = {"temperature": 1.0, "train_low_res_share": 0.0}
+
+
 def settings_key(cfg) -> dict:
     """What must match for a finished run's file to count for this invocation: everything but
     the methods, seeds, jobs and threads (scheduling) of the configuration."""
@@ -210,8 +214,7 @@ def status(runs: list[Run], args) -> tuple[list[Run], list[Run]]:
         group = group_of(run, args.pairs_ratio)
         if group not in keys:
             keys[group] = settings_key(config_of(group, args))
-        # runs written before the temperature was a setting sampled at 1
-        stored = {"temperature": 1.0, **json.loads(path.read_text())["settings"]}
+        stored = {**LATER_SETTINGS, **json.loads(path.read_text())["settings"]}
         want = dict(keys[group])
         if run.ratio is None:  # a ratio-free run serves every ratio and temperature
             for d in (stored, want):

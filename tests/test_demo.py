@@ -288,6 +288,30 @@ def test_flops_count_the_library_scoring_path():
         config_from_args(build_parser().parse_args(["--patch-size", "4", "--score-resolution", "6"]))
 
 
+def test_flexi_training_runs_and_counts_its_cheaper_steps(tmp_path):
+    """--train-low-res-share: the learner-scoring methods train part of each batch at the
+    scoring resolution and are charged the mixed step's counted FLOPs; the others are not."""
+    assert main([
+        "--quick", "--out", str(tmp_path), "--methods", "uniform,jest,easy_reference",
+        "--score-resolution", "8", "--train-low-res-share", "0.5", "--no-progress",
+    ]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    flops = results["flops"]
+    assert results["config"]["train_low_res_share"] == 0.5
+    assert flops["train_step_mixed"] < flops["train_step"]
+    by = {r["method"]: r for r in results["runs"]}
+    assert by["uniform"]["flops_per_step"] == flops["train_step"]
+    assert by["easy_reference"]["flops_per_step"] == flops["train_step"]
+    assert by["jest"]["flops_per_step"] == (
+        flops["train_step_mixed"] + flops["learner_forward_super_batch"]
+    )
+    with pytest.raises(ValueError, match="give --score-resolution too"):
+        config_from_args(build_parser().parse_args(["--train-low-res-share", "0.5"]))
+    with pytest.raises(ValueError, match="--train-low-res-share must be a fraction"):
+        config_from_args(build_parser().parse_args(
+            ["--score-resolution", "8", "--train-low-res-share", "2"]))
+
+
 def test_default_digits_config_keeps_its_fingerprint_fields():
     """Fields added for the pairs task and the softmax learner stay out of the digits
     fingerprints at their defaults, so shards and reference caches written before are found."""

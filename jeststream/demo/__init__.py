@@ -219,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         "at that size",
     )
     s.add_argument(
+        "--train-low-res-share",
+        type=float,
+        default=0.0,
+        help="Flexi-JEST: the methods that score the learner (jest, independent, hard_learner) "
+        "train this share of each batch at --score-resolution, drawn at random per step (the "
+        "others train at full resolution); FLOPs counted so",
+    )
+    s.add_argument(
         "--nondeterministic",
         action="store_true",
         help="score each super-batch with whatever learner snapshot is latest (less stale, but "
@@ -343,6 +351,14 @@ def config_from_args(args: argparse.Namespace):
             f"--score-resolution {r} must be a multiple of --patch-size {args.patch_size} "
             f"between it and --image-size {args.image_size}"
         )
+    share = args.train_low_res_share
+    if not (math.isfinite(share) and 0.0 <= share <= 1.0):
+        raise ValueError(f"--train-low-res-share must be a fraction in [0, 1], got {share}")
+    if share and r is None:
+        raise ValueError(
+            f"--train-low-res-share {share} trains part of each batch at the scoring resolution: "
+            "give --score-resolution too"
+        )
     if width < 8 or width % 2:
         raise ValueError(f"--width must be an even number >= 8 (2 attention heads), got {width}")
     if layers < 1:
@@ -373,6 +389,7 @@ def config_from_args(args: argparse.Namespace):
         async_scoring=not args.sync_scoring,
         deterministic=not args.nondeterministic,
         score_resolution=args.score_resolution,
+        train_low_res_share=share,
         cache_reference=not args.no_reference_cache,
         batch_learnability=not args.no_batch_learnability,
         preset=preset,

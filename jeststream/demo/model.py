@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,18 +73,37 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module
     )
 
 
-def siglip_loss(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-    """Mean-over-images SigLIP loss, as open_clip's SigLipLoss computes it."""
-    img = model.encode_image(images, normalize=True)
+def _encode_image(model: torch.nn.Module, images: torch.Tensor, encode_image: Callable | None):
+    if encode_image is None:
+        return model.encode_image(images, normalize=True)
+    return encode_image(model, images)
+
+
+def siglip_loss(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    encode_image: Callable | None = None,
+) -> torch.Tensor:
+    """Mean-over-images SigLIP loss, as open_clip's SigLipLoss computes it. ``encode_image``
+    (model, images) -> normalized features replaces ``model.encode_image`` (mixed-resolution
+    training: :func:`jeststream.low_res.encode_image_mixed`)."""
+    img = _encode_image(model, images, encode_image)
     txt = model.encode_text(texts, normalize=True)
     logits = model.logit_scale.exp() * img @ txt.T + model.logit_bias
     labels = 2 * torch.eye(len(img), device=img.device) - 1
     return -F.logsigmoid(labels * logits).sum() / len(img)
 
 
-def clip_loss(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-    """The CLIP (softmax) loss, as open_clip's ClipLoss computes it."""
-    img = model.encode_image(images, normalize=True)
+def clip_loss(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    encode_image: Callable | None = None,
+) -> torch.Tensor:
+    """The CLIP (softmax) loss, as open_clip's ClipLoss computes it; ``encode_image`` as for
+    :func:`siglip_loss`."""
+    img = _encode_image(model, images, encode_image)
     txt = model.encode_text(texts, normalize=True)
     logits = model.logit_scale.exp() * img @ txt.T
     target = torch.arange(len(img), device=img.device)

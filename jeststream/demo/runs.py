@@ -83,6 +83,9 @@ class RunConfig:
     # a seed's figures repeat to the digit between runs
     deterministic: bool = True
     score_resolution: int | None = None  # the learner snapshot scores images resized to this
+    # Flexi-JEST: the methods that score the learner (jest, independent, hard_learner) train
+    # this share of each batch at score_resolution (jeststream.low_res.encode_image_mixed)
+    train_low_res_share: float = 0.0
     cache_reference: bool = True  # embed the pool with the frozen reference once, look up by key
     # JESTLoader runs record the selected sub-batch's learnability next to an independent and a
     # uniform draw (jeststream.diagnostics); measuring changes no selection
@@ -402,6 +405,13 @@ def measure_flops(
         contrastive_loss(cfg.model.loss)(model, *inputs(b)).backward()
     model.zero_grad(set_to_none=True)
     train = counter.get_total_flops()
+    train_mixed = train
+    if cfg.train_low_res_share:
+        mixed = mixed_resolution_encoder(cfg, torch.Generator().manual_seed(0))
+        with FlopCounterMode(display=False) as counter:
+            contrastive_loss(cfg.model.loss)(model, *inputs(b), encode_image=mixed).backward()
+        model.zero_grad(set_to_none=True)
+        train_mixed = counter.get_total_flops()
     model.eval()
     x, t = inputs(big)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
@@ -414,10 +424,26 @@ def measure_flops(
     learner = counter.get_total_flops()
     return {
         "train_step": train,
+        # a selecting method's step with train_low_res_share of it at score_resolution
+        "train_step_mixed": train_mixed,
         "reference_forward_super_batch": reference,
         "learner_forward_super_batch": learner,
         "per_example_forward": reference / big,
     }
+
+
+def mixed_resolution_encoder(cfg: RunConfig, generator: torch.Generator) -> Callable:
+    """(model, images) -> features with ``cfg.train_low_res_share`` of the batch encoded at
+    ``cfg.score_resolution`` (Flexi-JEST's mixed-resolution training)."""
+    from jeststream.low_res import encode_image_mixed
+
+    def encode(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return encode_image_mixed(
+            model, images, resolution=cfg.score_resolution, share=cfg.train_low_res_share,
+            generator=generator,
+        )
+
+    return encode
 
 
 def run_method(
@@ -461,6 +487,11 @@ def run_method(
         train_shards, cfg.batch_size, cfg.steps * (n if selecting else 1), tokenizer, seed=seed
     )
     per_step = flops["train_step"]
+    encode_image = None
+    # the methods that score the learner train part of each batch at its scoring resolution
+    if selecting and cfg.train_low_res_share and LOADER_METHODS[method][0] != "easy_reference":
+        per_step = flops["train_step_mixed"]
+        encode_image = mixed_resolution_encoder(cfg, torch.Generator().manual_seed(7919 + seed))
     if selecting:
         criterion, n_chunks = LOADER_METHODS[method]
         uses_reference = criterion != "hard_learner"
@@ -528,7 +559,7 @@ def run_method(
                     draws.append(tuple(info.batch_learnability))
             images, texts, keys = model_input(batch)
             composition.update(noise_of[k] for k in keys)
-            loss = loss_fn(learner, images, texts)
+            loss = loss_fn(learner, images, texts, encode_image=encode_image)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
