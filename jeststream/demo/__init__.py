@@ -208,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--sync-scoring",
         action="store_true",
-        help="score inline instead of on JESTLoader's background thread",
+        help="score inline instead of on JESTLoader's background thread; under the default "
+        "deterministic scoring the batches are the same (super-batch t still scored by the "
+        "snapshot of step t - prefetch); with --nondeterministic too, by the learner as it is "
+        "(lag 0)",
     )
     s.add_argument(
         "--score-resolution",
