@@ -12,7 +12,8 @@ The plan (issue 18): on the noisy digits set (sigmoid loss) filtering ratios 0.5
 learner; and the fine-grained ``pairs`` task (100 two-digit classes) with uniform, JEST,
 independent, easy-reference and the clean-only oracle, and JEST and independent at temperature
 0.25 (``--pairs-ratio``/``--pairs-loss``: put it where the digits sweep shows the largest gap).
-Every run is deterministic (the demo's default scoring), so a seed's figures repeat.
+Every run is deterministic (``--scoring lagged``: super-batch t scored by the snapshot after step
+t - 2, on the background thread), so a seed's figures repeat.
 
 Resumable: each run's result is written to its own JSON file under ``--results`` (atomically)
 as soon as it ends, with its wall time and full configuration; a later invocation skips the
@@ -134,6 +135,9 @@ def demo_argv(run_group: tuple, methods: list[str], seeds: list[int], args) -> l
         "--task", task, "--loss", loss, "--ratio", str(ratio), "--temperature", str(temperature),
         "--methods", ",".join(methods), "--seeds", *map(str, seeds),
         "--jobs", str(args.jobs), "--no-progress",
+        # the schedule every run of the sweep was measured with: the snapshot after step
+        # t - 2 scores super-batch t (the demo's default until it became synchronous)
+        "--scoring", "lagged",
     ]
     steps = args.steps
     if args.quick:
@@ -162,7 +166,7 @@ def config_of(run_group: tuple, args):
 
 
 # settings added after runs were written, at the value those runs had
-LATER_SETTINGS = {"temperature": 1.0, "train_low_res_share": 0.0}
+LATER_SETTINGS = {"temperature": 1.0, "train_low_res_share": 0.0, "prefetch": 2}
 
 
 def settings_key(cfg) -> dict:

@@ -312,6 +312,20 @@ def test_flexi_training_runs_and_counts_its_cheaper_steps(tmp_path):
             ["--score-resolution", "8", "--train-low-res-share", "2"]))
 
 
+def test_scoring_schedules_map_onto_the_loader_options():
+    """--scoring sync (default): inline with the current learner; lagged: background thread,
+    deterministic, lag = --prefetch; latest: background thread, newest snapshot."""
+    want = {"sync": (False, False), "lagged": (True, True), "latest": (True, False)}
+    for name, (async_scoring, deterministic) in want.items():
+        argv = [] if name == "sync" else ["--scoring", name]
+        cfg = config_from_args(build_parser().parse_args([*argv, "--prefetch", "1"]))
+        assert (cfg.async_scoring, cfg.deterministic, cfg.prefetch) == (
+            async_scoring, deterministic, 1
+        ), name
+    with pytest.raises(ValueError, match="--prefetch must be at least 1, got 0"):
+        config_from_args(build_parser().parse_args(["--prefetch", "0"]))
+
+
 def test_default_digits_config_keeps_its_fingerprint_fields():
     """Fields added for the pairs task and the softmax learner stay out of the digits
     fingerprints at their defaults, so shards and reference caches written before are found."""

@@ -20,6 +20,9 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
+# --scoring: which learner weights score super-batch t (see build_parser)
+SCORING_SCHEDULES = ("sync", "lagged", "latest")
+
 __all__ = ["build_parser", "config_from_args", "main", "run_comparison"]
 
 logger = logging.getLogger(__name__)
@@ -164,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="runs at once, each in its own worker process with --threads threads (default: "
         "the CPU count, at most 2; --quick: 1). Runs are seeded on their own, so only timing "
-        "differs (wall times; and with --nondeterministic, which snapshot scores a super-batch)",
+        "differs (wall times; and with --scoring latest, which snapshot scores a super-batch)",
     )
 
     s = p.add_argument_group("selection")
@@ -206,12 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
         "selection, and costs a few b x b products per step)",
     )
     s.add_argument(
-        "--sync-scoring",
-        action="store_true",
-        help="score inline instead of on JESTLoader's background thread; under the default "
-        "deterministic scoring the batches are the same (super-batch t still scored by the "
-        "snapshot of step t - prefetch); with --nondeterministic too, by the learner as it is "
-        "(lag 0)",
+        "--scoring",
+        choices=SCORING_SCHEDULES,
+        default="sync",
+        help="which learner weights score super-batch t. sync: the learner as it is when "
+        "batch t is selected (inline, lag 0; the freshest, and on these CPU runs no slower); "
+        "lagged: on JESTLoader's background thread, the snapshot after step t - --prefetch "
+        "(deterministic, overlaps scoring with training); latest: the background thread's "
+        "newest snapshot (figures depend on thread timing). sync and lagged repeat to the digit",
+    )
+    s.add_argument(
+        "--prefetch",
+        type=int,
+        default=2,
+        help="super-batches JESTLoader scores ahead (--scoring lagged and latest); under "
+        "lagged scoring also how many steps stale the scoring weights are",
     )
     s.add_argument(
         "--score-resolution",
@@ -229,14 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
         "train this share of each batch at --score-resolution, drawn at random per step (the "
         "others train at full resolution); FLOPs counted so",
     )
-    s.add_argument(
-        "--nondeterministic",
-        action="store_true",
-        help="score each super-batch with whatever learner snapshot is latest (less stale, but "
-        "the figures then depend on thread timing); default: deterministic scoring, the "
-        "snapshot after step t - prefetch scores super-batch t, so a seed repeats to the digit",
-    )
-
     g = p.add_argument_group(
         "data (pool noise shares are fractions of the pool; the rest is clean)"
     )
@@ -354,6 +358,8 @@ def config_from_args(args: argparse.Namespace):
             f"--score-resolution {r} must be a multiple of --patch-size {args.patch_size} "
             f"between it and --image-size {args.image_size}"
         )
+    if args.prefetch < 1:
+        raise ValueError(f"--prefetch must be at least 1, got {args.prefetch}")
     share = args.train_low_res_share
     if not (math.isfinite(share) and 0.0 <= share <= 1.0):
         raise ValueError(f"--train-low-res-share must be a fraction in [0, 1], got {share}")
@@ -389,10 +395,11 @@ def config_from_args(args: argparse.Namespace):
         methods=methods,
         threads=args.threads,
         jobs=jobs,
-        async_scoring=not args.sync_scoring,
-        deterministic=not args.nondeterministic,
+        async_scoring=args.scoring != "sync",
+        deterministic=args.scoring == "lagged",
         score_resolution=args.score_resolution,
         train_low_res_share=share,
+        prefetch=args.prefetch,
         cache_reference=not args.no_reference_cache,
         batch_learnability=not args.no_batch_learnability,
         preset=preset,
@@ -526,9 +533,10 @@ def run_comparison(
 
     With ``cfg.jobs > 1`` the references and then the runs go to that many worker processes
     (spawned, one torch thread each), longest runs first. Every run is seeded on its own, so
-    its curve does not depend on ``jobs`` or on thread timing (``deterministic`` scoring, the
-    default; with ``deterministic=False`` and asynchronous scoring, which learner snapshot
-    scores a super-batch depends on timing). Wall times are on shared cores.
+    its curve does not depend on ``jobs`` or on thread timing (synchronous scoring, the
+    default, or deterministic asynchronous scoring; with ``deterministic=False`` and
+    asynchronous scoring, which learner snapshot scores a super-batch depends on timing). Wall
+    times are on shared cores.
 
     Args:
         work_dir: where the shards and the reference caches go (default ``out_dir``); several

@@ -78,10 +78,13 @@ class RunConfig:
     methods: tuple[str, ...] = ("uniform", "jest", "oracle")
     threads: int = 1
     jobs: int = 1  # runs at once, in worker processes (see run_comparison)
-    async_scoring: bool = True
-    # super-batch t scored by the snapshot after step t - prefetch, whatever the thread timing:
-    # a seed's figures repeat to the digit between runs
-    deterministic: bool = True
+    # Scoring schedule (the demo's --scoring): by default inline with the learner as it is
+    # (lag 0, the freshest weights; deterministic without threads). async_scoring with
+    # deterministic scores super-batch t with the snapshot after step t - prefetch whatever the
+    # thread timing; async_scoring alone with whatever snapshot is latest.
+    async_scoring: bool = False
+    deterministic: bool = False
+    prefetch: int = 2  # super-batches scored ahead; under deterministic scoring also the lag
     score_resolution: int | None = None  # the learner snapshot scores images resized to this
     # Flexi-JEST: the methods that score the learner (jest, independent, hard_learner) train
     # this share of each batch at score_resolution (jeststream.low_res.encode_image_mixed)
@@ -519,6 +522,7 @@ def run_method(
             return_info=measuring,
             async_scoring=cfg.async_scoring,
             deterministic=cfg.deterministic,
+            prefetch=cfg.prefetch,
             seed=seed,
             score_transform=model_input,
             score_resolution=cfg.score_resolution,
