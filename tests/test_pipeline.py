@@ -249,6 +249,8 @@ def test_pipeline_benchmark_quick_prints_json():
     assert [(o["T_ms"], o["S_ms"]) for o in result["overlap"]] == [(50, 30), (30, 50)]
     for o in result["overlap"]:
         assert o["async_ms"] > 0 and o["sync_ms"] > 0 and o["ideal_ms"] == 50
+        assert o["async_prefetch1_ms"] > 0
+        assert o["async_prefetch1_vs_ideal"] == round(o["async_prefetch1_ms"] / 50, 3)
     for part in ("consumer", "cpu"):
         ov = result["overhead"][part]
         assert ov["plain_ms_per_step"] > 0 and ov["async_ms_per_step"] > 0
