@@ -11,11 +11,11 @@ selected sub-batches against independent and uniform draws from the same super-b
 selected-example composition). Writes runs/learning/results.json and
 runs/learning/learning_curves.png (its third panel: batch learnability over training, the
 paper's Fig. 2 on this run). Where joint selection beats independent selection (filtering
-ratio, loss, the fine-grained pairs task) is the sweep's job: benchmarks/selection_sweep.py. Measured on 2 CPU cores with the default --jobs 2: 41 min
+ratio, loss, the fine-grained pairs task) is the sweep's job: benchmarks/selection_sweep.py. Measured on 2 CPU cores with the default --jobs 2: 18.5 min
 for every method over 3 seeds at 2,000 steps (21 runs). A JEST-type run (jest, independent,
-hard_learner) took ~5.5 min and easy_reference ~3.7 min, two at a time: each decodes
+hard_learner) took ~2.0-2.5 min and easy_reference ~1.5 min, two at a time: each decodes
 1/ratio = 5 base batches per step and scores them; a uniform, static or oracle run took
-~1.7 min. Pass --methods, --seeds or --scale to shorten.
+~1 min. Pass --methods, --seeds or --scale to shorten.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--full",
         action="store_true",
-        help="the full comparison: every method, seeds 0 1 2, twice the default steps (41 min "
+        help="the full comparison: every method, seeds 0 1 2, twice the default steps (19 min "
         "on 2 CPU cores with --jobs 2; --scale, --methods or --seeds shorten it)",
     )
     p.add_argument(
