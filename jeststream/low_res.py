@@ -32,12 +32,24 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "check_resolution",
     "encode_image_mixed",
     "encode_image_resampled",
     "resample_pos_embed",
     "resize_batch_images",
     "resize_images",
 ]
+
+
+def check_resolution(value: Any, name: str = "resolution", *, optional: bool = False) -> None:
+    """Raise unless ``value`` is an image side in pixels (an int >= 1; or None if ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{name} must be an image side in pixels (int >= 1){' or None' if optional else ''}, "
+            f"got {value!r}"
+        )
 
 
 def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -148,8 +160,7 @@ def encode_image_mixed(
     """
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be a fraction of the batch in [0, 1], got {share!r}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution must be an image side in pixels (int >= 1), got {resolution!r}")
+    check_resolution(resolution)
     n = images.shape[0]
     k = round(share * n)
     if k == 0:

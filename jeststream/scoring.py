@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from jeststream.losses import Embeddings
-from jeststream.low_res import encode_image_resampled, resize_batch_images
+from jeststream.low_res import check_resolution, encode_image_resampled, resize_batch_images
 from jeststream.reference_cache import ReferenceCache
 from jeststream.snapshot import LearnerSnapshot, is_accelerator, unwrap_model
 from jeststream.text_trim import encode_text_trimmed
@@ -178,15 +178,7 @@ class Scorer:
         score_learner: bool = True,
         score_resolution: int | None = None,
     ) -> None:
-        if score_resolution is not None and (
-            isinstance(score_resolution, bool)
-            or not isinstance(score_resolution, int)
-            or score_resolution < 1
-        ):
-            raise ValueError(
-                f"score_resolution must be an image side in pixels (int >= 1) or None, got "
-                f"{score_resolution!r}"
-            )
+        check_resolution(score_resolution, "score_resolution", optional=True)
         if not score_learner and reference is None:
             raise ValueError("score_learner=False needs a reference model: nothing would be scored")
         if embed is not None and not callable(embed):
