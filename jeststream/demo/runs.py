@@ -491,10 +491,6 @@ def run_method(
     )
     per_step = flops["train_step"]
     encode_image = None
-    # the methods that score the learner train part of each batch at its scoring resolution
-    if selecting and cfg.train_low_res_share and LOADER_METHODS[method][0] != "easy_reference":
-        per_step = flops["train_step_mixed"]
-        encode_image = mixed_resolution_encoder(cfg, torch.Generator().manual_seed(7919 + seed))
     if selecting:
         criterion, n_chunks = LOADER_METHODS[method]
         uses_reference = criterion != "hard_learner"
@@ -502,6 +498,11 @@ def run_method(
         # easy_reference, which gives the learner no weight) and the reference (none when its
         # embeddings come from the cache, paid for up front)
         if criterion != "easy_reference":
+            if cfg.train_low_res_share:  # train part of each batch at the scoring resolution
+                per_step = flops["train_step_mixed"]
+                encode_image = mixed_resolution_encoder(
+                    cfg, torch.Generator().manual_seed(7919 + seed)
+                )
             per_step += flops["learner_forward_super_batch"]
         scorer = reference if uses_reference else None
         if uses_reference and reference_cache is not None:
