@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch import nn
 from jeststream.loader import JESTLoader
 from jeststream.losses import Embeddings
 from jeststream.scoring import default_embed
+from jeststream.selection_log import SelectionLog
 from jeststream.snapshot import unwrap_model
 
 __all__ = [
@@ -82,8 +84,9 @@ class OpenCLIPJESTLoader(JESTLoader):
     ``e * num_batches`` (unless a ``load_state_dict`` is pending), so that a run resumed from an
     epoch checkpoint (open_clip_train ``--resume``, which does not hold the loader's state)
     numbers its super-batches -- and its selection-log records -- as the uninterrupted run did.
-    ``append_log=True`` appends to an existing selection log instead of overwriting it (use it
-    when resuming; the reader keeps the last record of a step written twice).
+    To append to an existing selection log when resuming, pass
+    ``selection_log=SelectionLog(path, mode="a")`` (the reader keeps the last record of a step
+    written twice); ``append_log=True`` is its deprecated spelling.
     ``strip_keys=True`` drops the third column of each yielded (images, texts, keys) batch:
     the keys reach the selection log, open_clip's training step still unpacks two values (see
     :func:`carry_webdataset_keys`).
@@ -97,16 +100,23 @@ class OpenCLIPJESTLoader(JESTLoader):
         ratio: float = 0.2,
         *,
         on_yield: Callable[[int, OpenCLIPJESTLoader], None] | None = None,
-        append_log: bool = False,
+        append_log: bool | None = None,
         strip_keys: bool = False,
         **jest_kwargs: Any,
     ) -> None:
         if on_yield is not None and not callable(on_yield):
             raise TypeError(f"on_yield must be callable (i, loader) -> None, got {on_yield!r}")
         jest_kwargs.setdefault("embed", embed)
-        # JESTLoader appends only after load_state_dict(); an epoch-checkpoint resume has none.
-        if append_log:
-            jest_kwargs["selection_log_mode"] = "a"
+        if append_log is not None:
+            warnings.warn(
+                "OpenCLIPJESTLoader(append_log=) is deprecated; pass "
+                "selection_log=SelectionLog(path, mode='a') to append",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            log = jest_kwargs.get("selection_log")
+            if append_log and isinstance(log, (str, os.PathLike)):
+                jest_kwargs["selection_log"] = SelectionLog(log, mode="a")
         super().__init__(base_loader, learner, reference, ratio, **jest_kwargs)
         self.on_yield = on_yield
         self.strip_keys = bool(strip_keys)

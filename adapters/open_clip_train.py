@@ -49,7 +49,9 @@ from typing import Any
 
 import torch
 
+from jeststream.loader import SCORING
 from jeststream.losses import CRITERIA
+from jeststream.selection_log import SelectionLog
 
 __all__ = ["ALLOW_ENV", "SUPPORTED_OPEN_CLIP", "check_open_clip_version", "main", "split_jest_argv"]
 
@@ -94,10 +96,15 @@ _JEST_FLAGS: dict[str, tuple[str, Callable[[str], Any], Any, str]] = {
         "score the learner snapshot on images resized to this side in pixels (ViT positional "
         "embeddings resampled; e.g. 112 for a 224 px model: ~4x fewer image-tower FLOPs)",
     ),
+    "--jest-scoring": (
+        "scoring", str, "auto",
+        "which learner weights score a super-batch: sync (the current learner, inline), lagged "
+        "(a background thread scores super-batch t with the snapshot after step t - 1: runs "
+        "repeat), latest (the newest snapshot, timing-dependent) or auto (sync on the CPU, "
+        "lagged on an accelerator)",
+    ),
     "--jest-deterministic": (
-        "deterministic", int, 0,
-        "1: score super-batch t with the snapshot after step t - prefetch, whatever the thread "
-        "timing (runs repeat; one more copy of the learner per prefetched batch)",
+        "deterministic", int, None, "deprecated: 1 is --jest-scoring lagged, 0 --jest-scoring latest",
     ),
     "--jest-reference-cache": (
         "reference_cache", str, None,
@@ -390,13 +397,16 @@ class _Hook:
             temperature=jest.temperature,
             refresh_every=jest.refresh_every,
             score_resolution=jest.score_resolution,
-            deterministic=bool(jest.deterministic),
+            scoring=_scoring(jest),
             snapshot_dtype=dtype,
             device=device,
             seed=int(args.seed),
-            selection_log=log_path,
             # --resume (already resolved by main() when get_data runs): continue the log
-            append_log=bool(getattr(args, "resume", None)),
+            selection_log=(
+                SelectionLog(log_path, mode="a")
+                if log_path and getattr(args, "resume", None)
+                else log_path
+            ),
             on_yield=self.reporter,
             strip_keys=keys,
         )
@@ -451,6 +461,12 @@ def _validate(jest: argparse.Namespace, rest: list[str]) -> None:
             read_manifest(jest.reference_cache)
         except FileNotFoundError as exc:
             raise ValueError(f"--jest-reference-cache: {exc}") from None
+    if jest.scoring not in SCORING:
+        raise ValueError(f"--jest-scoring {jest.scoring!r} is not one of {', '.join(SCORING)}")
+    if jest.deterministic is not None and jest.scoring != "auto":
+        raise ValueError(
+            "--jest-deterministic is the deprecated spelling of --jest-scoring; pass one of them"
+        )
     if jest.score_dtype is not None and jest.score_dtype not in _DTYPES:
         raise ValueError(
             f"--jest-score-dtype {jest.score_dtype!r} is not one of {', '.join(_DTYPES)}"
@@ -465,6 +481,15 @@ def _validate(jest: argparse.Namespace, rest: list[str]) -> None:
         )
     if args.trace:
         raise ValueError("--trace builds an inference-only model; it cannot be trained with JEST")
+
+
+def _scoring(jest: argparse.Namespace) -> str:
+    """--jest-scoring, or the deprecated --jest-deterministic's meaning (1: lagged, 0: latest)."""
+    if jest.deterministic is None:
+        return jest.scoring
+    name = "lagged" if jest.deterministic else "latest"
+    logger.warning("--jest-deterministic is deprecated; pass --jest-scoring %s", name)
+    return name
 
 
 def _exit_code(result: Any) -> int:

@@ -10,7 +10,7 @@ and what does the wrapper itself cost?  Prints one JSON object.
      - ``plain``:   a loop that concatenates n base batches and gathers b rows (random indices);
      - ``inline``:  the same loop plus the selection maths JESTLoader runs (example_scores +
                     joint_sample_from_embeddings) -- i.e. the work without the wrapper;
-     - ``sync`` / ``async``: JESTLoader(async_scoring=False / True).
+     - ``sync`` / ``async``: JESTLoader(scoring="sync" / "latest").
    a) ``consumer`` (the target): the consumer trains T ms per step, as in 1. The wrapper's
       overhead is what the training loop sees: ``async / plain - 1``, target <= 5%.
    b) ``cpu`` (diagnostic): a consumer that does nothing, so each variant runs flat out.
@@ -102,7 +102,7 @@ def _loader(batches, embed, *, async_scoring: bool, n: int, b: int, n_chunks: in
     learner, reference = _models()
     return JESTLoader(
         batches, learner, reference, 1 / n, n_chunks=n_chunks, embed=embed,
-        async_scoring=async_scoring, prefetch=prefetch, seed=0,
+        scoring="latest" if async_scoring else "sync", prefetch=prefetch, seed=0,
     )
 
 

@@ -101,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         loss_fn = SigLipLoss(rank=rank, world_size=world)  # negatives from every rank
         # distributed="auto" is "global" under torchrun with more than one rank
         with JESTLoader(base, ddp, reference, ratio=args.ratio, loss="sigmoid",
-                        n_chunks=min(4, args.batch_size), return_info=True) as jest:
+                        n_chunks=min(4, args.batch_size)) as jest:
             for epoch in range(args.epochs):
                 jest.set_epoch(epoch)
-                for (images, texts, _keys), info in jest:
+                for images, texts, _keys in jest:
+                    info = jest.last_info  # what happened to this batch
                     image_features, text_features, scale, bias = ddp(images, texts)
                     loss = loss_fn(image_features, text_features, scale, bias)
                     opt.zero_grad()

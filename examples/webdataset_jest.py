@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         log = args.log or str(Path(tmp) / "selection.parquet")
         # loss="softmax": the step below trains with open_clip's ClipLoss (CLIP, not SigLIP)
         jest = JESTLoader(base, learner, reference, ratio=args.ratio, loss="softmax",
-                          n_chunks=min(4, args.batch_size), selection_log=log, return_info=True)
+                          n_chunks=min(4, args.batch_size), selection_log=log)
         with jest:
             for epoch in range(args.epochs):
                 jest.set_epoch(epoch)
-                for (images, texts, _keys), info in jest:
+                for images, texts, _keys in jest:
+                    info = jest.last_info  # what happened to this batch
                     img = learner.encode_image(images, normalize=True)
                     txt = learner.encode_text(texts, normalize=True)
                     loss = loss_fn(img, txt, learner.logit_scale.exp())

@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +35,15 @@ from jeststream.pipeline import END, ThreadPipeline, to_device
 from jeststream.reference_cache import ReferenceCache
 from jeststream.scoring import EmbedFn, Scorer, ScoreResult
 from jeststream.selection import LOSSES, example_scores, joint_sample_from_embeddings
-from jeststream.snapshot import LearnerSnapshot, _Stopped, scheduled_step, unwrap_model
+from jeststream.selection_log import SelectionLog, write_run_config
+from jeststream.snapshot import (
+    LearnerSnapshot,
+    _Stopped,
+    is_accelerator,
+    scheduled_step,
+    scoring_device,
+    unwrap_model,
+)
 
 __all__ = ["JESTLoader", "SelectionInfo"]
 
@@ -43,6 +52,49 @@ logger = logging.getLogger(__name__)
 _STATE_VERSION = 2
 _DEFAULT_N_CHUNKS = 16
 _BAD_SCORES = ("raise", "uniform")
+SCORING = ("auto", "sync", "lagged", "latest")
+_LOG_MODES = ("auto", "a", "w")
+
+
+def resolve_scoring(
+    scoring: str,
+    async_scoring: bool | None,
+    deterministic: bool | None,
+    prefetch: int | None,
+    device: torch.device,
+) -> tuple[str, bool, bool, int]:
+    """``scoring`` (or the deprecated booleans) -> (name, async_scoring, deterministic, prefetch).
+
+    "sync": inline, the current learner (lag 0). "lagged": a background thread scores super-batch
+    t with the snapshot after step t - prefetch (deterministic). "latest": a background thread
+    scores with whatever snapshot is newest (timing-dependent). "auto": "sync" on the CPU,
+    "lagged" with prefetch 1 on an accelerator.
+    """
+    if scoring not in SCORING:
+        raise ValueError(f"scoring={scoring!r} is not one of {SCORING}")
+    if async_scoring is not None or deterministic is not None:
+        if scoring != "auto":
+            raise ValueError(
+                f"scoring={scoring!r} and the deprecated async_scoring=/deterministic= were both "
+                "given; pass scoring= alone"
+            )
+        a = True if async_scoring is None else bool(async_scoring)
+        d = bool(deterministic)
+        name = "lagged" if d else ("latest" if a else "sync")
+        spelling = (
+            "scoring='lagged' (which scores in a background thread)"
+            if d and not a
+            else f"scoring={name!r}"
+        )
+        warnings.warn(
+            f"JESTLoader(async_scoring=, deterministic=) is deprecated; pass {spelling}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return name, a, d, 2 if prefetch is None else prefetch  # their default was prefetch=2
+    if scoring == "auto":
+        scoring = "lagged" if is_accelerator(device) else "sync"
+    return scoring, scoring != "sync", scoring == "lagged", 1 if prefetch is None else prefetch
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -463,8 +515,19 @@ class JESTLoader:
         refresh_every: copy the live learner into the snapshot every this many yielded
             batches (0: only at the start of each pass).
         snapshot_dtype: optional dtype of the learner snapshot (e.g. torch.bfloat16).
-        prefetch: super-batches scored ahead (bounded queue).
-        async_scoring: score in a background thread/stream; False runs the same steps inline.
+        scoring: which learner weights score a super-batch, and where:
+            "sync": inline in the caller's thread with the current learner (lag 0);
+            "lagged": a background thread (its own stream on an accelerator) scores super-batch
+            t with the snapshot taken after step t - ``prefetch``, so runs repeat exactly;
+            "latest": a background thread scores with whatever snapshot is newest
+            (timing-dependent: runs do not repeat); "auto" (default): "sync" on the CPU, where
+            overlap buys no wall time, "lagged" with ``prefetch=1`` on an accelerator. Each step
+            of lag costs learning speed (measured in ``docs/performance.md``).
+        prefetch: super-batches scored ahead by the background thread (a bounded queue); under
+            "lagged" also the lag. Default 1.
+        async_scoring, deterministic: deprecated spellings of ``scoring`` (``DeprecationWarning``):
+            (True, False) is "latest", (True, True) "lagged", (False, False) "sync"; (False, True)
+            runs the "lagged" schedule inline. Their default prefetch stays 2.
         device: scoring device; defaults to the learner's.
         seed: seeds the loader's own CPU generator (sampling is device-independent).
         drop_last: drop a trailing super-batch of fewer than n base batches.
@@ -473,17 +536,25 @@ class JESTLoader:
             an open_clip ViT runs with resampled positional embeddings (``jeststream.low_res``).
             The reference, the live learner and the yielded batch are unchanged.
         on_bad_scores: "raise" or "uniform" for super-batches with NaN/inf scores.
-        return_info: yield ``(batch, SelectionInfo)`` instead of ``batch``.
+        return_info: deprecated: yield ``(batch, SelectionInfo)`` instead of ``batch``. Read
+            ``loader.last_info`` after each batch instead (the batch structure stays the base's).
         batch_learnability: also measure each yielded sub-batch's learnability as a whole next
             to an independent and a uniform draw of its size (``SelectionInfo.batch_learnability``
             and the selection log's columns; :mod:`jeststream.diagnostics`). Its own generator:
             the selection is the same with or without it.
-        selection_log: path of a selection log (jeststream.selection_log.SelectionLog).
-        selection_log_mode: "auto" (overwrite an old log at that path, but append after
-            ``load_state_dict``), "a" (always append: a run resumed from a checkpoint that holds
-            no loader state) or "w" (always overwrite).
+        selection_log: a path, or a :class:`~jeststream.selection_log.SelectionLog` that carries
+            its own mode. A path is opened at the first yielded batch: it overwrites an old log
+            there, but appends after ``load_state_dict``. To append always (a run resumed from a
+            checkpoint that holds no loader state), pass ``SelectionLog(path, mode="a")``. The
+            loader closes the log when it is closed.
+        selection_log_mode: deprecated: "a" is ``selection_log=SelectionLog(path, mode="a")``,
+            "w" is ``SelectionLog(path, mode="w")``.
         key_fn: ``batch -> list[str]`` of per-example keys for the selection log and a
             reference cache (default: ``jeststream.batch.find_keys``'s rules).
+        timeout: seconds the consumer waits for the next selected batch, and a snapshot wait
+            may take, before a ``TimeoutError`` that names the stuck stage (e.g. ``next()`` on
+            the base loader); also bounds the collectives under distributed="global". None
+            (default) waits for ever.
         distributed: "global": under torch.distributed, select from the super-batches of all
             ranks as from one (each rank still yields b of its own examples; the ranks
             all-gather the embeddings of each chunk they draw, :mod:`jeststream.distributed`),
@@ -512,8 +583,9 @@ class JESTLoader:
         embed: EmbedFn | None = None,
         refresh_every: int = 1,
         snapshot_dtype: torch.dtype | None = None,
-        prefetch: int = 2,
-        async_scoring: bool = True,
+        scoring: str = "auto",
+        prefetch: int | None = None,
+        async_scoring: bool | None = None,
         device: torch.device | str | None = None,
         seed: int = 0,
         drop_last: bool = True,
@@ -521,10 +593,10 @@ class JESTLoader:
         score_resolution: int | None = None,
         on_bad_scores: str = "raise",
         return_info: bool = False,
-        selection_log: str | os.PathLike | None = None,
-        selection_log_mode: str = "auto",
+        selection_log: str | os.PathLike | SelectionLog | None = None,
+        selection_log_mode: str | None = None,
         key_fn: Callable[[Any], Sequence[str]] | None = None,
-        deterministic: bool = False,
+        deterministic: bool | None = None,
         timeout: float | None = None,
         batch_learnability: bool = False,
         distributed: str | None = "auto",
@@ -599,8 +671,10 @@ class JESTLoader:
             or refresh_every < 0
         ):
             raise ValueError(f"refresh_every must be an int >= 0, got {refresh_every!r}")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+        if prefetch is not None and (
+            isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1
+        ):
+            raise ValueError(f"prefetch must be an int >= 1 or None (1), got {prefetch!r}")
         if on_bad_scores not in _BAD_SCORES:
             raise ValueError(f"on_bad_scores={on_bad_scores!r} is not one of {_BAD_SCORES}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -620,15 +694,23 @@ class JESTLoader:
         self.criterion = criterion
         self.temperature = float(temperature)
         self.refresh_every = refresh_every
-        self.prefetch = prefetch
-        self.async_scoring = bool(async_scoring)
+        # the scoring schedule: scoring= names it; the loader runs on these three
+        self.scoring, self.async_scoring, self.deterministic, self.prefetch = resolve_scoring(
+            scoring, async_scoring, deterministic, prefetch, scoring_device(learner, device)
+        )
         self.seed = seed
         self.drop_last = bool(drop_last)
         self.on_bad_scores = on_bad_scores
+        if return_info:
+            warnings.warn(
+                "JESTLoader(return_info=True) is deprecated; read loader.last_info after each "
+                "batch instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self.return_info = bool(return_info)
         self.key_fn = key_fn
         self.batch_learnability = bool(batch_learnability)
-        self.deterministic = bool(deterministic)
         self.timeout = None if timeout is None else float(timeout)
         self.epoch = 0
         self.last_info: SelectionInfo | None = None
@@ -674,12 +756,44 @@ class JESTLoader:
         self._resume: dict | None = None
         self._restored = False  # a load_state_dict() not yet followed by a yielded batch
         self._active: weakref.ref[_JESTIterator] | None = None
-        # The log file is opened at the first yielded batch: a fresh run overwrites an old log at
-        # that path, a run restored with load_state_dict() appends to it (the reader keeps the
-        # last record of a re-drawn step). The directory is checked now, before any GPU-hour.
-        self._log = None
-        self._log_path = None if selection_log is None else os.fspath(selection_log)
-        if self._log_path is not None:
+        # A path is opened at the first yielded batch: a fresh run overwrites an old log at that
+        # path, a run restored with load_state_dict() appends to it (the reader keeps the last
+        # record of a re-drawn step). The directory is checked now, before any GPU-hour. A
+        # SelectionLog the caller opened keeps its own mode; the run configuration is written
+        # beside it at the first yielded batch, as for a path.
+        if selection_log_mode is not None:
+            if selection_log_mode not in _LOG_MODES:
+                raise ValueError(
+                    f"selection_log_mode={selection_log_mode!r} must be 'auto', 'a' (append) or "
+                    "'w' (overwrite)"
+                )
+            if isinstance(selection_log, SelectionLog):
+                raise ValueError(
+                    "selection_log_mode= applies to a path; the SelectionLog passed as "
+                    f"selection_log carries its own mode ({selection_log.mode!r})"
+                )
+            if selection_log_mode != "auto":
+                warnings.warn(
+                    f"JESTLoader(selection_log_mode={selection_log_mode!r}) is deprecated; pass "
+                    f"selection_log=SelectionLog(path, mode={selection_log_mode!r})",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+        self._log_mode = selection_log_mode or "auto"
+        self._log_append = self._log_mode == "a"
+        self._log: SelectionLog | None = None
+        self._log_config_due = False  # a caller's SelectionLog whose run config is not written
+        if isinstance(selection_log, SelectionLog):
+            self._log, self._log_config_due = selection_log, True
+            self._log_path: str | None = os.fspath(selection_log.path)
+        elif selection_log is None or isinstance(selection_log, (str, os.PathLike)):
+            self._log_path = None if selection_log is None else os.fspath(selection_log)
+        else:
+            raise TypeError(
+                "selection_log must be a path, a jeststream.selection_log.SelectionLog or None, "
+                f"got {type(selection_log).__name__}"
+            )
+        if self._log_path is not None and self._log is None:
             parent = os.path.dirname(os.path.abspath(self._log_path))
             os.makedirs(parent, exist_ok=True)
             if not os.access(parent, os.W_OK):
@@ -687,13 +801,6 @@ class JESTLoader:
                     f"selection_log={self._log_path!r}: directory {parent!r} is not writable; "
                     "pass a path in a writable directory"
                 )
-        if selection_log_mode not in ("auto", "a", "w"):
-            raise ValueError(
-                f"selection_log_mode={selection_log_mode!r} must be 'auto', 'a' (append) or 'w' "
-                "(overwrite)"
-            )
-        self._log_mode = selection_log_mode
-        self._log_append = selection_log_mode == "a"
         if dist_mode == "global" and self.batch_learnability:
             raise ValueError(
                 "batch_learnability=True measures draws from one super-batch, but "
@@ -872,6 +979,7 @@ class JESTLoader:
             "loss": self.loss,
             "temperature": self.temperature,
             "refresh_every": self.refresh_every,
+            "scoring": self.scoring,
             "deterministic": self.deterministic,
             "seed": self.seed,
             "distributed": None if self._dist is None else self._dist.mode,
@@ -883,13 +991,14 @@ class JESTLoader:
         # Everything that can fail comes first: a failing next() leaves the state at the last
         # yielded batch, so a restore (or the caller's retry from a checkpoint) loses nothing.
         if self._log_path is not None and self._log is None:
-            from jeststream.selection_log import SelectionLog  # optional dependency (pyarrow)
-
             self._log = SelectionLog(
                 self._log_path,
                 mode="a" if self._log_append else "w",
                 run_config=self._run_config(),
             )
+        elif self._log_config_due:
+            write_run_config(self._log.path, self._run_config())
+            self._log_config_due = False
         if self._log is not None:
             self._log.write(
                 keys=item.keys,

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LearnerSnapshot", "scheduled_step", "unwrap_model", "is_accelerator"]
+__all__ = ["LearnerSnapshot", "scheduled_step", "scoring_device", "unwrap_model", "is_accelerator"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,18 @@ class _Slot:
         self.used_event: torch.Event | None = None  # after the last forward that read it
 
 
+def scoring_device(learner: nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """The device the learner snapshot scores on: ``device``, else the learner's (its first
+    parameter's; the CPU for a model without parameters), with an accelerator's index resolved."""
+    if device is None:
+        first = next(iter(unwrap_model(learner).parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    if is_accelerator(device) and device.index is None:  # "cuda" -> "cuda:<current>"
+        device = torch.device(device.type, torch.accelerator.current_device_index())
+    return device
+
+
 class LearnerSnapshot:
     """Deep copies of ``learner`` (unwrapped) in eval mode, refreshed in place from the live one.
 
@@ -142,13 +154,7 @@ class LearnerSnapshot:
             raise ValueError(f"max_copies must be an int >= 1, got {max_copies!r}")
         live = unwrap_model(learner)
         self.live = live
-        if device is None:
-            first = next(iter(live.parameters()), None)
-            device = first.device if first is not None else torch.device("cpu")
-        device = torch.device(device)
-        if is_accelerator(device) and device.index is None:  # "cuda" -> "cuda:<current>"
-            device = torch.device(device.type, torch.accelerator.current_device_index())
-        self.device = device
+        self.device = scoring_device(learner, device)
         self.dtype = dtype
         self.max_copies = max_copies
         self.timeout = timeout

@@ -154,13 +154,18 @@ def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_p
 def test_quick_run_end_to_end(tmp_path, capsys):
     from jeststream.demo.model import RETRIEVAL
 
-    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--details", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    # the comparison at the run's own scale, not a verdict on the full comparison's target
+    # the comparison at the run's own scale, not a verdict on a target the README does not state
     assert "at this scale (12 steps" in out and "steps to uniform's final accuracy" in out
-    assert "MET" not in out
+    assert "MET" not in out and "target" not in out
     for label in ("i→t R@1", "i→t R@5", "t→i R@1", "t→i R@5", "batch learnability"):
         assert label in out
+    # the short table closes the output; no line is a wall of text
+    tail = out[out.rindex("method "):]
+    for column in ("final accuracy", "steps to uniform's final", "FLOPs to it", "wall"):
+        assert column in tail.splitlines()[0]
+    assert max(map(len, out.splitlines())) <= 160
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
     # the JEST run's selection log and its HTML report, whose path the demo prints

@@ -63,7 +63,7 @@ LOADER_METHODS = {
 class RunConfig:
     """Every knob of a comparison. The same values apply to every method."""
 
-    steps: int = 1000
+    steps: int = 2000  # the full comparison's budget: uniform near its plateau
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -75,7 +75,7 @@ class RunConfig:
     ref_steps: int = 1500
     static_keep: float = 0.3
     seeds: tuple[int, ...] = (0,)
-    methods: tuple[str, ...] = ("uniform", "jest", "oracle")
+    methods: tuple[str, ...] = ("uniform", "jest", "independent")
     threads: int = 1
     jobs: int = 1  # runs at once, in worker processes (see run_comparison)
     # Scoring schedule (the demo's --scoring): by default inline with the learner as it is
@@ -520,9 +520,7 @@ def run_method(
             loss=cfg.model.loss,
             criterion=criterion,
             batch_learnability=measuring,
-            return_info=measuring,
-            async_scoring=cfg.async_scoring,
-            deterministic=cfg.deterministic,
+            scoring="lagged" if cfg.deterministic else "latest" if cfg.async_scoring else "sync",
             prefetch=cfg.prefetch,
             seed=seed,
             score_transform=model_input,
@@ -559,7 +557,7 @@ def run_method(
     try:
         for batch in loader:
             if measuring:
-                batch, info = batch
+                info = loader.last_info
                 if info.batch_learnability is not None:  # None: a uniform fallback
                     draws.append(tuple(info.batch_learnability))
             images, texts, keys = model_input(batch)
