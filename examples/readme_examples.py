@@ -58,6 +58,44 @@ def write_shards(root: Path, n_shards: int = 2, per_shard: int = 40) -> str:
     return str(root / f"train-{{00000..{n_shards - 1:05d}}}.tar")
 
 
+def two_tower_example(base_loader) -> None:
+    """The README's embed= example: a home-made two-tower model, no open_clip."""
+    # README: two-tower-embed
+    import torch
+    import torch.nn.functional as F
+
+    from jeststream import JESTLoader
+    from jeststream.losses import Embeddings
+
+
+    class TwoTower(torch.nn.Module):  # stands for your model
+        def __init__(self, d_image=3 * 32 * 32, vocab=49408, d=32):
+            super().__init__()
+            self.image_tower = torch.nn.Linear(d_image, d)
+            self.text_tower = torch.nn.EmbeddingBag(vocab, d)
+            self.log_scale = torch.nn.Parameter(torch.tensor(2.3))   # log 10, as SigLIP keeps it
+            self.bias = torch.nn.Parameter(torch.tensor(-10.0))
+
+
+    def embed(model, batch):
+        images, texts = batch[0], batch[1]
+        return Embeddings(
+            image=F.normalize(model.image_tower(images.flatten(1)), dim=-1),
+            text=F.normalize(model.text_tower(texts), dim=-1),
+            logit_scale=model.log_scale.exp(),    # the multiplier, not its log
+            logit_bias=model.bias,                # sigmoid loss; None for softmax (CLIP)
+        )
+
+
+    learner, reference = TwoTower(), TwoTower()
+    loader = JESTLoader(base_loader, learner, reference, ratio=0.2, embed=embed, loss="sigmoid")
+    # /README
+    with loader:
+        chosen = [batch[0].shape[0] for batch in loader]
+    assert chosen and all(n == B for n in chosen), chosen
+    print(f"two-tower embed: {len(chosen)} JEST steps of {B}")
+
+
 def main() -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,14 +131,17 @@ def main() -> int:
 
         # README: selection-log
         loader = JESTLoader(base_loader, learner, reference, ratio=0.2, loss="sigmoid",
-                            selection_log="runs/selection.jsonl", return_info=True)
+                            selection_log="runs/selection.jsonl")
         with loader:
-            for (images, texts, keys), info in loader:
+            for images, texts, keys in loader:
                 train_step(images, texts)
+                info = loader.last_info
                 print(f"step {info.step}: selected {info.selected_mean:.3f} "
                       f"of super-batch {info.super_batch_mean:.3f}")
         # /README
         assert Path("runs/selection.jsonl").stat().st_size > 0
+
+        two_tower_example(base_loader)
 
         # README: selection-core
         from jeststream import independent_sample, joint_sample_from_embeddings

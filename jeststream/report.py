@@ -6,7 +6,7 @@
 
 The page shows thumbnails with captions, scores and keys of the most and least selected samples
 and of random samples selected often and never; the score distributions of selected and
-rejected examples; the selected share and the mean scores over training steps; the selection
+rejected examples; the score margin between them and the mean scores over training steps; the selection
 rate and the share of the selected batch of each value of a low-cardinality sample field (a
 label, a noise type) over training; and the run as recorded: examples seen, super-batch size B
 and sub-batch b per log (one log per rank), the ratio b/B they imply, and the configuration
@@ -1528,10 +1528,16 @@ def _scores_section(d: ReportData) -> str:
     if st is not None and len(st["x"]):
         per = int(st["group"])
         note = f" Each point sums {per:,} steps." if per > 1 else ""
+        share = st["share"][np.isfinite(st["share"])]
+        fixed = (f" The selected share itself stays at {float(share.mean()):.1%} of the examples "
+                 "seen (the ratio)." if len(share) else "")
         out.append(
-            "<figure>" + _lines_svg(st["x"], [("selected share", st["share"], _SEL_COLOR)],
-                                    "selected share", "selected share over training", True)
-            + "<figcaption>Share of the examples seen that were selected." + note
+            "<figure>" + _lines_svg(
+                st["x"], [("score margin", st["mean_selected"] - st["mean_rejected"],
+                           _SEL_COLOR)],
+                "selected − rejected mean score", "score margin over training")
+            + "<figcaption>Mean score of the selected minus that of the rejected examples: how "
+            "far the selection pulls away from what it leaves." + fixed + note
             + "</figcaption></figure>"
         )
         out.append(

@@ -429,7 +429,8 @@ def test_pairs_and_softmax_options():
     cfg = config_from_args(build_parser().parse_args(["--task", "pairs", "--width", "64"]))
     assert cfg.model.width == 64
     digits = config_from_args(build_parser().parse_args([]))
-    assert digits.model.width == 64 and digits.model.layers == 1 and digits.steps == 1000
+    assert digits.model.width == 64 and digits.model.layers == 1 and digits.steps == 2000
+    assert digits.methods == ("uniform", "jest", "independent")
     assert digits.preset == "default" and digits.batch_learnability
     with pytest.raises(ValueError, match="--layers must be at least 1"):
         config_from_args(build_parser().parse_args(["--layers", "0"]))

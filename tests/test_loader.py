@@ -21,6 +21,10 @@ def _producer_threads():
 
 def _dual_loader(batches, *, seed=0, ratio=0.25, **kw):
     kw.setdefault("n_chunks", 2)
+    if "async_scoring" not in kw and "deterministic" not in kw:
+        # these tests were written for the background producer (the default before
+        # scoring="auto" made the CPU score inline): keep them on it
+        kw.setdefault("scoring", "latest")
     learner = TinyDual(seed=seed)
     reference = TinyDual(seed=seed + 100)
     return JESTLoader(batches, learner, reference, ratio, embed=tiny_dual_embed, **kw)
@@ -550,7 +554,8 @@ def test_embed_error_reraises_chained(no_thread_leak):
     def embed(model, batch):
         raise KeyError("no such field")
 
-    ld = JESTLoader(make_vector_batches(4, 4), TinyDual(), TinyDual(), 0.5, n_chunks=2, embed=embed)
+    ld = JESTLoader(make_vector_batches(4, 4), TinyDual(), TinyDual(), 0.5, n_chunks=2, embed=embed,
+                    scoring="latest")  # raised on the producer thread, re-raised chained
     with pytest.raises(KeyError) as ei:
         next(iter(ld))
     assert isinstance(ei.value.__cause__, KeyError)

@@ -39,3 +39,22 @@ def test_every_readme_python_block_is_a_region_of_the_example():
 def test_the_readme_examples_run():
     out = run_example("readme_examples.py")
     assert "ok: every README example ran" in out
+
+
+def readme_prose_words() -> int:
+    """Words of the README outside code blocks (what a reader reads as text)."""
+    text = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(), flags=re.S)
+    return len(re.findall(r"[A-Za-z0-9][\w'’.-]*", text))
+
+
+def test_the_readme_is_a_user_document_not_a_notebook():
+    words = readme_prose_words()
+    assert words <= 1800, f"README.md has {words} words of prose outside code blocks (<= 1,800)"
+    text = (ROOT / "README.md").read_text()
+    # it opens with the two commands, each saying what it does
+    first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1).splitlines()
+    assert [line.split("#")[0].strip() for line in first_block] == ["make demo", "make test"]
+    assert all("#" in line for line in first_block)
+    # every docs/ page it links to exists
+    for link in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (ROOT / link).exists(), link

@@ -427,7 +427,8 @@ class _Hanging:
 
 def test_timeout_names_the_stuck_stage(no_thread_leak):
     base = _Hanging()
-    ld = JESTLoader(base, TinyDual(), TinyDual(seed=1), 0.25, embed=tiny_dual_embed, timeout=0.5)
+    ld = JESTLoader(base, TinyDual(), TinyDual(seed=1), 0.25, embed=tiny_dual_embed, timeout=0.5,
+                    scoring="latest")
     it = iter(ld)
     next(it)
     with pytest.raises(TimeoutError, match=r"timeout=0.5s.*next\(\) on the base loader"):
@@ -450,7 +451,7 @@ def test_timeout_names_a_hung_scoring_forward(no_thread_leak):
 
     ld = JESTLoader(
         make_vector_batches(16, 8), TinyDual(), TinyDual(seed=1), 0.25, embed=embed,
-        timeout=0.5, prefetch=1,
+        timeout=0.5, prefetch=1, scoring="latest",
     )
     it = iter(ld)
     next(it)
