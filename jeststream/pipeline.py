@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import logging
 import queue
 import threading
@@ -60,16 +61,32 @@ class _Failure:
         self.exc = exc
 
 
+_PRODUCER_NOTE = "[raised in the JESTLoader producer thread; original traceback above]"
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    # what BaseException.add_note (PEP 678, Python >= 3.11) does, as a new list: a copied
+    # exception shares its original's; 3.10's traceback does not show notes, the chain does
+    exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+
+
 def reraise_from_producer(exc: BaseException) -> None:
-    """Raise an exception of the same type in the consumer, chained to the producer's original."""
-    msg = f"{exc} [raised in the JESTLoader producer thread; original traceback above]"
+    """Raise an exception of the same type in the consumer, chained to the producer's original.
+
+    The copy keeps the original's ``args`` and attributes (a ``KeyError`` still names its key
+    alone); where it came from is a note (PEP 678) under the message, not glued into it.
+    """
     if isinstance(exc, (StopIteration, StopAsyncIteration)):
         # re-raised as is it would silently end the consumer's for loop (cf. PEP 479)
-        raise RuntimeError(f"{type(exc).__name__} {msg}") from exc
+        raise RuntimeError(f"{type(exc).__name__} {exc} {_PRODUCER_NOTE}") from exc
     try:
-        new = type(exc)(msg)
-    except Exception:  # exception types with other constructor signatures
-        new = RuntimeError(f"{type(exc).__name__}: {msg}")
+        new = copy.copy(exc)  # type(exc)(*exc.args) plus its __dict__
+        if type(new) is not type(exc) or new.args != exc.args:
+            raise TypeError("the copy differs")  # a constructor that rewrites its arguments
+    except Exception:  # noqa: BLE001 -- exception types with other constructor signatures
+        new = RuntimeError(f"{type(exc).__name__}: {exc} {_PRODUCER_NOTE}")
+    else:
+        _add_note(new, _PRODUCER_NOTE)
     raise new from exc
 
 

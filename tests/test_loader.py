@@ -542,7 +542,9 @@ def test_base_loader_error_reraises(async_scoring, no_thread_leak):
             got.append(batch)
     assert len(got) == 2
     if async_scoring:
-        assert isinstance(ei.value.__cause__, _Boom) and "producer thread" in str(ei.value)
+        assert isinstance(ei.value.__cause__, _Boom) and "producer thread" in "".join(
+            ei.value.__notes__
+        )
     ld.close()
 
 
