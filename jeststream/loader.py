@@ -335,6 +335,7 @@ class _JESTIterator:
         self._loader = loader
         self._prefetcher: ThreadPipeline | None = None
         self._done = False
+        self._superseded: str | None = None  # why a later call ended this pass (next() raises it)
         self._base_batches_at_start = loader._base_batches
         step = loader._step
         restored = loader._restored and loader._resume is not None
@@ -379,6 +380,8 @@ class _JESTIterator:
 
     def __next__(self) -> Any:
         if self._done:
+            if self._superseded is not None:  # never a silent end of a pass still consumed
+                raise RuntimeError(self._superseded)
             raise StopIteration
         ld = self._loader
         step = ld._step
@@ -429,7 +432,11 @@ class _JESTIterator:
             raise
         return (item.batch, info) if ld.return_info else item.batch
 
-    def close(self) -> None:
+    def close(self, superseded: str | None = None) -> None:
+        """End this pass: stop and join the producer. ``superseded`` (the loader's own calls):
+        an unfinished pass's later ``next()`` raises RuntimeError with it instead of ending."""
+        if superseded is not None and not self._done:
+            self._superseded = superseded
         self._done = True
         alive = False
         if self._prefetcher is not None:
@@ -823,9 +830,19 @@ class JESTLoader:
     # -- iteration ---------------------------------------------------------------------------
 
     def __iter__(self) -> _JESTIterator:
+        """Start a pass (an epoch) over the base loader.
+
+        One pass at a time, as a DataLoader without persistent workers makes a new iterator per
+        ``for``: a new ``iter(loader)`` (or ``load_state_dict``) ends the pass before it, stops
+        its producer and starts from the last yielded batch. So ``break`` and then a new ``for``
+        simply works; but an unfinished earlier iterator is *superseded*, not silently ended:
+        its next ``next()`` raises RuntimeError saying so (``zip(loader, loader)`` raises at its
+        first step: build a second JESTLoader to iterate two passes at once). An iterator that
+        had finished keeps raising StopIteration; one closed with ``it.close()`` ends quietly.
+        """
         if self._closed:
             raise RuntimeError("this JESTLoader was closed; build a new one to iterate again")
-        self._close_active()
+        self._close_active("a new iter(loader)")
         if self._resume is not None:
             # A pass left early (break, or an iterator dropped before its first batch after a
             # restore) consumed generator draws for super-batches it scored ahead and never
@@ -841,10 +858,22 @@ class JESTLoader:
         self._active = weakref.ref(it)
         return it
 
-    def _close_active(self) -> None:
+    def _close_active(self, superseded_by: str | None = None) -> None:
+        """Close the live pass, if any; ``superseded_by`` names the call that ends it, and its
+        iterator's next ``next()`` raises naming it (unless the pass had finished)."""
         it = self._active() if self._active is not None else None
         if it is not None:
-            it.close()
+            it.close(
+                None
+                if superseded_by is None
+                else (
+                    f"this JESTLoader pass was superseded by {superseded_by}: a JESTLoader runs "
+                    "one pass at a time (it has one base iterator, one generator and one "
+                    "resumable state). Finish, break out of or close() a pass's iterator "
+                    "before starting the next; to iterate two passes at once (e.g. "
+                    "zip(loader, loader)), build a second JESTLoader"
+                )
+            )
         self._active = None
 
     def _epoch_generator_seed(self, epoch: int) -> int:
@@ -1016,7 +1045,8 @@ class JESTLoader:
             check_resume(state, 1, 0)
         else:
             check_resume(state, self._dist.world_size, self._dist.rank)
-        self._close_active()  # scored-ahead super-batches are dropped and drawn again
+        # scored-ahead super-batches are dropped and drawn again, by a new iter(loader)
+        self._close_active("load_state_dict()")
         if state.get("snapshot") is not None:
             self._snapshot.load_state_dict(state["snapshot"])
         self._loaded_snapshot = state.get("snapshot")

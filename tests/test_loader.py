@@ -642,8 +642,63 @@ def test_new_pass_replaces_old_producer(no_thread_leak):
         it2 = iter(ld)
         next(it2)
         assert len(_producer_threads()) == 2  # draw+score, select
-        with pytest.raises(StopIteration):
+        # the superseded pass is not silently ended: its next() says what happened
+        with pytest.raises(RuntimeError, match=r"superseded by a new iter\(loader\)"):
             next(it1)
+        with pytest.raises(RuntimeError, match="superseded"):  # and keeps saying it
+            next(it1)
+        next(it2)  # the new pass goes on
+
+
+@pytest.mark.parametrize("async_scoring", [True, False])
+def test_zip_of_two_passes_raises_instead_of_yielding_nothing(async_scoring, no_thread_leak):
+    """zip(loader, loader) gave 0 pairs: the second iter() silently ended the first pass."""
+    with _dual_loader(make_vector_batches(16, 4), ratio=0.5, async_scoring=async_scoring) as ld:
+        with pytest.raises(RuntimeError) as ei:
+            list(zip(ld, ld))
+        msg = str(ei.value)
+        assert "one pass at a time" in msg and "build a second JESTLoader" in msg
+        assert "Finish, break out of or close()" in msg
+        assert len(list(ld)) == 8  # the loader is still usable: a full new pass
+    assert _producer_threads() == []
+
+
+@pytest.mark.parametrize("async_scoring", [True, False])
+def test_break_then_new_loop_is_a_full_new_pass(async_scoring, no_thread_leak):
+    batches = make_vector_batches(16, 4)
+    with _dual_loader(batches, ratio=0.5, async_scoring=async_scoring) as ld:
+        for i, _ in enumerate(ld):
+            if i == 2:
+                break
+        assert len(list(ld)) == 8  # dropped by the for loop: nothing to supersede
+        it = iter(ld)  # a pass left early but still referenced
+        next(it)
+        assert sum(1 for _ in ld) == 8
+        with pytest.raises(RuntimeError, match="superseded"):
+            next(it)
+        # a finished pass keeps ending normally; one closed by its owner ends quietly
+        done = iter(ld)
+        assert sum(1 for _ in done) == 8
+        closed = iter(ld)  # supersedes nothing: `done` had finished
+        with pytest.raises(StopIteration):
+            next(done)
+        next(closed)
+        closed.close()
+        iter(ld).close()
+        with pytest.raises(StopIteration):
+            next(closed)
+
+
+def test_load_state_dict_supersedes_a_live_pass(no_thread_leak):
+    from conftest import ResumableList
+
+    with _dual_loader(ResumableList(make_vector_batches(16, 4)), ratio=0.5) as ld:
+        it = iter(ld)
+        next(it)
+        ld.load_state_dict(ld.state_dict())
+        with pytest.raises(RuntimeError, match=r"superseded by load_state_dict\(\)"):
+            next(it)
+        assert len(list(ld)) == 7
 
 
 def test_keyboard_interrupt_in_training_loop_does_not_hang(no_thread_leak):
