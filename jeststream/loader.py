@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -133,6 +134,7 @@ class _Producer:
         self.start = start  # the pass's first step (the snapshot schedule counts from it)
         self.epoch = loader.epoch  # recorded once per pass: set_epoch() mid-pass is for the next
         self.activity = "starting"  # what the producer is doing (named by timeout errors)
+        self.short: str | None = None  # a base batch shorter than b, until the pass ends
         # distributed="global": the pass's per-super-batch rounds (jeststream.distributed)
         self.rounds = loader._dist.start_pass() if loader._dist is not None else None
 
@@ -146,10 +148,12 @@ class _Producer:
                 return None
             self.activity = f"next() on the base loader (base batch {i + 1} of {ld.n} for step {self.step})"
             try:
-                base_batches.append(next(self.base_iter))
+                batch = next(self.base_iter)
             except StopIteration:
                 self.base_iter = None  # drop it now: a DataLoader iterator frees its workers
                 break
+            self.check_size(_batch_size(batch), f"base batch {i + 1} of {ld.n} for step {self.step}")
+            base_batches.append(batch)
             ld._base_batches += 1
         if not base_batches or (len(base_batches) < ld.n and ld.drop_last):
             if base_batches:  # drop_last: count what is thrown away, never drop silently
@@ -168,8 +172,6 @@ class _Producer:
         step = self.step
         self.step += 1
 
-        if ld._b is None:
-            ld._set_batch_size(_batch_size(base_batches[0]))
         # Move before concatenating: pinned base batches go straight to the device, and the
         # concatenation then runs there instead of as a host memcpy.
         super_batch = concat_batches([to_device(b, ld.device) for b in base_batches])
@@ -191,6 +193,36 @@ class _Producer:
             return None
         self.activity = f"selecting step {step}"
         return _Scored(super_batch, size, k, step, base_state, keys, scored)
+
+    def check_size(self, size: int, where: str) -> None:
+        """One base batch's size against b: the first batch sets b when the base declares none;
+        a larger one raises (the loader would yield more than ``batch_size``); a shorter one is
+        legitimate at the end of the pass (drop_last=False), and warned about once when more
+        base batches follow it."""
+        ld = self.loader
+        if ld._b is None:
+            ld._set_batch_size(size, source="the first base batch")
+            return
+        if size > ld._b:
+            raise ValueError(
+                f"{where} has {size} examples, more than the batch size b={ld._b} (from "
+                f"{ld._b_source}): JESTLoader yields batches of b and sizes its selection from "
+                "it, so a larger base batch would make a larger yielded one. Make the base "
+                "loader yield batches of one size (a shorter one only where the data runs out), "
+                "e.g. DataLoader(batch_size=b) or webdataset's .batched(b)"
+            )
+        if self.short is not None and not ld._warned_short:
+            ld._warned_short = True
+            warnings.warn(
+                f"the base batch size changed in the middle of a pass: {self.short} has fewer "
+                f"examples than b={ld._b} and more base batches follow it, so the yielded batch "
+                "of its super-batch has round(size / n) examples, not b. webdataset's "
+                ".batched(b) does this with several workers (partial=True, its default: pass "
+                "partial=False); otherwise check the base loader (warned once)",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.short = f"{where} ({size} examples)" if size < ld._b else None
 
     def select(self, s: _Scored) -> _Item:
         ld = self.loader
@@ -641,6 +673,8 @@ class JESTLoader:
         self.last_info: SelectionInfo | None = None
 
         self._b: int | None = None
+        self._b_source = ""  # where b came from, for error messages
+        self._warned_short = False  # a short base batch in the middle of a pass, warned once
         base_b = getattr(base_loader, "batch_size", None)
         if isinstance(base_b, int) and not isinstance(base_b, bool) and base_b > 0:
             self._set_batch_size(base_b)
@@ -715,7 +749,15 @@ class JESTLoader:
 
     # -- sizes -------------------------------------------------------------------------------
 
-    def _set_batch_size(self, b: int) -> None:
+    def _set_batch_size(self, b: int, source: str = "base_loader.batch_size") -> None:
+        if b == 1:
+            warnings.warn(
+                f"batch size b=1 (from {source}): every yielded batch holds a single example, "
+                "so a contrastive loss (CLIP softmax or SigLIP sigmoid) has no negatives in it "
+                "and JEST has no joint selection to make; use a base batch size of at least 2",
+                UserWarning,
+                stacklevel=3,
+            )
         if not self._n_chunks_explicit:
             self.n_chunks = min(_DEFAULT_N_CHUNKS, b)
         elif self.n_chunks > b:
@@ -724,6 +766,7 @@ class JESTLoader:
                 "at least one example; lower n_chunks (or leave it unset: min(16, b))"
             )
         self._b = b
+        self._b_source = source
 
     # -- the snapshot schedule ---------------------------------------------------------------
 
