@@ -31,7 +31,7 @@ from jeststream.batch import concat_batches, find_keys, index_batch, iter_tensor
 from jeststream.diagnostics import BatchLearnability, measure_draws
 from jeststream.distributed import Coordinator, check_not_sharded, check_resume, resolve_mode
 from jeststream.losses import CRITERIA, Embeddings, criterion_weights
-from jeststream.pipeline import END, ThreadPipeline, to_device
+from jeststream.pipeline import END, ThreadPipeline, call_with_timeout, to_device
 from jeststream.reference_cache import ReferenceCache
 from jeststream.scoring import EmbedFn, Scorer, ScoreResult
 from jeststream.selection import LOSSES, example_scores, joint_sample_from_embeddings
@@ -426,7 +426,7 @@ class _JESTIterator:
                 item = self._prefetcher.get()
             else:
                 try:
-                    item = self._producer(lambda: False)
+                    item = self._sync_step()
                 except StopIteration as exc:  # from user code: must not end the loop silently
                     raise RuntimeError(
                         "StopIteration raised while building a super-batch (embed, "
@@ -463,6 +463,21 @@ class _JESTIterator:
             self.close()
             raise
         return (item.batch, info) if ld.return_info else item.batch
+
+    def _sync_step(self) -> Any:
+        """The synchronous path: the producer's two steps on this thread; with ``timeout`` set,
+        the first (base batches and scoring) runs under :func:`call_with_timeout`'s watchdog, so
+        a hung base loader raises TimeoutError naming it, as the asynchronous path does."""
+        producer, ld = self._producer, self._loader
+        if ld.timeout is None:
+            return producer(lambda: False)
+        s = call_with_timeout(
+            producer.produce,
+            timeout=ld.timeout,
+            device=ld.device,
+            describe=lambda: producer.activity,
+        )
+        return s if s is END else producer.finish(s)
 
     def close(self, superseded: str | None = None) -> None:
         """End this pass: stop and join the producer. ``superseded`` (the loader's own calls):
