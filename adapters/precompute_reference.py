@@ -16,7 +16,9 @@ it), or the MDS key column (``--key-field``; the global sample index when absent
 contributes the samples before the damage, as it does in training.
 
 Resume: a shard counts only once its record is in the manifest, so rerunning the same command
-after an interruption skips the complete shards and redoes the rest. Several ranks or machines
+after an interruption skips the complete shards and redoes the rest -- and the recorded shards
+whose files were damaged since (missing, truncated, a header or keys list that does not match the
+record: ``reference_cache.shard_problem``). Several ranks or machines
 split the work with ``--rank R --world-size W`` (default: the ``RANK`` / ``WORLD_SIZE``
 environment variables): rank R takes shards R, R+W, ... and all write into the same ``--out``.
 
@@ -41,7 +43,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from jeststream.reference_cache import DTYPES, init_cache, read_manifest, write_shard
+from jeststream.reference_cache import (
+    DTYPES,
+    init_cache,
+    read_manifest,
+    shard_problem,
+    write_shard,
+)
 
 __all__ = ["load_reference_and_preprocessing", "main", "precompute"]
 
@@ -296,8 +304,15 @@ def precompute(
     if dupes:
         raise ValueError(f"shards with the same file name {dupes[:3]} would overwrite each other")
     init_cache(out, {**header, "dtype": dtype})
-    done = read_manifest(out).get("shards", {})
+    manifest = read_manifest(out)
+    done = manifest.get("shards", {})
     mine = shards[rank::world_size]
+    for s in mine:  # recorded as complete, but a file was damaged since (a cut copy, a full disk)
+        problem = shard_problem(out, s.name, manifest) if s.name in done else None
+        if problem is not None:
+            logger.warning("shard %s of %s is damaged (%s); precomputing it again", s.name, out,
+                           problem)
+            done = {k: v for k, v in done.items() if k != s.name}
     todo = [s for s in mine if s.name not in done]
     skipped = len(mine) - len(todo)
     if max_shards is not None:

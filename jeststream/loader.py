@@ -31,7 +31,7 @@ from jeststream.batch import concat_batches, find_keys, index_batch, iter_tensor
 from jeststream.diagnostics import BatchLearnability, measure_draws
 from jeststream.distributed import Coordinator, check_not_sharded, check_resume, resolve_mode
 from jeststream.losses import CRITERIA, Embeddings, criterion_weights
-from jeststream.pipeline import END, ThreadPipeline, to_device
+from jeststream.pipeline import END, ThreadPipeline, call_with_timeout, to_device
 from jeststream.reference_cache import ReferenceCache
 from jeststream.scoring import EmbedFn, Scorer, ScoreResult
 from jeststream.selection import LOSSES, example_scores, joint_sample_from_embeddings
@@ -185,6 +185,7 @@ class _Producer:
         self.start = start  # the pass's first step (the snapshot schedule counts from it)
         self.epoch = loader.epoch  # recorded once per pass: set_epoch() mid-pass is for the next
         self.activity = "starting"  # what the producer is doing (named by timeout errors)
+        self.short: str | None = None  # a base batch shorter than b, until the pass ends
         # distributed="global": the pass's per-super-batch rounds (jeststream.distributed)
         self.rounds = loader._dist.start_pass() if loader._dist is not None else None
 
@@ -198,10 +199,12 @@ class _Producer:
                 return None
             self.activity = f"next() on the base loader (base batch {i + 1} of {ld.n} for step {self.step})"
             try:
-                base_batches.append(next(self.base_iter))
+                batch = next(self.base_iter)
             except StopIteration:
                 self.base_iter = None  # drop it now: a DataLoader iterator frees its workers
                 break
+            self.check_size(_batch_size(batch), f"base batch {i + 1} of {ld.n} for step {self.step}")
+            base_batches.append(batch)
             ld._base_batches += 1
         if not base_batches or (len(base_batches) < ld.n and ld.drop_last):
             if base_batches:  # drop_last: count what is thrown away, never drop silently
@@ -220,8 +223,6 @@ class _Producer:
         step = self.step
         self.step += 1
 
-        if ld._b is None:
-            ld._set_batch_size(_batch_size(base_batches[0]))
         # Move before concatenating: pinned base batches go straight to the device, and the
         # concatenation then runs there instead of as a host memcpy.
         super_batch = concat_batches([to_device(b, ld.device) for b in base_batches])
@@ -243,6 +244,36 @@ class _Producer:
             return None
         self.activity = f"selecting step {step}"
         return _Scored(super_batch, size, k, step, base_state, keys, scored)
+
+    def check_size(self, size: int, where: str) -> None:
+        """One base batch's size against b: the first batch sets b when the base declares none;
+        a larger one raises (the loader would yield more than ``batch_size``); a shorter one is
+        legitimate at the end of the pass (drop_last=False), and warned about once when more
+        base batches follow it."""
+        ld = self.loader
+        if ld._b is None:
+            ld._set_batch_size(size, source="the first base batch")
+            return
+        if size > ld._b:
+            raise ValueError(
+                f"{where} has {size} examples, more than the batch size b={ld._b} (from "
+                f"{ld._b_source}): JESTLoader yields batches of b and sizes its selection from "
+                "it, so a larger base batch would make a larger yielded one. Make the base "
+                "loader yield batches of one size (a shorter one only where the data runs out), "
+                "e.g. DataLoader(batch_size=b) or webdataset's .batched(b)"
+            )
+        if self.short is not None and not ld._warned_short:
+            ld._warned_short = True
+            warnings.warn(
+                f"the base batch size changed in the middle of a pass: {self.short} has fewer "
+                f"examples than b={ld._b} and more base batches follow it, so the yielded batch "
+                "of its super-batch has round(size / n) examples, not b. webdataset's "
+                ".batched(b) does this with several workers (partial=True, its default: pass "
+                "partial=False); otherwise check the base loader (warned once)",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.short = f"{where} ({size} examples)" if size < ld._b else None
 
     def select(self, s: _Scored) -> _Item:
         ld = self.loader
@@ -387,6 +418,7 @@ class _JESTIterator:
         self._loader = loader
         self._prefetcher: ThreadPipeline | None = None
         self._done = False
+        self._superseded: str | None = None  # why a later call ended this pass (next() raises it)
         self._base_batches_at_start = loader._base_batches
         step = loader._step
         restored = loader._restored and loader._resume is not None
@@ -431,6 +463,8 @@ class _JESTIterator:
 
     def __next__(self) -> Any:
         if self._done:
+            if self._superseded is not None:  # never a silent end of a pass still consumed
+                raise RuntimeError(self._superseded)
             raise StopIteration
         ld = self._loader
         step = ld._step
@@ -443,7 +477,7 @@ class _JESTIterator:
                 item = self._prefetcher.get()
             else:
                 try:
-                    item = self._producer(lambda: False)
+                    item = self._sync_step()
                 except StopIteration as exc:  # from user code: must not end the loop silently
                     raise RuntimeError(
                         "StopIteration raised while building a super-batch (embed, "
@@ -481,7 +515,26 @@ class _JESTIterator:
             raise
         return (item.batch, info) if ld.return_info else item.batch
 
-    def close(self) -> None:
+    def _sync_step(self) -> Any:
+        """The synchronous path: the producer's two steps on this thread; with ``timeout`` set,
+        the first (base batches and scoring) runs under :func:`call_with_timeout`'s watchdog, so
+        a hung base loader raises TimeoutError naming it, as the asynchronous path does."""
+        producer, ld = self._producer, self._loader
+        if ld.timeout is None:
+            return producer(lambda: False)
+        s = call_with_timeout(
+            producer.produce,
+            timeout=ld.timeout,
+            device=ld.device,
+            describe=lambda: producer.activity,
+        )
+        return s if s is END else producer.finish(s)
+
+    def close(self, superseded: str | None = None) -> None:
+        """End this pass: stop and join the producer. ``superseded`` (the loader's own calls):
+        an unfinished pass's later ``next()`` raises RuntimeError with it instead of ending."""
+        if superseded is not None and not self._done:
+            self._superseded = superseded
         self._done = True
         alive = False
         if self._prefetcher is not None:
@@ -716,6 +769,8 @@ class JESTLoader:
         self.last_info: SelectionInfo | None = None
 
         self._b: int | None = None
+        self._b_source = ""  # where b came from, for error messages
+        self._warned_short = False  # a short base batch in the middle of a pass, warned once
         base_b = getattr(base_loader, "batch_size", None)
         if isinstance(base_b, int) and not isinstance(base_b, bool) and base_b > 0:
             self._set_batch_size(base_b)
@@ -815,7 +870,15 @@ class JESTLoader:
 
     # -- sizes -------------------------------------------------------------------------------
 
-    def _set_batch_size(self, b: int) -> None:
+    def _set_batch_size(self, b: int, source: str = "base_loader.batch_size") -> None:
+        if b == 1:
+            warnings.warn(
+                f"batch size b=1 (from {source}): every yielded batch holds a single example, "
+                "so a contrastive loss (CLIP softmax or SigLIP sigmoid) has no negatives in it "
+                "and JEST has no joint selection to make; use a base batch size of at least 2",
+                UserWarning,
+                stacklevel=3,
+            )
         if not self._n_chunks_explicit:
             self.n_chunks = min(_DEFAULT_N_CHUNKS, b)
         elif self.n_chunks > b:
@@ -824,6 +887,7 @@ class JESTLoader:
                 "at least one example; lower n_chunks (or leave it unset: min(16, b))"
             )
         self._b = b
+        self._b_source = source
 
     # -- the snapshot schedule ---------------------------------------------------------------
 
@@ -930,9 +994,19 @@ class JESTLoader:
     # -- iteration ---------------------------------------------------------------------------
 
     def __iter__(self) -> _JESTIterator:
+        """Start a pass (an epoch) over the base loader.
+
+        One pass at a time, as a DataLoader without persistent workers makes a new iterator per
+        ``for``: a new ``iter(loader)`` (or ``load_state_dict``) ends the pass before it, stops
+        its producer and starts from the last yielded batch. So ``break`` and then a new ``for``
+        simply works; but an unfinished earlier iterator is *superseded*, not silently ended:
+        its next ``next()`` raises RuntimeError saying so (``zip(loader, loader)`` raises at its
+        first step: build a second JESTLoader to iterate two passes at once). An iterator that
+        had finished keeps raising StopIteration; one closed with ``it.close()`` ends quietly.
+        """
         if self._closed:
             raise RuntimeError("this JESTLoader was closed; build a new one to iterate again")
-        self._close_active()
+        self._close_active("a new iter(loader)")
         if self._resume is not None:
             # A pass left early (break, or an iterator dropped before its first batch after a
             # restore) consumed generator draws for super-batches it scored ahead and never
@@ -948,10 +1022,22 @@ class JESTLoader:
         self._active = weakref.ref(it)
         return it
 
-    def _close_active(self) -> None:
+    def _close_active(self, superseded_by: str | None = None) -> None:
+        """Close the live pass, if any; ``superseded_by`` names the call that ends it, and its
+        iterator's next ``next()`` raises naming it (unless the pass had finished)."""
         it = self._active() if self._active is not None else None
         if it is not None:
-            it.close()
+            it.close(
+                None
+                if superseded_by is None
+                else (
+                    f"this JESTLoader pass was superseded by {superseded_by}: a JESTLoader runs "
+                    "one pass at a time (it has one base iterator, one generator and one "
+                    "resumable state). Finish, break out of or close() a pass's iterator "
+                    "before starting the next; to iterate two passes at once (e.g. "
+                    "zip(loader, loader)), build a second JESTLoader"
+                )
+            )
         self._active = None
 
     def _epoch_generator_seed(self, epoch: int) -> int:
@@ -1125,7 +1211,8 @@ class JESTLoader:
             check_resume(state, 1, 0)
         else:
             check_resume(state, self._dist.world_size, self._dist.rank)
-        self._close_active()  # scored-ahead super-batches are dropped and drawn again
+        # scored-ahead super-batches are dropped and drawn again, by a new iter(loader)
+        self._close_active("load_state_dict()")
         if state.get("snapshot") is not None:
             self._snapshot.load_state_dict(state["snapshot"])
         self._loaded_snapshot = state.get("snapshot")

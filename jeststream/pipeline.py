@@ -12,6 +12,8 @@ Guarantees:
   plus one per stage ahead, which would make scoring that many learner steps staler);
 - an exception in the producer re-raises in the consumer at its next ``get()`` with the
   original chained (``raise ... from original``), never a hang;
+- ``call_with_timeout`` is the synchronous path's watchdog: one step on a worker thread, the
+  same ``TimeoutError`` (``producer_timeout``) past the deadline;
 - ``close()`` (called by the iterator's ``close``/``__del__``, ``with`` exit, loader GC, and at
   interpreter exit) stops and joins the thread and drops buffered items;
 - on an accelerator each item carries an event recorded on the producer stream after the item
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import logging
 import queue
 import threading
@@ -36,7 +39,14 @@ import torch
 from jeststream.batch import map_tensors
 from jeststream.snapshot import is_accelerator
 
-__all__ = ["END", "ThreadPipeline", "to_device", "reraise_from_producer"]
+__all__ = [
+    "END",
+    "ThreadPipeline",
+    "call_with_timeout",
+    "producer_timeout",
+    "reraise_from_producer",
+    "to_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +70,95 @@ class _Failure:
         self.exc = exc
 
 
+_PRODUCER_NOTE = "[raised in the JESTLoader producer thread; original traceback above]"
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    # what BaseException.add_note (PEP 678, Python >= 3.11) does, as a new list: a copied
+    # exception shares its original's; 3.10's traceback does not show notes, the chain does
+    exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+
+
 def reraise_from_producer(exc: BaseException) -> None:
-    """Raise an exception of the same type in the consumer, chained to the producer's original."""
-    msg = f"{exc} [raised in the JESTLoader producer thread; original traceback above]"
+    """Raise an exception of the same type in the consumer, chained to the producer's original.
+
+    The copy keeps the original's ``args`` and attributes (a ``KeyError`` still names its key
+    alone); where it came from is a note (PEP 678) under the message, not glued into it.
+    """
     if isinstance(exc, (StopIteration, StopAsyncIteration)):
         # re-raised as is it would silently end the consumer's for loop (cf. PEP 479)
-        raise RuntimeError(f"{type(exc).__name__} {msg}") from exc
+        raise RuntimeError(f"{type(exc).__name__} {exc} {_PRODUCER_NOTE}") from exc
     try:
-        new = type(exc)(msg)
-    except Exception:  # exception types with other constructor signatures
-        new = RuntimeError(f"{type(exc).__name__}: {msg}")
+        new = copy.copy(exc)  # type(exc)(*exc.args) plus its __dict__
+        if type(new) is not type(exc) or new.args != exc.args:
+            raise TypeError("the copy differs")  # a constructor that rewrites its arguments
+    except Exception:  # noqa: BLE001 -- exception types with other constructor signatures
+        new = RuntimeError(f"{type(exc).__name__}: {exc} {_PRODUCER_NOTE}")
+    else:
+        _add_note(new, _PRODUCER_NOTE)
     raise new from exc
+
+
+def producer_timeout(timeout: float, doing: str) -> TimeoutError:
+    """The error of a producer step that outlived ``timeout``, naming what it was doing."""
+    return TimeoutError(
+        f"the JESTLoader producer gave no batch within timeout={timeout:g}s; it is stuck in: "
+        f"{doing}. Check that stage (a hung base loader worker, a blocked embed()), or raise "
+        "timeout="
+    )
+
+
+def call_with_timeout(
+    fn: Callable[[Callable[[], bool]], Any],
+    *,
+    timeout: float,
+    device: torch.device,
+    describe: Callable[[], str],
+    name: str = "jeststream-producer",
+) -> Any:
+    """``fn(should_stop)`` on a worker thread, waited for at most ``timeout`` seconds: the
+    synchronous path's watchdog. Returns its result or raises its exception (the same object,
+    as an inline call would); past the deadline raises :func:`producer_timeout` and sets
+    ``should_stop`` -- a thread blocked for good (a hung base loader) is a daemon and is left
+    behind, as the asynchronous path's is. The thread runs with the caller's intra-op thread
+    count and, on an accelerator, on the caller's current stream, so the work is ordered as
+    it would be inline; it has ended whenever this returns or raises anything but the timeout.
+    """
+    stop = threading.Event()
+    result: list[tuple[bool, Any]] = []
+    num_threads = torch.get_num_threads()
+    stream = torch.accelerator.current_stream(device) if is_accelerator(device) else None
+
+    def run() -> None:
+        try:
+            torch.set_num_threads(num_threads)
+            if stream is None:
+                result.append((True, fn(stop.is_set)))
+                return
+            if device.index is not None:
+                torch.accelerator.set_device_index(device.index)
+            with stream:
+                result.append((True, fn(stop.is_set)))
+        except BaseException as exc:  # noqa: BLE001 -- raised in the caller
+            result.append((False, exc))
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        thread.join(timeout)
+    except BaseException:  # e.g. KeyboardInterrupt while waiting: let the step wind down
+        stop.set()
+        raise
+    if thread.is_alive():
+        stop.set()
+        raise producer_timeout(timeout, describe())
+    ok, value = result[0]
+    if not ok:
+        try:
+            raise value
+        finally:
+            del value, result  # no reference cycle through the traceback
+    return value
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
@@ -322,11 +410,7 @@ class ThreadPipeline:
                     self._done = True
                     self._stuck = True
                     self.close()
-                    raise TimeoutError(
-                        f"the JESTLoader producer gave no batch within timeout={self.timeout:g}s; "
-                        f"it is stuck in: {doing}. Check that stage (a hung base loader worker, "
-                        "a blocked embed()), or raise timeout="
-                    ) from None
+                    raise producer_timeout(self.timeout, doing) from None
                 if not self._threads[-1].is_alive():
                     try:  # it may have put its last item just before exiting
                         got = self._queue.get_nowait()

@@ -55,6 +55,7 @@ __all__ = [
     "ReferenceCache",
     "read_manifest",
     "reference_fingerprint",
+    "shard_problem",
     "write_shard",
 ]
 
@@ -97,6 +98,13 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
             f"{os.fspath(directory)!r} is not a reference cache (no {MANIFEST}); write one with "
             "`jeststream precompute-reference --shards SPEC --reference MODEL --out DIR`"
         ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # it says which shards are complete: without it no shard file can be trusted
+        raise ValueError(
+            f"reference cache {os.fspath(directory)!r}: {path} is damaged ({exc}); it records "
+            "which shards are complete, so move the directory aside and run `jeststream "
+            "precompute-reference` again into a new --out directory"
+        ) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != FORMAT_VERSION:
@@ -206,6 +214,68 @@ def _shard_files(directory: Path, name: str) -> dict[str, Path]:
     }
 
 
+def _damaged(directory: Path, name: str, file: Path | None, problem: str) -> ValueError:
+    where = f"{file.name} of shard {name}" if file is not None else f"shard {name}"
+    return ValueError(
+        f"reference cache {os.fspath(directory)!r}: {where} is damaged or truncated ({problem}); "
+        f"run `jeststream precompute-reference` again for that shard (the same command redoes "
+        "recorded shards whose files are damaged, missing or truncated)"
+    )
+
+
+def _npy_problem(path: Path, shape: tuple[int, int], dtype: np.dtype) -> str | None:
+    """What is wrong with the .npy file at ``path`` (header, shape, dtype, length), or None.
+    Reads its header only."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(fh)
+            offset = fh.tell()
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "the file is missing"
+    except (OSError, ValueError, EOFError) as exc:
+        return f"unreadable header: {exc}"
+    if tuple(got_shape) != shape or got_dtype != dtype or fortran:
+        return f"holds {got_dtype} {tuple(got_shape)}, the manifest records {dtype} {shape}"
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if size != expected:
+        return f"{size} bytes where its header needs {expected}"
+    return None
+
+
+def shard_problem(directory: str | os.PathLike, name: str, manifest: Mapping[str, Any]) -> str | None:
+    """A cheap check of one recorded shard's files (sizes and headers, the keys file's end; no
+    embeddings read): what is wrong, naming the file, or None. ``precompute-reference`` redoes
+    the recorded shards it finds wrong."""
+    directory = Path(directory)
+    record = manifest.get("shards", {}).get(name)
+    if record is None:
+        return f"shard {name} is not recorded in the manifest"
+    files = _shard_files(directory, name)
+    n, d = int(record["examples"]), int(manifest["embed_dim"])
+    for what in ("image", "text"):
+        problem = _npy_problem(files[what], (n, d), np.dtype(manifest["dtype"]))
+        if problem is not None:
+            return f"{files[what].name}: {problem}"
+    try:
+        with open(files["keys"], "rb") as fh:
+            first = fh.read(1)
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16))
+            tail = fh.read().rstrip()
+    except FileNotFoundError:
+        return f"{files['keys'].name}: the file is missing"
+    except OSError as exc:
+        return f"{files['keys'].name}: {exc}"
+    if first != b"[" or not tail.endswith(b"]"):
+        return f"{files['keys'].name}: not a complete JSON list of keys"
+    return None
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 
@@ -292,17 +362,7 @@ class ReferenceCache:
         arrays = []
         where: list[str] = []
         for s, (name, record) in enumerate(sorted(self.manifest.get("shards", {}).items())):
-            files = _shard_files(directory, name)
-            keys = json.loads(files["keys"].read_text(encoding="utf-8"))
-            image = np.load(files["image"], mmap_mode="r", allow_pickle=False)
-            text = np.load(files["text"], mmap_mode="r", allow_pickle=False)
-            n = int(record["examples"])
-            if len(keys) != n or image.shape != (n, self.dim) or text.shape != (n, self.dim):
-                raise ValueError(
-                    f"reference cache {self.directory!r}: shard {name} is inconsistent with its "
-                    f"manifest record ({len(keys)} keys, image {image.shape}, text {text.shape}, "
-                    f"{n} examples of width {self.dim} recorded); precompute that shard again"
-                )
+            keys, image, text = self._open_shard(directory, name, int(record["examples"]))
             for row, key in enumerate(keys):
                 if key in index:
                     raise ValueError(
@@ -316,6 +376,39 @@ class ReferenceCache:
         self._arrays = arrays
         self._index = index
         return index
+
+    def _open_shard(
+        self, directory: Path, name: str, n: int
+    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The shard's keys and memory-mapped embeddings; a missing, truncated or garbled file
+        is a ValueError naming the file, the shard and the fix (never a bare numpy error)."""
+        files = _shard_files(directory, name)
+
+        def read(what: str, load: Callable[[Path], Any]) -> Any:
+            try:
+                return load(files[what])
+            except (OSError, ValueError, EOFError) as exc:
+                # np.load: "mmap length is greater than file size", "No data left in file", ...;
+                # json: JSONDecodeError and UnicodeDecodeError (ValueErrors); FileNotFoundError
+                raise _damaged(directory, name, files[what], f"{type(exc).__name__}: {exc}") from exc
+
+        keys = read("keys", lambda f: json.loads(f.read_text(encoding="utf-8")))
+        if not isinstance(keys, list) or len(keys) != n:
+            got = f"{len(keys)} keys" if isinstance(keys, list) else f"a JSON {type(keys).__name__}"
+            raise _damaged(directory, name, files["keys"], f"{got}, the manifest records {n}")
+        arrays = []
+        for what in ("image", "text"):
+            arr = read(what, lambda f: np.load(f, mmap_mode="r", allow_pickle=False))
+            if arr.shape != (n, self.dim) or arr.dtype != np.dtype(self.dtype):
+                raise _damaged(
+                    directory,
+                    name,
+                    files[what],
+                    f"holds {arr.dtype} {arr.shape}, the manifest records {self.dtype} "
+                    f"{(n, self.dim)}",
+                )
+            arrays.append(arr)
+        return keys, arrays[0], arrays[1]
 
     def __len__(self) -> int:
         return len(self._load())

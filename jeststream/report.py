@@ -44,7 +44,6 @@ import base64
 import dataclasses
 import html
 import io
-import itertools
 import json
 import logging
 import math
@@ -59,7 +58,15 @@ from typing import Any
 import numpy as np
 
 from jeststream.atomic import atomic_write
-from jeststream.selection_log import _is_parquet, _need_pyarrow, _scan_segments
+from jeststream.selection_log import (
+    LEARNABILITY_COLUMNS,
+    is_parquet,
+    jsonl_chunks,
+    read_step_rows,
+    require_pyarrow,
+    segment_files,
+    step_columns,
+)
 
 __all__ = ["CHUNK_ROWS", "MAX_FIELD_VALUES", "ReportData", "collect_report", "main",
            "render_html", "write_report"]
@@ -67,7 +74,7 @@ __all__ = ["CHUNK_ROWS", "MAX_FIELD_VALUES", "ReportData", "collect_report", "ma
 logger = logging.getLogger(__name__)
 
 CHUNK_ROWS = 65536  # log rows decoded at a time (Parquet)
-_JSONL_ROWS = 16384  # JSON-lines records decoded at a time: Python dicts, ~0.6 kB each
+_JSONL_ROWS = 16384  # JSON-lines records decoded at a time (Python objects)
 MAX_FIELD_VALUES = 24  # a field with more distinct values is not plotted
 _MAX_FIELDS = 8  # fields tracked per key
 _HIST_BINS = 4096  # exact histogram resolution (display bins are sums of these)
@@ -76,8 +83,7 @@ _SHARD_BATCH = 4096  # samples looked up in the key table at once
 _THUMB_PX = 96  # displayed thumbnail side
 _RANK_RE = re.compile(r"rank[-_.]?(\d+)", re.IGNORECASE)
 # optional per-super-batch columns of a log written with batch_learnability=True
-_LEARNABILITY = ("batch_learnability", "batch_learnability_independent",
-                 "batch_learnability_uniform")
+_LEARNABILITY = LEARNABILITY_COLUMNS
 
 
 # -- reading the log in chunks ----------------------------------------------------------------
@@ -144,95 +150,62 @@ def _chunk_from_arrow(batch: Any) -> dict[str, np.ndarray]:
     }
 
 
-def _chunk_from_records(recs: list[dict]) -> dict[str, np.ndarray]:
-    n = len(recs)
-    try:  # the writer's records: every column present, keys str or None
-        keys = [r["key"] for r in recs]
-        encoded = [b"" if k is None else k.encode("utf-8", "surrogatepass") for k in keys]
-        cols = {
-            "epoch": np.array([r["epoch"] for r in recs], np.int64),
-            "step": np.array([r["step"] for r in recs], np.int64),
-            "pos": np.array([r["pos"] for r in recs], np.int64),
-            "score": np.array([r["score"] for r in recs], np.float64),  # None -> NaN
-            "selected": np.array([r["selected"] for r in recs], bool),
-        }
-    except (KeyError, TypeError, AttributeError, ValueError):  # hand-made: missing columns
-        keys = [r.get("key") for r in recs]
-        encoded = [b"" if k is None else str(k).encode("utf-8", "surrogatepass") for k in keys]
-        cols = {
-            "epoch": np.fromiter((r.get("epoch") or 0 for r in recs), np.int64, n),
-            "step": np.fromiter((r.get("step") or 0 for r in recs), np.int64, n),
-            "pos": np.fromiter((r.get("pos") or 0 for r in recs), np.int64, n),
-            "score": np.array([math.nan if r.get("score") is None else r["score"]
-                               for r in recs], np.float64),
-            "selected": np.fromiter((bool(r.get("selected")) for r in recs), bool, n),
-        }
+def _chunk_from_columns(cols: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A chunk of :func:`jeststream.selection_log.jsonl_chunks` in this module's layout."""
+    keys = cols["key"]
+    n = len(keys)
+    encoded = [b"" if k is None else k.encode("utf-8", "surrogatepass") for k in keys]
     return {
         "key": np.array(encoded, dtype="S") if n else np.zeros(0, "S1"),
         "has_key": np.fromiter((k is not None for k in keys), bool, n),
-        **cols,
-        **{
-            c: np.array([math.nan if r.get(c) is None else r[c] for r in recs], np.float64)
-            for c in _LEARNABILITY
-            if any(c in r for r in recs)
-        },
+        "epoch": cols["epoch"],
+        "step": cols["step"],
+        "pos": cols["pos"].astype(np.int64),
+        "score": cols["score"].astype(np.float64),  # NaN for null
+        "selected": cols["selected"],
+        **{c: cols[c].astype(np.float64) for c in _LEARNABILITY if c in cols},
     }
 
 
 def _log_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[dict[str, np.ndarray]]:
-    """The log's rows in write order, ``rows`` at a time, as numpy columns (see module doc)."""
-    if path.is_dir() or _is_parquet(path):
+    """The log's rows in write order, ``rows`` at a time, as numpy columns (see module doc);
+    each example row carries its step's batch-level values where the log has them."""
+    if path.is_dir() or is_parquet(path):
         if path.is_dir():
-            files = [path / name for _, name in _scan_segments(path)[0]]
+            files = segment_files(path)
         else:
-            files = [path]  # the single-file format of older jeststream versions
+            files = [(path, None)]  # the single-file format of older jeststream versions
         if files:
-            _need_pyarrow(path)
+            require_pyarrow(path)
         wanted = ["key", "epoch", "step", "pos", "score", "selected", *_LEARNABILITY]
-        for file in files:
+        for file, steps_file in files:
             try:
                 import pyarrow.parquet as pq
 
+                name = steps_file.name if steps_file is not None else file.name
+                step_rows = None if steps_file is None else read_step_rows(steps_file)
+                name = file.name
                 pf = pq.ParquetFile(str(file))
                 cols = [c for c in wanted if c in pf.schema_arrow.names]
                 batches = pf.iter_batches(batch_size=rows, columns=cols)
                 for batch in batches:
-                    yield _chunk_from_arrow(batch)
+                    ch = _chunk_from_arrow(batch)
+                    if step_rows is not None:
+                        ch.update(
+                            (c, v.astype(np.float64))
+                            for c, v in step_columns(ch["step"], step_rows).items()
+                        )
+                    yield ch
             except ValueError:
                 raise
             except Exception as exc:  # noqa: BLE001 -- name the segment that failed
                 raise ValueError(
-                    f"selection log {path}: {file.name} cannot be read ({type(exc).__name__}: "
+                    f"selection log {path}: {name} cannot be read ({type(exc).__name__}: "
                     f"{exc})"
                 ) from exc
         return
-    rows = min(rows, _JSONL_ROWS)
-    with open(path, encoding="utf-8") as f:
-        lineno = 0
-        while True:
-            lines = [line for line in itertools.islice(f, rows) if not line.isspace()]
-            if not lines:
-                return
-            first = lineno + 1
-            lineno += len(lines)
-            try:  # one parse for the whole chunk: twice as fast as a json.loads per line
-                recs = json.loads("[" + ",".join(lines) + "]")
-            except json.JSONDecodeError:
-                recs = list(_records(path, lines, first))
-            bad = next((rec for rec in recs if not isinstance(rec, dict)), None)
-            if bad is not None:
-                raise ValueError(f"{path}: not a selection-log record: {bad!r:.80}")
-            if recs:
-                yield _chunk_from_records(recs)
-
-
-def _records(path: Path, lines: list[str], first: int) -> Iterator[dict]:
-    for lineno, line in enumerate(lines, first):
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as exc:
-            # a crash can cut the last line; read_selection_log skips it the same way
-            logger.warning("%s:%d: skipping unreadable record (%s)", path, lineno, exc)
+    for cols in jsonl_chunks(path, min(rows, _JSONL_ROWS)):
+        yield _chunk_from_columns(cols)
 
 
 # -- resumed runs: which records a later run rewrote ---------------------------------------------

@@ -3,22 +3,32 @@
     with SelectionLog("run/selection.parquet") as log:
         log.write(keys=keys, epoch=0, step=12, scores=scores, selected=mask)
 
-Each record holds the sample key (when the source provides one), epoch, step, the example's
-position in its super-batch, its score and whether JEST selected it. A loader built with
-``batch_learnability=True`` adds three per-super-batch columns, the same on every row of a step
-(:mod:`jeststream.diagnostics`): ``batch_learnability`` of the selected sub-batch as a whole, and
+Each example row holds per-example fields only (``COLUMNS``): the sample key (when the source
+provides one), epoch, step, the example's position in its super-batch, its score and whether
+JEST selected it. Values of a whole super-batch go to one *step row* per step
+(``STEP_COLUMNS``), written only when there are any: with ``batch_learnability=True`` the loader
+logs ``batch_learnability`` of the selected sub-batch as a whole, and
 ``batch_learnability_independent`` / ``batch_learnability_uniform`` of an independent and a
-uniform draw of its size from the same super-batch. Logs without them read as before.
+uniform draw of its size from the same super-batch (:mod:`jeststream.diagnostics`). Readers
+give every example row its step's values, as columns (NaN for a step without them).
 
 Formats. A path ending with ``.parquet`` (and pyarrow importable) is a *directory of immutable
 Parquet segments*: each flush writes one new file ``part-000000.parquet``, ``part-000001.parquet``,
-... (numbered in write order). A segment is written under a hidden temporary name in the same
-directory (``.part-000001.parquet.tmp``), fsynced, then renamed to its final name, so a segment is
-either complete or absent. ``pyarrow.dataset.dataset(path)``, ``pandas.read_parquet(path)``,
-:func:`read_selection_log` and ``jeststream inspect`` read the directory as one table (the first
-two skip hidden files by default). Any other suffix, or ``.parquet`` without pyarrow (then
-``*.jsonl`` next to it, with a warning), is one JSON-lines file, one record per line, appended to
-and fsynced at each flush.
+... (numbered in write order) of example rows and, when its steps have batch-level values, their
+step rows in ``_steps-000000.parquet`` (same number, written first). Each file is written under a
+hidden temporary name in the same directory (``.part-000001.parquet.tmp``), fsynced, then renamed
+to its final name, so a segment is either complete or absent (a step-row file whose segment is
+missing is never read, and removed by the next writer). ``pyarrow.dataset.dataset(path)``,
+``pandas.read_parquet(path)``, :func:`read_selection_log` and ``jeststream inspect`` read the
+directory as one table of example rows (the first two skip the ``.``- and ``_``-prefixed files by
+default). Any other suffix, or ``.parquet`` without pyarrow (then ``*.jsonl`` next to it, with a
+warning), is one JSON-lines file, appended to and fsynced at each flush: each writer starts with
+a header line ``{"jeststream_selection_log": 2, "columns": [...]}``, then per step its step row
+as an object (``{"epoch":0,"step":12,"batch_learnability":...}``, when it has one) followed by
+one JSON array per example in ``COLUMNS`` order (``["key",0,12,3,0.8123,false]``; scores as the
+shortest decimal that reads back to the same float32, null for NaN/inf). Logs of format 1 (every
+example a JSON object, the batch-level values repeated on each) are read as before, also when a
+resumed run appended format-2 lines to one. (Sizes: ``docs/performance.md``.)
 
 Why segments: a Parquet file is only readable once its footer is written, and it cannot be
 appended to. One file per flush makes the log crash-safe -- a ``kill -9`` loses at most the rows
@@ -53,6 +63,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import itertools
 import json
 import logging
 import math
@@ -61,7 +72,7 @@ import re
 import sys
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,9 +82,18 @@ import numpy as np
 from jeststream.atomic import atomic_write
 
 __all__ = [
+    "COLUMNS",
+    "LEARNABILITY_COLUMNS",
+    "STEP_COLUMNS",
     "SelectionLog",
     "SelectionLogError",
+    "is_parquet",
+    "jsonl_chunks",
     "read_selection_log",
+    "read_step_rows",
+    "require_pyarrow",
+    "segment_files",
+    "step_columns",
     "read_run_config",
     "run_config_path",
     "write_run_config",
@@ -90,11 +110,17 @@ LEARNABILITY_COLUMNS = (
     "batch_learnability_independent",
     "batch_learnability_uniform",
 )
+# A step's batch-level row (one per logged super-batch that has batch-level values).
+STEP_COLUMNS = ("epoch", "step", *LEARNABILITY_COLUMNS)
+FORMAT_VERSION = 2  # 1: batch-level values repeated on every example row (JSON objects)
+_HEADER_KEY = "jeststream_selection_log"
 _PARQUET_MAGIC = b"PAR1"
 _THREAD_NAME = "jeststream-selection-log"
 _MAX_PENDING = 2  # hand-offs queued or being written; write() waits beyond that
 _SEGMENT_RE = re.compile(r"part-(\d{6,})\.parquet")
-_TEMP_RE = re.compile(r"\.part-(\d{6,})\.parquet\.tmp")
+_TEMP_RE = re.compile(r"\.(?:_steps|part)-(\d{6,})\.parquet\.tmp")
+# the step rows of segment N: a leading "_" hides them from pyarrow.dataset and pandas
+_STEPS_RE = re.compile(r"_steps-(\d{6,})\.parquet")
 
 
 class SelectionLogError(RuntimeError):
@@ -140,10 +166,13 @@ def _schema(learnability: bool = False):
     return pa.schema(fields)
 
 
-def _learnability_column(ch: dict[str, Any], c: str) -> np.ndarray:
-    """Column ``c`` of a chunk, NaN where the chunk has none (a log that gained it mid-way)."""
-    got = ch.get(c)
-    return np.full(len(ch["step"]), np.nan, np.float32) if got is None else got
+def _steps_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [("epoch", pa.int64()), ("step", pa.int64())]
+        + [(c, pa.float32()) for c in LEARNABILITY_COLUMNS]
+    )
 
 
 def _column(x: Any, dtype: type) -> np.ndarray:
@@ -201,6 +230,7 @@ def _append_jsonl(fd: int, data: bytes) -> None:
 
 
 def _table(chunks: list[dict[str, Any]]):
+    """The example rows of ``chunks``: per-example columns only."""
     import pyarrow as pa
 
     columns = {
@@ -211,58 +241,104 @@ def _table(chunks: list[dict[str, Any]]):
         )
         for c in COLUMNS
     }
-    learnability = any(LEARNABILITY_COLUMNS[0] in ch for ch in chunks)
-    if learnability:
-        for c in LEARNABILITY_COLUMNS:
-            columns[c] = np.concatenate([_learnability_column(ch, c) for ch in chunks])
-    return pa.table(columns, schema=_schema(learnability))
+    return pa.table(columns, schema=_schema())
 
 
-def _json_float(x: float) -> str:
-    return repr(x) if math.isfinite(x) else "null"
+def _steps_table(chunks: list[dict[str, Any]]):
+    """One row per chunk (step) that has batch-level values, or None when none has."""
+    import pyarrow as pa
+
+    rows = [ch for ch in chunks if ch.get("batch") is not None]
+    if not rows:
+        return None
+    columns: dict[str, Any] = {
+        "epoch": np.array([ch["at"][0] for ch in rows], np.int64),
+        "step": np.array([ch["at"][1] for ch in rows], np.int64),
+    }
+    for i, c in enumerate(LEARNABILITY_COLUMNS):
+        columns[c] = np.array([ch["batch"][i] for ch in rows], np.float32)
+    return pa.table(columns, schema=_steps_schema())
+
+
+def _json_floats(x: np.ndarray) -> list[str]:
+    """float32 values as the shortest decimals that read back to the same float32 (numpy's
+    float -> str), JSON's null for NaN/inf."""
+    out = x.astype(np.float32).astype(str).tolist()
+    if not np.isfinite(x).all():
+        for i in np.flatnonzero(~np.isfinite(x)).tolist():
+            out[i] = "null"
+    return out
+
+
+def _header_line() -> str:
+    return json.dumps({_HEADER_KEY: FORMAT_VERSION, "columns": list(COLUMNS)}, separators=(",", ":"))
 
 
 def _jsonl_bytes(chunks: list[dict[str, Any]]) -> bytes:
-    # the same lines as json.dumps(record, separators=(",", ":")), JSON has no NaN
+    """Format 2: per example one JSON array in ``COLUMNS`` order; before a step's examples, one
+    object with its batch-level values (``STEP_COLUMNS``) when it has any."""
     enc = json.encoder.encode_basestring_ascii
     lines = []
     for ch in chunks:
-        # the per-super-batch columns are one value per chunk: one suffix for all its lines
-        extra = "".join(
-            f',"{c}":{_json_float(float(ch[c][0]))}'
-            for c in LEARNABILITY_COLUMNS
-            if c in ch and len(ch[c])
-        )
-        for k, e, s, p, sc, sel in zip(
+        epoch, step = ch["at"]
+        batch = ch.get("batch")
+        if batch is not None:
+            values = ",".join(
+                f'"{c}":{v}' for c, v in zip(LEARNABILITY_COLUMNS, _json_floats(np.array(batch)))
+            )
+            lines.append(f'{{"epoch":{epoch},"step":{step},{values}}}')
+        head = f",{epoch},{step},"
+        for k, p, sc, sel in zip(
             ch["key"],
-            ch["epoch"].tolist(),
-            ch["step"].tolist(),
             ch["pos"].tolist(),
-            ch["score"].tolist(),
+            _json_floats(ch["score"]),
             ch["selected"].tolist(),
         ):
             lines.append(
-                f'{{"key":{"null" if k is None else enc(k)},"epoch":{e},"step":{s},'
-                f'"pos":{p},"score":{_json_float(sc)},'
-                f'"selected":{"true" if sel else "false"}{extra}}}'
+                f'[{"null" if k is None else enc(k)}{head}{p},{sc},{"true" if sel else "false"}]'
             )
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
-def _scan_segments(path: Path) -> tuple[list[tuple[int, str]], list[str], list[str]]:
-    """(seq, name) of the segments in seq order, leftover temp files, and any other entries."""
-    segments, temps, other = [], [], []
+@dataclass
+class _Listing:
+    """A segment directory's entries: the segments (seq, name) in seq order, the step-row files
+    by seq, leftover temp files, and anything else."""
+
+    segments: list[tuple[int, str]]
+    steps: dict[int, str]
+    temps: list[str]
+    other: list[str]
+
+
+def _scan_segments(path: Path) -> _Listing:
+    segments, steps, temps, other = [], {}, [], []
     with os.scandir(path) as entries:
         for entry in entries:
-            m = _SEGMENT_RE.fullmatch(entry.name)
-            if m and entry.is_file():
+            if not entry.is_file():
+                other.append(entry.name)
+            elif m := _SEGMENT_RE.fullmatch(entry.name):
                 segments.append((int(m.group(1)), entry.name))
-            elif _TEMP_RE.fullmatch(entry.name) and entry.is_file():
+            elif m := _STEPS_RE.fullmatch(entry.name):
+                steps[int(m.group(1))] = entry.name
+            elif _TEMP_RE.fullmatch(entry.name):
                 temps.append(entry.name)
             else:
                 other.append(entry.name)
     segments.sort()
-    return segments, sorted(temps), sorted(other)
+    return _Listing(segments, steps, sorted(temps), sorted(other))
+
+
+def segment_files(path: str | os.PathLike) -> list[tuple[Path, Path | None]]:
+    """The segments of a directory log in write order, each with the file of its steps'
+    batch-level rows (None when it has none). Temp files and step rows whose segment is missing
+    (a writer killed between the two renames) are not listed."""
+    path = Path(path)
+    listing = _scan_segments(path)
+    return [
+        (path / name, path / listing.steps[seq] if seq in listing.steps else None)
+        for seq, name in listing.segments
+    ]
 
 
 def _old_single_file_error(path: Path) -> ValueError:
@@ -286,7 +362,12 @@ class _SegmentDir:
         import concurrent.futures.thread  # noqa: F401
 
         path.mkdir(parents=True, exist_ok=True)
-        segments, temps, other = _scan_segments(path)
+        listing = _scan_segments(path)
+        segments, temps, other = listing.segments, listing.temps, listing.other
+        nxt = segments[-1][0] + 1 if segments else 0
+        # step rows of a segment that never came (killed between the two renames): never read,
+        # and a resumed writer writes that seq again
+        orphans = [name for seq, name in sorted(listing.steps.items()) if seq >= nxt]
         if mode == "w":
             if other:
                 raise ValueError(
@@ -296,11 +377,15 @@ class _SegmentDir:
                     "write; pass a new path or remove those first"
                 )
             # the newest first: a kill in between leaves a prefix of the old log, still valid
-            for name in temps + [n for _, n in reversed(segments)]:
+            for seq, name in reversed(segments):
                 os.remove(path / name)
-            segments = []
+                if seq in listing.steps:
+                    os.remove(path / listing.steps[seq])
+            for name in temps + orphans:
+                os.remove(path / name)
+            segments, nxt = [], 0
         else:
-            for name in temps:  # a writer killed in the middle of a flush: never a segment
+            for name in temps + orphans:  # a writer killed in the middle of a flush
                 os.remove(path / name)
                 logger.info("%s: removed %s, a segment a killed writer left unfinished", path, name)
             if other:
@@ -312,26 +397,31 @@ class _SegmentDir:
                 )
             if segments:
                 logger.info("appending to selection log %s (%d segments)", path, len(segments))
-        if temps or mode == "w":
+        if temps or orphans or mode == "w":
             _fsync_dir(path)
         self.path = path
-        self.seq = segments[-1][0] + 1 if segments else 0
+        self.seq = nxt
 
     def write(self, chunks: list[dict[str, Any]]) -> None:
-        table = _table(chunks)
-        tmp = self.path / f".part-{self.seq:06d}.parquet.tmp"
-        final = self.path / f"part-{self.seq:06d}.parquet"
+        # the steps' batch-level rows first: a segment is complete only with them
+        steps = _steps_table(chunks)
+        if steps is not None:
+            self._publish(steps, f"_steps-{self.seq:06d}.parquet")
+        self._publish(_table(chunks), f"part-{self.seq:06d}.parquet")
+        _fsync_dir(self.path)
+        self.seq += 1
+
+    def _publish(self, table: Any, name: str) -> None:
+        tmp = self.path / f".{name}.tmp"
         try:
             _write_parquet_segment(table, tmp)
-            os.replace(tmp, final)
+            os.replace(tmp, self.path / name)
         except BaseException:
             try:
                 os.remove(tmp)
             except OSError:
                 pass
             raise
-        _fsync_dir(self.path)
-        self.seq += 1
 
     def close(self) -> None:
         pass
@@ -359,9 +449,12 @@ class _JsonlFile:
             os.close(self._fd)
             raise
         self._torn = False  # a failed write may have left part of a line
+        self._header = True  # this writer's first lines start with the format's header
 
     def write(self, chunks: list[dict[str, Any]]) -> None:
         data = _jsonl_bytes(chunks)
+        if self._header:
+            data = (_header_line() + "\n").encode("ascii") + data
         if self._torn:
             data = b"\n" + data  # a blank line is skipped by the reader
         try:
@@ -370,6 +463,7 @@ class _JsonlFile:
             self._torn = True
             raise
         self._torn = False
+        self._header = False
 
     def close(self) -> None:
         if self._fd is not None:
@@ -586,8 +680,8 @@ class SelectionLog:
         """Record one super-batch: ``scores`` and bool ``selected`` are [B] (tensors or arrays);
         ``keys`` B or None; ``batch_learnability`` optionally a
         :class:`jeststream.diagnostics.BatchLearnability` (or a (selected, independent, uniform)
-        triple), written to every row of the step. Only buffers: the rows are written on the
-        writer thread."""
+        triple), written once, to the step's batch-level row. Only buffers: the rows are written
+        on the writer thread."""
         if self._closed:
             raise RuntimeError(f"SelectionLog {self.path} is closed")
         scores_np = _column(scores, np.float32)
@@ -603,13 +697,14 @@ class SelectionLog:
                 f"got {len(keys)} keys for a super-batch of {size} scores; pass one key per "
                 "example or keys=None"
             )
-        chunk = {
+        chunk: dict[str, Any] = {
             "key": [None] * size if keys is None else [str(k) for k in keys],
             "epoch": np.full(size, int(epoch), dtype=np.int64),
             "step": np.full(size, int(step), dtype=np.int64),
             "pos": np.arange(size, dtype=np.int32),
             "score": scores_np,
             "selected": selected_np,
+            "at": (int(epoch), int(step)),
         }
         if batch_learnability is not None:
             values = tuple(batch_learnability)[: len(LEARNABILITY_COLUMNS)]
@@ -618,8 +713,7 @@ class SelectionLog:
                     f"batch_learnability must hold (selected, independent, uniform), got "
                     f"{batch_learnability!r}"
                 )
-            for c, v in zip(LEARNABILITY_COLUMNS, values):
-                chunk[c] = np.full(size, float(v), dtype=np.float32)
+            chunk["batch"] = tuple(float(v) for v in values)  # the step's row, not every row's
         with self._lock:
             w = self._writer
             with w.cond:
@@ -746,9 +840,16 @@ class SelectionLog:
 # -- reading ---------------------------------------------------------------------------------
 
 
-def _is_parquet(path: Path) -> bool:
+def is_parquet(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is a Parquet file (a single-file log of older jeststream)."""
     with open(path, "rb") as f:
         return f.read(4) == _PARQUET_MAGIC
+
+
+def require_pyarrow(path: str | os.PathLike) -> None:
+    """ValueError naming the log and the fix when pyarrow is missing."""
+    if not _have_pyarrow():
+        raise ValueError(f"{path} is a Parquet log; pip install pyarrow to read it")
 
 
 def _empty_columns() -> dict[str, Any]:
@@ -778,94 +879,185 @@ def _table_columns(table: Any) -> dict[str, Any]:
     }
 
 
-def _need_pyarrow(path: Path) -> None:
-    if not _have_pyarrow():
-        raise ValueError(f"{path} is a Parquet log; pip install pyarrow to read it")
+def read_step_rows(file: str | os.PathLike) -> dict[int, tuple[float, ...]]:
+    """A segment's step rows (``_steps-N.parquet``): step -> its ``LEARNABILITY_COLUMNS``
+    values; a step written twice keeps the last."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(str(file))
+    steps = t.column("step").to_pylist()
+    values = [t.column(c).to_numpy(zero_copy_only=False).astype(np.float32).tolist()
+              for c in LEARNABILITY_COLUMNS]
+    return {int(st): tuple(v[i] for v in values) for i, st in enumerate(steps)}
+
+
+def step_columns(step: np.ndarray, rows: dict[int, tuple[float, ...]]) -> dict[str, np.ndarray]:
+    """The batch-level columns per example row: each row gets its step's values (NaN where the
+    step has no step row)."""
+    out = np.full((len(LEARNABILITY_COLUMNS), len(step)), np.nan, np.float32)
+    if rows:
+        uniq, inverse = np.unique(step, return_inverse=True)
+        table = np.array(
+            [rows.get(int(st), (math.nan,) * len(LEARNABILITY_COLUMNS)) for st in uniq.tolist()],
+            np.float32,
+        ).reshape(len(uniq), len(LEARNABILITY_COLUMNS))
+        out = table[inverse].T
+    return {c: np.ascontiguousarray(out[i]) for i, c in enumerate(LEARNABILITY_COLUMNS)}
 
 
 def _read_segments(path: Path) -> dict[str, Any]:
     """The segments of a directory log in sequence order; temp files are never read."""
-    segments, _, _ = _scan_segments(path)
-    if not segments:
+    files = segment_files(path)
+    if not files:
         return _empty_columns()
-    _need_pyarrow(path)
-    import pyarrow as pa
+    require_pyarrow(path)
     import pyarrow.parquet as pq
 
-    tables = []
-    for _, name in segments:
+    parts = []
+    for file, steps_file in files:
+        name = file.name
         try:
-            table = pq.read_table(str(path / name))
-            extra = LEARNABILITY_COLUMNS[0] in table.column_names
+            table = pq.read_table(str(file))
+            extra = LEARNABILITY_COLUMNS[0] in table.column_names  # format 1: on every row
             names = list(COLUMNS) + (list(LEARNABILITY_COLUMNS) if extra else [])
-            tables.append(table.select(names).cast(_schema(extra)))
+            cols = _table_columns(table.select(names).cast(_schema(extra)))
+            if steps_file is not None:
+                name = steps_file.name
+                cols.update(step_columns(cols["step"], read_step_rows(steps_file)))
         except Exception as exc:  # noqa: BLE001 -- name the file; a segment is never half-written
             raise ValueError(
                 f"selection log {path}: segment {name} cannot be read ({type(exc).__name__}: "
                 f"{exc})"
             ) from exc
-    if any(LEARNABILITY_COLUMNS[0] in t.column_names for t in tables):
-        # segments written without the optional columns read as NaN there
-        for i, t in enumerate(tables):
-            if LEARNABILITY_COLUMNS[0] not in t.column_names:
-                for c in LEARNABILITY_COLUMNS:
-                    t = t.append_column(c, pa.array(np.full(len(t), np.nan, np.float32)))
-                tables[i] = t
-    return _table_columns(pa.concat_tables(tables))
+        parts.append(cols)
+    return _concat(parts)
+
+
+class _StepJoin:
+    """Reads JSON-lines records in write order and gives each example row its step's batch-level
+    values: a step's row comes right before its examples, so only the latest one is kept."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.step: int | None = None
+        self.values: tuple | None = None
+
+    def columns(self, recs: list[Any]) -> dict[str, Any] | None:
+        """The example rows among ``recs`` as columns (None when there are none); the
+        ``LEARNABILITY_COLUMNS`` only when one of them has values."""
+        keys, ints, score, selected, learn = [], [], [], [], []
+        nan3 = (None,) * len(LEARNABILITY_COLUMNS)
+        for rec in recs:
+            if isinstance(rec, list):  # format 2: one example
+                if len(rec) != len(COLUMNS):
+                    raise ValueError(
+                        f"{self.path}: not a selection-log record (a row of {len(COLUMNS)} "
+                        f"columns {list(COLUMNS)} expected): {rec!r:.80}"
+                    )
+                k, e, st, p, sc, sel = rec
+                learn.append(self.values if st == self.step and self.values else nan3)
+            elif isinstance(rec, dict):
+                if _HEADER_KEY in rec:
+                    self._check_header(rec)
+                    continue
+                if "pos" not in rec:  # format 2: a step's batch-level row
+                    self.step = rec.get("step")
+                    self.values = tuple(rec.get(c) for c in LEARNABILITY_COLUMNS)
+                    continue
+                # format 1: one example, the batch-level values repeated on it
+                k, e, st, p, sc, sel = (rec.get(c) for c in COLUMNS)
+                learn.append(tuple(rec.get(c) for c in LEARNABILITY_COLUMNS))
+            else:
+                raise ValueError(f"{self.path}: not a selection-log record: {rec!r:.80}")
+            keys.append(k if k is None or isinstance(k, str) else str(k))
+            ints.append((e or 0, st or 0, p or 0))
+            score.append(math.nan if sc is None else sc)
+            selected.append(bool(sel))
+        if not keys:
+            return None
+        n = len(keys)
+        iv = np.array(ints, np.int64).reshape(n, 3)
+        cols: dict[str, Any] = {
+            "key": keys,
+            "epoch": iv[:, 0].copy(),
+            "step": iv[:, 1].copy(),
+            "pos": iv[:, 2].astype(np.int32),
+            "score": np.array(score, np.float32),
+            "selected": np.array(selected, bool),
+        }
+        if any(v is not nan3 and any(x is not None for x in v) for v in learn):
+            lv = np.array([[math.nan if x is None else x for x in v] for v in learn], np.float32)
+            for i, c in enumerate(LEARNABILITY_COLUMNS):
+                cols[c] = np.ascontiguousarray(lv[:, i])
+        return cols
+
+    def _check_header(self, rec: dict) -> None:
+        version = rec.get(_HEADER_KEY)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{self.path}: selection log format {version!r} is newer than this jeststream "
+                f"reads ({FORMAT_VERSION}); upgrade jeststream"
+            )
+        if rec.get("columns", list(COLUMNS)) != list(COLUMNS):
+            raise ValueError(
+                f"{self.path}: selection log columns {rec.get('columns')} are not {list(COLUMNS)}"
+            )
+
+
+def jsonl_chunks(path: str | os.PathLike, rows: int = 16384) -> Iterator[dict[str, Any]]:
+    """A JSON-lines log's example rows in write order, up to ``rows`` lines at a time, as the
+    columns :func:`read_selection_log` returns (either format; a torn line is skipped with a
+    warning, as a crash can leave one at the end)."""
+    path = Path(path)
+    join = _StepJoin(path)
+    with open(path, encoding="utf-8") as f:
+        lineno = 0
+        while True:
+            lines = [line for line in itertools.islice(f, rows) if not line.isspace()]
+            if not lines:
+                return
+            first = lineno + 1
+            lineno += len(lines)
+            try:  # one parse for the whole chunk: twice as fast as a json.loads per line
+                recs = json.loads("[" + ",".join(lines) + "]")
+            except json.JSONDecodeError:
+                recs = []
+                for i, line in enumerate(lines, first):
+                    try:
+                        recs.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        # a crash can leave a half-written last line; everything before is good
+                        logger.warning("%s:%d: skipping unreadable record (%s)", path, i, exc)
+            cols = join.columns(recs)
+            if cols is not None:
+                yield cols
 
 
 def read_selection_log(path: str | os.PathLike, *, dedupe: bool = True) -> dict[str, Any]:
     """Read a selection log into columns (no pandas needed).
 
     ``path`` is a directory of Parquet segments, a single Parquet file (older jeststream) or a
-    JSON-lines file. Returns ``{"key": list[str | None], "epoch": int64[N], "step": int64[N],
-    "pos": int32[N], "score": float32[N] (NaN for fallback super-batches), "selected": bool[N]}``
-    plus, for a log written with batch learnability, its three float32 columns
-    (``LEARNABILITY_COLUMNS``; NaN where a step has none), rows in write order (an empty directory: no rows). With ``dedupe`` (default) a (step, pos)
-    record written again after a resume replaces the earlier one.
+    JSON-lines file, of either format (version 1 repeated the batch-level values on every
+    example row; version 2 writes them once per step). Returns ``{"key": list[str | None],
+    "epoch": int64[N], "step": int64[N], "pos": int32[N], "score": float32[N] (NaN for fallback
+    super-batches), "selected": bool[N]}`` plus, for a log written with batch learnability, its
+    three float32 columns (``LEARNABILITY_COLUMNS``, each example row given its step's values;
+    NaN where a step has none), rows in write order (an empty directory: no rows). With
+    ``dedupe`` (default) a (step, pos) record written again after a resume replaces the earlier
+    one.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"selection log {path} does not exist")
     if path.is_dir():
         cols = _read_segments(path)
-    elif _is_parquet(path):
-        _need_pyarrow(path)
+    elif is_parquet(path):
+        require_pyarrow(path)
         import pyarrow.parquet as pq
 
         cols = _table_columns(pq.read_table(str(path)))
     else:
-        raw: dict[str, list] = {c: [] for c in COLUMNS + LEARNABILITY_COLUMNS}
-        learnability = False
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    # A crash can leave a half-written last line; everything before it is good.
-                    logger.warning("%s:%d: skipping unreadable record (%s)", path, lineno, exc)
-                    continue
-                for c in COLUMNS + LEARNABILITY_COLUMNS:
-                    raw[c].append(rec.get(c))
-                learnability = learnability or LEARNABILITY_COLUMNS[0] in rec
-        cols = {
-            "key": raw["key"],
-            "epoch": np.asarray(raw["epoch"], dtype=np.int64),
-            "step": np.asarray(raw["step"], dtype=np.int64),
-            "pos": np.asarray(raw["pos"], dtype=np.int32),
-            "score": np.asarray(
-                [math.nan if s is None else s for s in raw["score"]], dtype=np.float32
-            ),
-            "selected": np.asarray(raw["selected"], dtype=bool),
-        }
-        if learnability:
-            for c in LEARNABILITY_COLUMNS:
-                cols[c] = np.asarray(
-                    [math.nan if v is None else v for v in raw[c]], dtype=np.float32
-                )
+        cols = _concat([*jsonl_chunks(path)] or [_empty_columns()])
     if dedupe and len(cols["step"]):
         ids = cols["step"] * (int(cols["pos"].max()) + 1) + cols["pos"]
         # keep the last occurrence of each (step, pos), preserving write order
@@ -1020,6 +1212,7 @@ def _format(summary: dict[str, Any], path: Path | str) -> str:
 
 
 def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Columns of several reads end to end; the batch-level columns NaN where a part has none."""
     if len(parts) == 1:
         return parts[0]
     out = {

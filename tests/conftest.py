@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,3 +166,24 @@ def no_thread_leak():
             return
         threading.Event().wait(0.05)
     raise AssertionError(f"threads left alive: {alive}")
+
+
+# Format-1 logs as jeststream wrote them before (selection_log.py at commit ed8ed12): steps 0-2 of
+# six examples, keys k{step}_{i}, epoch step // 2, scores i + 10 step + 0.25 (step 1's last NaN),
+# the first two selected, batch learnability (step + 0.5, step - 0.5, 0.125) on steps 1 and 2.
+# The Parquet log holds two segments (steps 0-1, step 2) with the columns on every row.
+SELECTION_LOG_V1 = Path(__file__).parent / "data" / "selection_log_v1"
+
+
+def write_selection_log_v2(path, steps=range(3), offset=0.25, **kw):
+    """The fixtures' records (``steps`` of them, scores shifted by ``offset``), written now."""
+    from jeststream.selection_log import SelectionLog
+
+    with SelectionLog(path, **kw) as log:
+        for step in steps:
+            scores = np.arange(6, dtype=np.float32) + step * 10 + offset
+            if step == 1:
+                scores[5] = np.nan
+            log.write(keys=[f"k{step}_{i}" for i in range(6)], epoch=step // 2, step=step,
+                      scores=scores, selected=np.arange(6) < 2,
+                      batch_learnability=None if step == 0 else (step + 0.5, step - 0.5, 0.125))

@@ -163,6 +163,57 @@ def test_unequal_base_batch_sizes():
     assert ld.batch_size == 8  # from the first base batch
 
 
+@pytest.mark.parametrize("async_scoring", [True, False])
+def test_base_batch_larger_than_b_raises_naming_sizes(async_scoring, no_thread_leak):
+    """Base batches of 8, 8, 10, 12: it yielded 10 and 12 while batch_size reported 8."""
+    sizes = [8, 8, 8, 8, 10, 10, 12, 12]
+    batches = [make_vector_batches(1, b, seed=i)[0] for i, b in enumerate(sizes)]
+    with _dual_loader(batches, ratio=0.25, async_scoring=async_scoring) as ld:
+        got = []
+        with pytest.raises(ValueError) as ei:
+            for batch in ld:
+                got.append(batch[0].shape[0])
+        assert got == [8] and ld.batch_size == 8
+    msg = str(ei.value)
+    assert "base batch 1 of 4 for step 1 has 10 examples, more than the batch size b=8" in msg
+    assert "(from the first base batch)" in msg and "DataLoader(batch_size=b)" in msg
+    declared = _Lengthy(batches, batch_size=8)
+    with _dual_loader(declared, ratio=0.25, async_scoring=async_scoring) as ld:
+        with pytest.raises(ValueError, match=r"b=8 \(from base_loader\.batch_size\)"):
+            list(ld)
+
+
+def test_short_base_batch_in_the_middle_of_a_pass_warns_once(recwarn):
+    sizes = [8, 8, 5, 8, 8, 8, 3, 8, 8, 8, 8, 8]
+    batches = [make_vector_batches(1, b, seed=i)[0] for i, b in enumerate(sizes)]
+    with _dual_loader(batches, ratio=0.25) as ld:
+        with pytest.warns(UserWarning, match="base batch size changed in the middle") as rec:
+            out = [b[0].shape[0] for b in ld]
+    assert out == [7, 7, 8]  # round(29 / 4), round(27 / 4), 8
+    msgs = [str(w.message) for w in rec if "middle of a pass" in str(w.message)]
+    assert len(msgs) == 1 and "base batch 3 of 4 for step 0 (5 examples)" in msgs[0]
+    assert "partial=False" in msgs[0]
+
+
+def test_short_last_base_batch_is_legitimate(recwarn):
+    """A short final base batch (a DataLoader with drop_last=False): no warning, no error."""
+    batches = make_vector_batches(7, 8) + make_vector_batches(1, 3, seed=1)
+    for drop_last in (True, False):
+        with _dual_loader(_Lengthy(batches, batch_size=8), ratio=0.25, drop_last=drop_last) as ld:
+            assert [b[0].shape[0] for b in ld] == [8, 7]  # round(27 / 4)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_batch_size_one_warns_no_negatives():
+    batches = make_vector_batches(8, 1)
+    with pytest.warns(UserWarning, match=r"b=1 \(from base_loader\.batch_size\).*no negatives"):
+        ld = _dual_loader(_Lengthy(batches, batch_size=1), ratio=0.25, n_chunks=1)
+    ld.close()
+    with pytest.warns(UserWarning, match=r"b=1 \(from the first base batch\)"):
+        with _dual_loader(batches, ratio=0.25, n_chunks=1) as ld:
+            assert len(list(ld)) == 2
+
+
 def test_tiny_trailing_super_batch_clamps_k_and_chunks():
     batches = make_vector_batches(4, 8) + make_vector_batches(1, 2, seed=3)
     with _dual_loader(batches, ratio=0.25, n_chunks=4, drop_last=False, return_info=True) as ld:
@@ -546,7 +597,9 @@ def test_base_loader_error_reraises(async_scoring, no_thread_leak):
             got.append(batch)
     assert len(got) == 2
     if async_scoring:
-        assert isinstance(ei.value.__cause__, _Boom) and "producer thread" in str(ei.value)
+        assert isinstance(ei.value.__cause__, _Boom) and "producer thread" in "".join(
+            ei.value.__notes__
+        )
     ld.close()
 
 
@@ -645,8 +698,63 @@ def test_new_pass_replaces_old_producer(no_thread_leak):
         it2 = iter(ld)
         next(it2)
         assert len(_producer_threads()) == 2  # draw+score, select
-        with pytest.raises(StopIteration):
+        # the superseded pass is not silently ended: its next() says what happened
+        with pytest.raises(RuntimeError, match=r"superseded by a new iter\(loader\)"):
             next(it1)
+        with pytest.raises(RuntimeError, match="superseded"):  # and keeps saying it
+            next(it1)
+        next(it2)  # the new pass goes on
+
+
+@pytest.mark.parametrize("async_scoring", [True, False])
+def test_zip_of_two_passes_raises_instead_of_yielding_nothing(async_scoring, no_thread_leak):
+    """zip(loader, loader) gave 0 pairs: the second iter() silently ended the first pass."""
+    with _dual_loader(make_vector_batches(16, 4), ratio=0.5, async_scoring=async_scoring) as ld:
+        with pytest.raises(RuntimeError) as ei:
+            list(zip(ld, ld))
+        msg = str(ei.value)
+        assert "one pass at a time" in msg and "build a second JESTLoader" in msg
+        assert "Finish, break out of or close()" in msg
+        assert len(list(ld)) == 8  # the loader is still usable: a full new pass
+    assert _producer_threads() == []
+
+
+@pytest.mark.parametrize("async_scoring", [True, False])
+def test_break_then_new_loop_is_a_full_new_pass(async_scoring, no_thread_leak):
+    batches = make_vector_batches(16, 4)
+    with _dual_loader(batches, ratio=0.5, async_scoring=async_scoring) as ld:
+        for i, _ in enumerate(ld):
+            if i == 2:
+                break
+        assert len(list(ld)) == 8  # dropped by the for loop: nothing to supersede
+        it = iter(ld)  # a pass left early but still referenced
+        next(it)
+        assert sum(1 for _ in ld) == 8
+        with pytest.raises(RuntimeError, match="superseded"):
+            next(it)
+        # a finished pass keeps ending normally; one closed by its owner ends quietly
+        done = iter(ld)
+        assert sum(1 for _ in done) == 8
+        closed = iter(ld)  # supersedes nothing: `done` had finished
+        with pytest.raises(StopIteration):
+            next(done)
+        next(closed)
+        closed.close()
+        iter(ld).close()
+        with pytest.raises(StopIteration):
+            next(closed)
+
+
+def test_load_state_dict_supersedes_a_live_pass(no_thread_leak):
+    from conftest import ResumableList
+
+    with _dual_loader(ResumableList(make_vector_batches(16, 4)), ratio=0.5) as ld:
+        it = iter(ld)
+        next(it)
+        ld.load_state_dict(ld.state_dict())
+        with pytest.raises(RuntimeError, match=r"superseded by load_state_dict\(\)"):
+            next(it)
+        assert len(list(ld)) == 7
 
 
 def test_keyboard_interrupt_in_training_loop_does_not_hang(no_thread_leak):

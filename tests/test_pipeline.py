@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
+import traceback
 
 import pytest
 import torch
@@ -92,9 +94,41 @@ def test_exception_reraises_same_type_chained(no_thread_leak):
         raise _Custom(1, 2)
 
     p = ThreadPipeline(produce2, prefetch=1, device=CPU)
-    with pytest.raises(RuntimeError, match="_Custom") as ei:
+    with pytest.raises(_Custom) as ei:  # same type and args, whatever the constructor takes
         p.get()
-    assert isinstance(ei.value.__cause__, _Custom)
+    assert ei.value.args == (1, 2) and isinstance(ei.value.__cause__, _Custom)
+
+    def produce3(should_stop):
+        raise _Rewrites(7)
+
+    p = ThreadPipeline(produce3, prefetch=1, device=CPU)
+    with pytest.raises(RuntimeError, match="_Rewrites: bad 7") as ei:
+        p.get()
+    assert isinstance(ei.value.__cause__, _Rewrites)
+
+
+class _Rewrites(Exception):
+    def __init__(self, x):  # its args are not its constructor's: a copy would say "bad bad 7"
+        super().__init__(f"bad {x}")
+
+
+def test_key_error_keeps_its_key_readable(no_thread_leak):
+    """The producer's note does not glue into the key: str(KeyError) is the key's repr."""
+
+    def produce(should_stop):
+        return {}["0"]
+
+    p = ThreadPipeline(produce, prefetch=1, device=CPU)
+    with pytest.raises(KeyError) as ei:
+        p.get()
+    assert ei.value.args == ("0",) and str(ei.value) == "'0'"
+    assert ei.value.__notes__ == [
+        "[raised in the JESTLoader producer thread; original traceback above]"
+    ]
+    assert ei.value.__cause__.args == ("0",) and not hasattr(ei.value.__cause__, "__notes__")
+    text = "".join(traceback.format_exception(ei.value))
+    if sys.version_info >= (3, 11):  # 3.10's traceback does not print notes
+        assert "KeyError: '0'\n[raised in the JESTLoader producer thread" in text
 
 
 def test_keyboard_interrupt_in_producer_reaches_consumer(no_thread_leak):
@@ -118,9 +152,12 @@ def test_stop_iteration_in_producer_is_not_a_silent_end(no_thread_leak):
 
 def test_reraise_helper():
     original = TypeError("x")
-    with pytest.raises(TypeError, match="producer thread") as ei:
+    original.__notes__ = ["from the user"]  # add_note on 3.11+; the copy gets its own list
+    with pytest.raises(TypeError, match="producer thread") as ei:  # pytest matches notes too
         reraise_from_producer(original)
-    assert ei.value.__cause__ is original
+    assert ei.value.__cause__ is original and str(ei.value) == "x"
+    assert original.__notes__ == ["from the user"]
+    assert ei.value.__notes__[0] == "from the user" and "producer" in ei.value.__notes__[1]
 
 
 def test_close_while_producer_blocked_on_full_queue(no_thread_leak):

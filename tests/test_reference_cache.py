@@ -8,6 +8,7 @@ live reference, then ``jeststream openclip-train --jest-reference-cache``.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from jeststream.reference_cache import (
     init_cache,
     read_manifest,
     reference_fingerprint,
+    shard_problem,
     write_shard,
 )
 from jeststream.scoring import default_embed
@@ -188,6 +190,55 @@ def test_not_a_cache_and_bad_arguments(tmp_path, models):
         ReferenceCache(tmp_path, on_missing="skip")
     with pytest.raises(TypeError, match="ReferenceCache"):
         JESTLoader([], learner, "cache-dir")
+
+
+def _cut(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+@pytest.mark.parametrize(
+    "file, damage, raw, cheap",
+    [
+        ("part-002.image.npy", lambda p: _cut(p, -100), "mmap length is greater than file size",
+         True),
+        ("part-002.text.npy", lambda p: _cut(p, 40), "EOFError|ValueError", True),
+        ("part-002.keys.json", lambda p: _cut(p, 30), "JSONDecodeError", True),
+        ("part-002.keys.json", lambda p: p.write_bytes(b'["k0", "k1" garbled'), "JSONDecodeError",
+         True),
+        # a well-formed list of the wrong length: only reading it tells
+        ("part-002.keys.json", lambda p: p.write_text('["only", "two"]'), "2 keys", False),
+        ("part-002.image.npy", lambda p: p.unlink(), "FileNotFoundError", True),
+    ],
+)
+def test_damaged_shard_file_names_file_shard_and_fix(models, file, damage, raw, cheap, tmp_path):
+    """A truncated or garbled shard file: one error naming the file, its shard and the fix
+    (today: a bare numpy / json error naming nothing)."""
+    _, reference = models
+    batches = make_pair_batches(n_batches=6, b=4, keys=True)
+    cache_dir = build_cache(tmp_path / "c", reference, batches, per_shard=2)
+    manifest = read_manifest(cache_dir)
+    assert all(shard_problem(cache_dir, name, manifest) is None for name in manifest["shards"])
+    damage(cache_dir / file)
+    with pytest.raises(ValueError) as ei:
+        ReferenceCache(cache_dir).lookup(batches[0][2])
+    msg = str(ei.value)
+    assert f"{file} of shard part-002 is damaged or truncated" in msg
+    assert str(cache_dir) in msg
+    assert "run `jeststream precompute-reference` again for that shard" in msg
+    assert re.search(raw, msg)
+    # the cheap check (precompute-reference's, which then redoes the shard) finds it too
+    problem = shard_problem(cache_dir, "part-002", manifest)
+    assert (problem is not None and problem.startswith(file)) if cheap else problem is None
+    assert shard_problem(cache_dir, "part-000", manifest) is None
+
+
+def test_damaged_manifest_names_it_and_the_fix(models, tmp_path):
+    _, reference = models
+    cache_dir = build_cache(tmp_path / "c", reference, make_pair_batches(2, b=4, keys=True))
+    _cut(cache_dir / "manifest.json", 50)
+    with pytest.raises(ValueError, match=r"manifest\.json is damaged .*precompute-reference"):
+        ReferenceCache(cache_dir)
 
 
 # -- jeststream precompute-reference on real shards ----------------------------------------------
@@ -377,6 +428,16 @@ def test_interrupted_precompute_resumes_and_writes_identical_files(
     files.pop(".shard-0001.text.npy.x.tmp", None)
     assert files == _shard_files(whole)
     assert read_manifest(part)["shards"].keys() == read_manifest(whole)["shards"].keys()
+    # a recorded shard damaged since (a cut copy): the same command redoes it, and only it
+    (part / "shard-0001.text.npy").write_bytes((part / "shard-0001.text.npy").read_bytes()[:-64])
+    with pytest.raises(ValueError, match="shard-0001.text.npy of shard shard-0001"):
+        len(ReferenceCache(part))
+    assert precompute(tiny_ref, part, "--shards", spec) == 0
+    assert "1 shards written (2 already complete, 0 left" in capsys.readouterr().out
+    assert (part / "shard-0000.image.npy").stat().st_mtime_ns == mtime
+    files = _shard_files(part)
+    files.pop(".shard-0001.text.npy.x.tmp", None)
+    assert files == _shard_files(whole)
 
 
 def test_ranks_split_the_precompute(tiny_ref, wds_shards, tmp_path, capsys):

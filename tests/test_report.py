@@ -6,6 +6,7 @@ memory (measured in a fresh process)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html.parser
 import io
 import json
@@ -488,6 +489,29 @@ def test_batch_learnability_columns_are_plotted(tmp_path):
     assert 'aria-label="batch learnability over training"' in page
     # without the columns: no such plot
     assert "batch learnability" not in render_html(collect_report([_plain_log(tmp_path)], None))
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "log.parquet"])
+def test_report_reads_format_1_and_format_2_logs_alike(tmp_path, name):
+    """A log of the previous format (batch-level values on every example row; the fixture was
+    written by jeststream's selection_log.py at commit ed8ed12) and the same records written
+    now (one step row per step) give the same report data."""
+    from conftest import SELECTION_LOG_V1, write_selection_log_v2
+
+    old = collect_report([SELECTION_LOG_V1 / name], None)
+    write_selection_log_v2(tmp_path / name)
+    new = collect_report([tmp_path / name], None)
+    learn = old.steps["learnability"]
+    np.testing.assert_allclose(learn[0], [np.nan, 1.5, 2.5])
+    np.testing.assert_allclose(learn[1], [np.nan, 0.5, 1.5])
+    np.testing.assert_allclose(learn[2], [np.nan, 0.125, 0.125])
+    assert new.steps.keys() == old.steps.keys()
+    for k in old.steps:
+        np.testing.assert_array_equal(new.steps[k], old.steps[k])
+    assert [dataclasses.asdict(s) | {"path": ""} for s in new.logs] == [
+        dataclasses.asdict(s) | {"path": ""} for s in old.logs
+    ]
+    assert old.logs[0].rows == 18 and old.logs[0].non_finite == 1
 
 
 def _plain_log(tmp_path: Path) -> Path:

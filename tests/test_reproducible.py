@@ -425,10 +425,12 @@ class _Hanging:
             yield b
 
 
-def test_timeout_names_the_stuck_stage(no_thread_leak):
+@pytest.mark.parametrize("async_scoring", [True, False])
+def test_timeout_names_the_stuck_stage(async_scoring, no_thread_leak):
+    """Also with synchronous scoring, where timeout= was ignored: a hung base blocked for ever."""
     base = _Hanging()
     ld = JESTLoader(base, TinyDual(), TinyDual(seed=1), 0.25, embed=tiny_dual_embed, timeout=0.5,
-                    scoring="latest")
+                    scoring="latest" if async_scoring else "sync")
     it = iter(ld)
     next(it)
     with pytest.raises(TimeoutError, match=r"timeout=0.5s.*next\(\) on the base loader"):
@@ -439,7 +441,8 @@ def test_timeout_names_the_stuck_stage(no_thread_leak):
         JESTLoader([], TinyDual(), TinyDual(seed=1), 0.25, embed=tiny_dual_embed, timeout=0)
 
 
-def test_timeout_names_a_hung_scoring_forward(no_thread_leak):
+@pytest.mark.parametrize("async_scoring", [True, False])
+def test_timeout_names_a_hung_scoring_forward(async_scoring, no_thread_leak):
     release = threading.Event()
     calls = []
 
@@ -451,7 +454,7 @@ def test_timeout_names_a_hung_scoring_forward(no_thread_leak):
 
     ld = JESTLoader(
         make_vector_batches(16, 8), TinyDual(), TinyDual(seed=1), 0.25, embed=embed,
-        timeout=0.5, prefetch=1, scoring="latest",
+        timeout=0.5, prefetch=1, scoring="latest" if async_scoring else "sync",
     )
     it = iter(ld)
     next(it)
@@ -459,6 +462,48 @@ def test_timeout_names_a_hung_scoring_forward(no_thread_leak):
         next(it)
     release.set()
     ld.close()
+
+
+class _Slow:
+    """A base loader whose next() sleeps ``delay`` seconds before batch ``at``."""
+
+    def __init__(self, delay: float, at: int) -> None:
+        self.delay, self.at = delay, at
+
+    def __iter__(self):
+        for i, b in enumerate(make_vector_batches(8, 8)):
+            if i == self.at:
+                time.sleep(self.delay)
+            yield b
+
+
+def test_sync_timeout_raises_on_a_slow_base_and_leaves_no_thread(no_thread_leak):
+    ld = JESTLoader(_Slow(1.5, at=5), TinyDual(), TinyDual(seed=1), 0.25, embed=tiny_dual_embed,
+                    timeout=0.3, async_scoring=False)
+    it = iter(ld)
+    next(it)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as ei:
+        next(it)
+    assert time.monotonic() - t0 < 1.4  # the deadline, not the sleep
+    assert "timeout=0.3s" in str(ei.value)
+    assert "stuck in: next() on the base loader (base batch 2 of 4 for step 1)" in str(ei.value)
+    with pytest.raises(StopIteration):  # the pass is over (its iterator closed)
+        next(it)
+    ld.close()  # the sleeping worker ends with its sleep (no_thread_leak waits for it)
+
+
+def test_sync_timeout_changes_nothing_when_in_time(no_thread_leak):
+    """A step within the deadline: the same batches as without a timeout, no thread after."""
+    def run(**kw):
+        with JESTLoader(_Slow(0.05, at=5), TinyDual(), TinyDual(seed=1), 0.25,
+                        embed=tiny_dual_embed, async_scoring=False, return_info=True,
+                        **kw) as ld:
+            out = [info.indices.tolist() for _, info in ld]
+            assert not [t for t in threading.enumerate() if t.name.startswith("jeststream")]
+            return out
+
+    assert run(timeout=5.0) == run() and len(run()) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import SELECTION_LOG_V1, write_selection_log_v2
 
 from jeststream.cli import main as cli_main
 from jeststream.selection_log import COLUMNS, SelectionLog, inspect_main, read_selection_log
@@ -44,7 +45,9 @@ def test_roundtrip_and_bounded_flush(tmp_path, name):
         assert names == [f"part-{i:06d}.parquet" for i in range(3)]
         assert all((path / n).read_bytes()[:4] == b"PAR1" for n in names)
     else:
-        assert json.loads(path.read_text().splitlines()[0])["key"] == "k0_0"
+        header, first = map(json.loads, path.read_text().splitlines()[:2])
+        assert header == {"jeststream_selection_log": 2, "columns": list(COLUMNS)}
+        assert first == ["k0_0", 0, 0, 0, 0.0, True]  # one example: its per-example fields
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -267,10 +270,12 @@ def test_jsonl_records_are_standard_json_with_odd_keys(tmp_path):
     with SelectionLog(path) as log:
         log.write(keys=keys, epoch=1, step=3, scores=scores, selected=torch.tensor([1, 0, 1, 0]))
         scores.zero_()  # the caller reusing its tensor must not change what was logged
-    recs = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["key"] for r in recs] == keys
-    assert [r["score"] for r in recs] == [pytest.approx(0.1), None, None, 2.5]
-    assert [r["selected"] for r in recs] == [True, False, True, False]
+    recs = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    rows = [dict(zip(COLUMNS, r)) for r in recs]
+    assert [r["key"] for r in rows] == keys
+    assert [r["score"] for r in rows] == [pytest.approx(0.1), None, None, 2.5]
+    assert [r["selected"] for r in rows] == [True, False, True, False]
+    assert read_selection_log(path)["key"] == keys
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -322,3 +327,121 @@ def cli_summary(path):
     from jeststream.selection_log import summarize
 
     return summarize(read_selection_log(path))
+
+
+# -- format 2: batch-level values once per step; format 1 logs still read ------------------------
+
+def _expected(cols):
+    from jeststream.selection_log import LEARNABILITY_COLUMNS
+
+    assert cols["key"] == [f"k{s}_{i}" for s in range(3) for i in range(6)]
+    assert cols["epoch"].tolist() == [s // 2 for s in range(3) for _ in range(6)]
+    assert cols["pos"].tolist() == list(range(6)) * 3
+    assert np.isnan(cols["score"][11]) and cols["score"][12] == 20.25
+    assert cols["selected"].tolist() == [i < 2 for i in range(6)] * 3
+    learn = np.stack([cols[c] for c in LEARNABILITY_COLUMNS])
+    assert np.isnan(learn[:, :6]).all()  # step 0 has none
+    assert learn[:, 6:12].tolist() == [[1.5] * 6, [0.5] * 6, [0.125] * 6]
+    assert learn[:, 12:].tolist() == [[2.5] * 6, [1.5] * 6, [0.125] * 6]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_format_2_example_rows_hold_per_example_fields_only(tmp_path, name):
+    from jeststream.selection_log import STEP_COLUMNS
+
+    path = tmp_path / name
+    write_selection_log_v2(path, flush_every=12)  # segments of steps 0-1 and 2
+    _expected(read_selection_log(path))
+    if name.endswith(".parquet"):
+        import pyarrow.dataset as ds
+        import pyarrow.parquet as pq
+
+        assert sorted(p.name for p in path.iterdir()) == [
+            "_steps-000000.parquet", "_steps-000001.parquet",
+            "part-000000.parquet", "part-000001.parquet",
+        ]
+        assert pq.read_schema(path / "part-000000.parquet").names == list(COLUMNS)
+        steps = pq.read_table(path / "_steps-000000.parquet")
+        assert steps.column_names == list(STEP_COLUMNS) and steps.num_rows == 1  # step 1 only
+        table = ds.dataset(str(path), format="parquet").to_table()  # "_" files are skipped
+        assert table.column_names == list(COLUMNS) and table.num_rows == 18
+    else:
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        assert recs[0] == {"jeststream_selection_log": 2, "columns": list(COLUMNS)}
+        objects = [r for r in recs[1:] if isinstance(r, dict)]
+        assert objects == [
+            {"epoch": 0, "step": 1, "batch_learnability": 1.5,
+             "batch_learnability_independent": 0.5, "batch_learnability_uniform": 0.125},
+            {"epoch": 1, "step": 2, "batch_learnability": 2.5,
+             "batch_learnability_independent": 1.5, "batch_learnability_uniform": 0.125},
+        ]
+        rows = [r for r in recs[1:] if isinstance(r, list)]
+        assert len(rows) == 18 and all(len(r) == len(COLUMNS) for r in rows)
+        assert rows[11] == ["k1_5", 0, 1, 5, None, False]  # NaN score: null
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_format_1_logs_are_read_and_resumed(tmp_path, name, capsys):
+    """Logs written by the previous format read as before, by read_selection_log and
+    `jeststream inspect`, also once a resumed run has appended format-2 records to them."""
+    import shutil
+
+    fixture = SELECTION_LOG_V1 / name
+    _expected(read_selection_log(fixture))
+    assert inspect_main([str(fixture), "--json"]) == 0
+    old = json.loads(capsys.readouterr().out)
+    new_path = tmp_path / "new" / name
+    write_selection_log_v2(new_path)
+    assert inspect_main([str(new_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == old  # the same summary from either format
+    assert old["batch_learnability"]["super_batches"] == 2
+    assert old["batch_learnability"]["selected"]["mean"] == pytest.approx(2.0)
+
+    path = tmp_path / name
+    (shutil.copytree if fixture.is_dir() else shutil.copy)(fixture, path)
+    write_selection_log_v2(path, steps=[2, 3], offset=0.5)  # resumed at step 2, in format 2
+    cols = read_selection_log(path)
+    assert cols["step"].tolist() == [s for s in range(4) for _ in range(6)]
+    assert cols["score"][12] == 20.5  # step 2 from the resumed run
+    assert cols["batch_learnability"][[0, 6, 12, 18]].tolist()[1:] == [1.5, 2.5, 3.5]
+    assert inspect_main([str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch_learnability"]["super_batches"] == 3
+
+
+def _v1_line(rec: dict) -> int:
+    # format 1's lines were json.dumps(record, separators=(",", ":")) with float32 values
+    # widened to float64 (so repr'd with up to 17 digits), batch-level values on every row
+    return len(json.dumps(rec, separators=(",", ":"))) + 1
+
+
+def test_bytes_per_example_row_at_the_demos_scale(tmp_path):
+    """The demo's super-batch (b=128, n=5: 640 rows a step), its key shape and batch
+    learnability: JSON lines at most a third of format 1's bytes, Parquet under 16 per row."""
+    rng = np.random.default_rng(0)
+    steps, size = 12, 640
+    v1_bytes = 0
+    paths = {name: tmp_path / name for name in FORMATS}
+    logs = {name: SelectionLog(p) for name, p in paths.items()}
+    for step in range(steps):
+        keys = [f"pool-{i:06d}" for i in rng.permutation(16384)[:size]]
+        scores = rng.normal(2.0, 3.0, size).astype(np.float32)
+        selected = np.zeros(size, bool)
+        selected[rng.choice(size, size // 5, replace=False)] = True
+        learn = tuple(float(np.float32(v)) for v in rng.normal(900.0, 50.0, 3))
+        for log in logs.values():
+            log.write(keys=keys, epoch=0, step=step, scores=scores, selected=selected,
+                      batch_learnability=learn)
+        for pos, (k, sc, sel) in enumerate(zip(keys, scores.tolist(), selected.tolist())):
+            v1_bytes += _v1_line({"key": k, "epoch": 0, "step": step, "pos": pos, "score": sc,
+                                  "selected": sel, "batch_learnability": learn[0],
+                                  "batch_learnability_independent": learn[1],
+                                  "batch_learnability_uniform": learn[2]})
+    for log in logs.values():
+        log.close()
+    rows = steps * size
+    jsonl = paths["log.jsonl"].stat().st_size / rows
+    parquet = sum(f.stat().st_size for f in paths["log.parquet"].iterdir()) / rows
+    assert jsonl <= v1_bytes / rows / 3, (jsonl, v1_bytes / rows)
+    assert parquet <= 16, parquet
+    for p in paths.values():
+        assert len(read_selection_log(p)["key"]) == rows

@@ -137,6 +137,41 @@ def test_kill_in_the_middle_of_a_segment_write_leaves_only_an_ignored_temp_file(
     assert _steps(path) == _each([0, 1])
 
 
+def test_kill_between_the_step_rows_and_their_segment_leaves_nothing_read(tmp_path):
+    """A segment's step rows are renamed into place first: killed before the segment itself,
+    they are never read (no example row refers to them) and the next writer removes them."""
+    import pyarrow.dataset as ds
+
+    path = tmp_path / "log.parquet"
+    proc = _run_child(
+        f"""
+        log = sl.SelectionLog({str(path)!r})
+        write(log, 0)
+        log.flush()
+        real = sl._write_parquet_segment
+        def killed(table, tmp):
+            if os.path.basename(tmp).startswith(".part-"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(table, tmp)
+        sl._write_parquet_segment = killed
+        log.write(keys=list("abcdef"), epoch=0, step=1, scores=np.zeros(6, np.float32),
+                  selected=np.arange(6) < 2, batch_learnability=(1.0, 2.0, 3.0))
+        log.flush()
+        """
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert sorted(p.name for p in path.iterdir()) == ["_steps-000001.parquet", "part-000000.parquet"]
+    cols = read_selection_log(path)
+    assert cols["step"].tolist() == _each([0]) and "batch_learnability" not in cols
+    assert ds.dataset(str(path), format="parquet").count_rows() == SIZE
+    with SelectionLog(path) as log:  # resumed: the orphan goes, that seq is written again
+        assert sorted(p.name for p in path.iterdir()) == ["part-000000.parquet"]
+        _write(log, 1)  # without batch-level values this time
+    assert sorted(p.name for p in path.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+    cols = read_selection_log(path)
+    assert cols["step"].tolist() == _each([0, 1]) and "batch_learnability" not in cols
+
+
 def _target(name: str) -> str:
     return "_write_parquet_segment" if name.endswith(".parquet") else "_append_jsonl"
 
