@@ -263,3 +263,122 @@ def embed(model: nn.Module, batch: Any) -> Embeddings:
         model.logit_scale.exp().reshape(()),
         None if bias is None else bias.reshape(()),
     )
+
+
+# -- a reference from a local save_pretrained folder ---------------------------------------------
+
+HF_PREFIX = "hf:"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+class ProcessorImageTransform:
+    """PIL image -> the processor's per-image tensors (``pixel_values`` [c, h, w], or SigLIP 2's
+    patches with their mask and shape): the processor's own eval preprocessing."""
+
+    def __init__(self, image_processor: Any) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, image: Any) -> dict[str, Tensor]:
+        out = self.image_processor(images=image.convert("RGB"), return_tensors="pt")
+        return {k: v[0] for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+class ProcessorTokenizer:
+    """list[str] -> ``{"input_ids", "attention_mask"}`` padded to ``max_length`` (SigLIP is
+    trained on max-length padding; CLIP's padding is trimmed away again when scoring)."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, int(max_length)
+
+    def __call__(self, texts: list[str]) -> dict[str, Tensor]:
+        out = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask")}
+
+
+def load_pretrained_reference(
+    folder: str, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ProcessorImageTransform, ProcessorTokenizer, dict]:
+    """(frozen reference, image transform, tokenizer, cache-manifest header) of a local
+    ``save_pretrained`` folder holding the model and its processor; nothing is downloaded."""
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoProcessor
+
+    from jeststream.reference_cache import reference_fingerprint
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"--reference hf:{folder}: not a save_pretrained folder (no config.json); save the "
+            "model and its processor there with model.save_pretrained(DIR) and "
+            "processor.save_pretrained(DIR)"
+        )
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    why = unsupported_reason(model)
+    if why is not None:
+        raise ValueError(f"--reference hf:{folder}: a {type(model).__name__}: {why}")
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(
+            f"--reference hf:{folder}: no usable processor saved with the model ({exc}); save "
+            "it with processor.save_pretrained(DIR)"
+        ) from None
+    image_processor = getattr(processor, "image_processor", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if image_processor is None or tokenizer is None:
+        raise ValueError(
+            f"--reference hf:{folder}: the saved processor ({type(processor).__name__}) needs an "
+            "image processor and a tokenizer"
+        )
+    model = model.to(device).eval().requires_grad_(False)
+    text_cfg = getattr(model.config, "text_config", None)
+    max_length = getattr(text_cfg, "max_position_embeddings", None)
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and model_max < 100_000:
+        max_length = model_max if max_length is None else min(max_length, model_max)
+    if max_length is None:
+        raise ValueError(f"--reference hf:{folder}: cannot tell the tokenizer's context length")
+    transform = ProcessorImageTransform(image_processor)
+    tokenize = ProcessorTokenizer(tokenizer, max_length)
+    with torch.inference_mode():
+        dim = int(_features(model.get_text_features(**{
+            k: v.to(device) for k, v in tokenize(["a"]).items()}), "text").shape[-1])
+        scale = float(model.logit_scale.exp())
+        bias = getattr(model, "logit_bias", None)
+        bias = None if bias is None else float(bias)
+    header = {
+        "reference": {
+            "architecture": type(model).__name__,
+            "source": HF_PREFIX + str(folder),
+            "pretrained": None,
+            "fingerprint": reference_fingerprint(model),
+        },
+        "preprocessing": {
+            "library": "transformers",
+            "processor": type(processor).__name__,
+            "image_processor": {"class": type(image_processor).__name__,
+                                **_jsonable(image_processor.to_dict())},
+            "is_train": False,
+            "tokenizer": {
+                "class": type(tokenizer).__name__,
+                "name": getattr(tokenizer, "name_or_path", None),
+                "context_length": max_length,
+                "padding": "max_length",
+            },
+        },
+        "embed_dim": dim,
+        "logit_scale": scale,
+        "logit_bias": bias,
+    }
+    return model, transform, tokenize, header

@@ -128,3 +128,31 @@ def readme_embed(model, batch) -> Embeddings:
     text = F.normalize(model.get_text_features(input_ids=batch["input_ids"],
                                                attention_mask=batch.get("attention_mask")), dim=-1)
     return Embeddings(image, text, model.logit_scale.exp(), getattr(model, "logit_bias", None))
+
+
+def save_pretrained_clip(folder, seed: int = 0):
+    """A tiny CLIPModel and its CLIPProcessor saved with save_pretrained in ``folder`` (a
+    character-level vocabulary of 64 tokens: start 1, end-of-text 63): what
+    ``precompute-reference --reference hf:DIR`` reads. Returns the model."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = ["!", "<|startoftext|>"] + [c for c in letters] + [c + "</w>" for c in letters]
+    tokens += [str(d) + "</w>" for d in range(EOS - len(tokens))] + ["<|endoftext|>"]
+    assert len(tokens) == VOCAB and tokens[EOS] == "<|endoftext|>"
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                              model_max_length=CONTEXT)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE},
+                                         crop_size={"height": IMAGE, "width": IMAGE})
+    model = clip(seed)
+    model.config.text_config.bos_token_id = 1
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return model

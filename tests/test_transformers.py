@@ -195,3 +195,79 @@ def test_low_resolution_through_the_loader_leaves_the_batch_full_size(no_thread_
     scorer = Scorer(LearnerSnapshot(hf_tiny.siglip2(0)), None, score_resolution=16)
     with pytest.raises(ValueError, match="\\[n, c, h, w\\]"):
         scorer(_batch("siglip2", b=4), 4)
+
+
+# -- precompute-reference --reference hf:DIR ----------------------------------------------------
+
+
+def _read_tar(url):
+    """(keys, PIL images, captions) of a webdataset shard, read with tarfile."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    samples: dict[str, dict] = {}
+    with tarfile.open(url) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    keys = sorted(samples)
+    images = [Image.open(io.BytesIO(samples[k].get("png") or samples[k]["jpg"])) for k in keys]
+    return keys, images, [samples[k]["txt"].decode() for k in keys]
+
+
+def test_precompute_reference_from_a_save_pretrained_folder(tmp_path, capsys, no_thread_leak):
+    """`jeststream precompute-reference --reference hf:DIR` embeds the shards with the
+    processor saved beside the model (recorded in the manifest, fingerprint over its weights);
+    the cache gives the live reference's embeddings and the same selection."""
+    import json
+
+    from test_adapters_webdataset import write_shards
+
+    from jeststream.adapters.transformers import load_pretrained_reference
+    from jeststream.cli import main
+    from jeststream.reference_cache import ReferenceCache, reference_fingerprint
+
+    folder = tmp_path / "clip-ref"
+    hf_tiny.save_pretrained_clip(folder, seed=1)
+    urls, _ = write_shards(tmp_path / "wds", n_shards=2, per_shard=8)
+    spec = str(tmp_path / "wds" / "shard-{0000..0001}.tar")
+    out = tmp_path / "cache"
+    argv = ["precompute-reference", "--shards", spec, "--reference", f"hf:{folder}", "--out",
+            str(out), "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--quiet",
+            "--dtype", "float32"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "16 examples" in capsys.readouterr().out
+    reference, transform, tokenize, _ = load_pretrained_reference(str(folder))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["reference"]["fingerprint"] == reference_fingerprint(reference)
+    assert manifest["reference"]["source"] == f"hf:{folder}"
+    pre = manifest["preprocessing"]
+    assert pre["image_processor"]["class"] == "CLIPImageProcessor"
+    assert pre["image_processor"]["crop_size"] == {"height": 32, "width": 32}
+    assert pre["tokenizer"]["context_length"] == hf_tiny.CONTEXT
+    assert manifest["logit_bias"] is None
+    cache = ReferenceCache(out, reference=reference)  # the fingerprint matches
+    keys, images, captions = _read_tar(urls[0])
+    batch = {"pixel_values": torch.stack([transform(im)["pixel_values"] for im in images]),
+             **tokenize(captions)}
+    with torch.inference_mode():
+        live = default_embed(reference, batch)
+    got = cache.lookup(keys)
+    torch.testing.assert_close(got.image, live.image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.text, live.text, atol=1e-5, rtol=0)
+    # JEST on the cache selects what it selects with the live reference
+    base = [{**{k: v[i:i + 4] for k, v in batch.items()}, "__key__": keys[i:i + 4]}
+            for i in range(0, 8, 4)]
+    runs = []
+    for ref in (reference, cache):
+        ld = JESTLoader(base, hf_tiny.clip(0), ref, 0.5, n_chunks=2, return_info=True,
+                        async_scoring=False)
+        assert ld.loss == "softmax"
+        runs.append([info.indices.tolist() for _, info in ld])
+        ld.close()
+    assert runs[0] == runs[1] and len(runs[0]) == 1
+    # not a save_pretrained folder: a clear error naming the fix
+    assert main([*argv[:4], f"hf:{tmp_path}", *argv[5:]]) == 2
+    assert "save_pretrained" in capsys.readouterr().err
