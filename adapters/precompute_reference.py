@@ -5,10 +5,13 @@
         --reference ViT-B-32 --reference-pretrained datacomp_xl_s13b_b90k --out ref-cache/
     jeststream precompute-reference --mds data/mds --reference run/checkpoints/epoch_5.pt \\
         --reference-model ViT-B-32 --out ref-cache/ --dtype float32
+    jeststream precompute-reference --shards "data/{00000..00099}.tar" \\
+        --reference hf:models/siglip-base --out ref-cache/     # a local save_pretrained folder
 
 Each sample is read with the reference's *own* eval preprocessing (open_clip's
 ``image_transform_v2(model preprocess cfg, is_train=False)``) and tokenizer
-(``open_clip.get_tokenizer``), embedded, and written per input shard (``NAME.keys.json``,
+(``open_clip.get_tokenizer``) -- for ``hf:DIR``, the processor saved with the model, its settings
+recorded in the manifest -- embedded, and written per input shard (``NAME.keys.json``,
 ``NAME.image.npy``, ``NAME.text.npy``). Keys are the ones the base loaders yield: webdataset's
 ``__key__`` (``jeststream.adapters.webdataset``, and open_clip_train's pipeline made to carry
 it), or the MDS key column (``--key-field``; the global sample index when absent, as
@@ -79,7 +82,21 @@ def load_reference_and_preprocessing(
     device: str | torch.device = "cpu",
 ) -> tuple[torch.nn.Module, Callable[[Any], torch.Tensor], Callable[[list[str]], torch.Tensor],
            dict]:
-    """(frozen reference, eval image transform, tokenizer, header for the cache manifest)."""
+    """(frozen reference, eval image transform, tokenizer, header for the cache manifest).
+
+    ``reference="hf:DIR"``: a ``transformers`` model and its processor saved in the local folder
+    DIR (:func:`jeststream.adapters.transformers.load_pretrained_reference`)."""
+    from jeststream.adapters.transformers import HF_PREFIX
+
+    if reference.startswith(HF_PREFIX):
+        from jeststream.adapters.transformers import load_pretrained_reference
+
+        if pretrained is not None or model is not None:
+            raise ValueError(
+                "--reference hf:DIR takes the model and its processor from DIR; drop "
+                "--reference-pretrained / --reference-model"
+            )
+        return load_pretrained_reference(reference[len(HF_PREFIX):], device)
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -217,7 +234,10 @@ class _ShardStream(IterableDataset):
             yield ("end", shard.name, counter.bad_samples, counter.truncated)
 
     def _collate(self, shard: _Shard, samples: list) -> tuple:
-        images = torch.stack([s[0] for s in samples])
+        if isinstance(samples[0][0], dict):  # a transformers processor's per-image tensors
+            images = {k: torch.stack([s[0][k] for s in samples]) for k in samples[0][0]}
+        else:
+            images = torch.stack([s[0] for s in samples])
         tokens = self.tokenizer([s[1] for s in samples])
         return ("batch", shard.name, images, tokens, [s[2] for s in samples])
 
@@ -276,6 +296,14 @@ class _ShardStream(IterableDataset):
 # -- the pass -------------------------------------------------------------------------------------
 
 
+def _model_batch(images: Any, tokens: Any, device: str | torch.device) -> Any:
+    """(images, tokens) for open_clip; one processor-style dict for a transformers reference."""
+    if isinstance(images, dict) or isinstance(tokens, dict):
+        images = images if isinstance(images, dict) else {"pixel_values": images}
+        return {k: v.to(device) for k, v in {**images, **tokens}.items()}
+    return images.to(device), tokens.to(device)
+
+
 def precompute(
     shards: list[_Shard],
     kind: str,
@@ -296,7 +324,11 @@ def precompute(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Embed every not yet complete shard of this rank's share; returns the run's summary."""
-    from jeststream.adapters.open_clip import embed
+    from jeststream.adapters.open_clip import embed as open_clip_embed
+    from jeststream.embed import default_embed, model_family
+
+    # open_clip's embed casts images to a reduced-precision tower; transformers' does itself
+    embed = default_embed if model_family(reference) == "transformers" else open_clip_embed
 
     t0 = time.perf_counter()
     names = [s.name for s in shards]
@@ -338,7 +370,7 @@ def precompute(
                 if started[name] is None:
                     started[name] = time.perf_counter()
                 with torch.inference_mode():
-                    e = embed(reference, (images.to(device), tokens.to(device)))
+                    e = embed(reference, _model_batch(images, tokens, device))
                 buf = buffers.setdefault(name, {"keys": [], "image": [], "text": []})
                 buf["keys"].extend(keys)
                 buf["image"].append(e.image.float().cpu().numpy())
@@ -376,7 +408,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--mds", metavar="LOCAL_DIR", help="a local MosaicML (MDS) dataset directory")
     p.add_argument("--reference", required=True,
                    help="open_clip model name (+ --reference-pretrained), hf-hub:..., "
-                   "local-dir:PATH, or a checkpoint file (+ --reference-model)")
+                   "local-dir:PATH, a checkpoint file (+ --reference-model), or hf:DIR (a "
+                   "transformers model and processor saved with save_pretrained in DIR)")
     p.add_argument("--reference-model", help="architecture of a checkpoint file: an open_clip "
                    "model name or a JSON model config path")
     p.add_argument("--reference-pretrained", help="pretrained tag or weights of a model name")

@@ -30,6 +30,7 @@ from jeststream.batch import batch_size as _batch_size
 from jeststream.batch import concat_batches, find_keys, index_batch, iter_tensors
 from jeststream.diagnostics import BatchLearnability, measure_draws
 from jeststream.distributed import Coordinator, check_not_sharded, check_resume, resolve_mode
+from jeststream.embed import default_loss
 from jeststream.losses import CRITERIA, Embeddings, criterion_weights
 from jeststream.pipeline import END, ThreadPipeline, call_with_timeout, to_device
 from jeststream.reference_cache import ReferenceCache
@@ -95,6 +96,18 @@ def resolve_scoring(
     if scoring == "auto":
         scoring = "lagged" if is_accelerator(device) else "sync"
     return scoring, scoring != "sync", scoring == "lagged", 1 if prefetch is None else prefetch
+
+
+def _model_loss(loss: str | None, learner: nn.Module, reference: Any) -> tuple[str, bool]:
+    """(the loss, whether it is the fallback nobody chose) for ``JESTLoader(loss=loss)``."""
+    if loss is not None:
+        return loss, False
+    found = default_loss(learner)
+    if found is None and isinstance(reference, nn.Module):
+        found = default_loss(reference)
+    if found is None and isinstance(reference, ReferenceCache):
+        found = "softmax" if reference.logit_bias is None else "sigmoid"
+    return (found, False) if found is not None else ("sigmoid", True)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -563,8 +576,17 @@ class JESTLoader:
             :class:`~jeststream.reference_cache.ReferenceCache` of its embeddings (looked up by
             per-example key instead of running it: the batches must carry keys, see key_fn).
         ratio: filtering ratio b/B; n = round(1/ratio) base batches make a super-batch.
-        n_chunks, loss, criterion, temperature: passed to the joint sampler.
-        embed: ``fn(model, batch) -> Embeddings``; default: open_clip duck typing.
+        loss: "sigmoid" (SigLIP) or "softmax" (CLIP): the loss the learner trains with. None
+            (default): the model's -- "sigmoid" for a model with a logit bias (open_clip SigLIP,
+            ``transformers`` SiglipModel / Siglip2Model), "softmax" for one without (open_clip
+            CLIP, CLIPModel), read from the learner (else the reference or its cache); for a
+            model jeststream does not recognise, "sigmoid" (and a warning if its embed returns
+            no bias). A loss that contradicts the learner's embeddings (sigmoid without a bias,
+            softmax with one) raises at the first scored super-batch; the reference's warns.
+        n_chunks, criterion, temperature: passed to the joint sampler.
+        embed: ``fn(model, batch) -> Embeddings``; default: ``jeststream.embed.default_embed``
+            (open_clip models by duck typing, ``transformers`` CLIP/SigLIP models); a model it
+            does not know raises TypeError here, at construction.
         refresh_every: copy the live learner into the snapshot every this many yielded
             batches (0: only at the start of each pass).
         snapshot_dtype: optional dtype of the learner snapshot (e.g. torch.bfloat16).
@@ -630,7 +652,7 @@ class JESTLoader:
         ratio: float = 0.2,
         *,
         n_chunks: int | None = None,
-        loss: str = "sigmoid",
+        loss: str | None = None,
         criterion: str = "learnability",
         temperature: float = 1.0,
         embed: EmbedFn | None = None,
@@ -702,8 +724,9 @@ class JESTLoader:
             or timeout <= 0
         ):
             raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+        if loss is not None and loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is not one of {LOSSES} (or None: the model's)")
+        loss, loss_fallback = _model_loss(loss, learner, reference)
         if criterion not in CRITERIA:
             raise ValueError(f"criterion={criterion!r} is not one of {CRITERIA}")
         if reference is None and criterion != "hard_learner":
@@ -793,6 +816,8 @@ class JESTLoader:
             score_transform=score_transform,
             score_resolution=score_resolution,
             score_learner=criterion_weights(criterion)[0] != 0,
+            loss=loss,
+            loss_fallback=loss_fallback,
         )
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from jeststream.embed import Embeddings  # defined with the embed protocol; re-exported here
 
 __all__ = [
     "CRITERIA",
@@ -55,22 +56,6 @@ CRITERIA = ("learnability", "hard_learner", "easy_reference")
 # Rows of a B×B logit matrix materialised at once when a full pass over the super-batch is
 # unavoidable (the softmax per-example losses): 2**24 float32 entries = 64 MiB per tile.
 _TILE_ELEMENTS = 1 << 24
-
-
-class Embeddings(NamedTuple):
-    """One model's view of a super-batch, as open_clip returns it.
-
-    Attributes:
-        image: [B, d] L2-normalised image embeddings x_i.
-        text: [B, d] L2-normalised text embeddings y_j.
-        logit_scale: scalar tensor (or float), the temperature t, *already exponentiated*.
-        logit_bias: scalar tensor (or float) β, or None (SigLIP has one, CLIP does not).
-    """
-
-    image: Tensor
-    text: Tensor
-    logit_scale: Tensor | float
-    logit_bias: Tensor | float | None = None
 
 
 def criterion_weights(criterion: str) -> tuple[float, float]:

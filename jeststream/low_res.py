@@ -66,16 +66,18 @@ def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def resize_batch_images(batch: Any, resolution: int) -> Any:
-    """The batch with its images (position 0, or the ``"image"`` entry) resized; the same
-    convention as the default embed."""
-    if isinstance(batch, Mapping) and isinstance(batch.get("image"), torch.Tensor):
-        return {**batch, "image": resize_images(batch["image"], resolution)}
+    """The batch with its images (position 0, or the ``"image"`` entry -- ``"pixel_values"``
+    in a Hugging Face processor's dict) resized; the same convention as the default embed."""
+    if isinstance(batch, Mapping):
+        for name in ("image", "pixel_values"):
+            if isinstance(batch.get(name), torch.Tensor):
+                return {**batch, name: resize_images(batch[name], resolution)}
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         out = (resize_images(batch[0], resolution), *batch[1:])
         return type(batch)(out) if type(batch) in (tuple, list) else out
     raise TypeError(
         "score_resolution resizes the images at position 0 of a tuple/list batch or under "
-        f"'image' in a dict batch; got a {type(batch).__name__}. Resize in score_transform= instead"
+        f"'image' / 'pixel_values' in a dict batch; got a {type(batch).__name__}. Resize in score_transform= instead"
     )
 
 

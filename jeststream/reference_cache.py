@@ -47,7 +47,14 @@ import torch
 from torch import nn
 
 from jeststream.atomic import atomic_write
-from jeststream.losses import Embeddings
+from jeststream.embed import (
+    Embeddings,
+    autocast_dtype,
+    check_embeddings,
+    default_embed,
+    freeze_reference,
+    unwrap_model,
+)
 
 __all__ = [
     "FORMAT",
@@ -75,8 +82,6 @@ def reference_fingerprint(model: nn.Module) -> str:
 
     The dtype is part of it: a reference cast to bfloat16 embeds differently from its float32
     original, so it is a different reference."""
-    from jeststream.snapshot import unwrap_model
-
     h = hashlib.sha256()
     for name, p in sorted(unwrap_model(model).named_parameters(), key=lambda kv: kv[0]):
         t = p.detach().to("cpu").contiguous().reshape(-1)
@@ -320,8 +325,6 @@ class ReferenceCache:
         self.embed = embed
         self.reference: nn.Module | None = None
         if reference is not None:
-            from jeststream.scoring import freeze_reference
-
             expected = self.manifest.get("reference", {}).get("fingerprint")
             got = reference_fingerprint(reference)
             if got != expected:
@@ -503,7 +506,6 @@ class ReferenceCache:
 
     def _compute(self, keys: list[str], todo: list[int], batch: Any, embed: Any) -> None:
         from jeststream.batch import batch_size, index_batch, iter_tensors
-        from jeststream.scoring import _autocast_dtype, check_embeddings, default_embed
         from jeststream.snapshot import is_accelerator
 
         assert self.reference is not None
@@ -518,7 +520,7 @@ class ReferenceCache:
         if param is not None and param.device != device:
             self.reference.to(device)
         autocast = (
-            torch.autocast(device.type, dtype=_autocast_dtype(device))
+            torch.autocast(device.type, dtype=autocast_dtype(device))
             if is_accelerator(device)
             else contextlib.nullcontext()
         )

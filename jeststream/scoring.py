@@ -1,7 +1,7 @@
 """Score a super-batch: learner-snapshot and frozen-reference forwards -> Embeddings.
 
-Knows models, not loaders. ``default_embed`` is duck-typed for open_clip's ``CLIP`` /
-``CustomTextCLIP`` (no open_clip import); anything else goes through ``embed=``.
+Knows models, not loaders. The embed protocol (``default_embed``, ``check_embeddings``,
+``freeze_reference``, ``EmbedFn``) lives in :mod:`jeststream.embed` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -9,134 +9,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from jeststream.losses import Embeddings
-from jeststream.low_res import check_resolution, encode_image_resampled, resize_batch_images
+from jeststream.embed import (
+    Embeddings,
+    EmbedFn,
+    autocast_dtype,
+    check_default_embed,
+    check_embeddings,
+    default_embed,
+    freeze_reference,
+)
+from jeststream.low_res import check_resolution, resize_batch_images
 from jeststream.reference_cache import ReferenceCache
-from jeststream.snapshot import LearnerSnapshot, is_accelerator, unwrap_model
-from jeststream.text_trim import encode_text_trimmed
+from jeststream.snapshot import LearnerSnapshot, is_accelerator
 
-__all__ = ["Scorer", "ScoreResult", "default_embed", "freeze_reference", "check_embeddings"]
+__all__ = [
+    "EmbedFn",
+    "ScoreResult",
+    "Scorer",
+    "check_embeddings",
+    "default_embed",
+    "freeze_reference",
+]
 
 logger = logging.getLogger(__name__)
-
-EmbedFn = Callable[[nn.Module, Any], Embeddings]
-
-_EMBED_HINT = (
-    "pass embed=fn where fn(model, batch) -> jeststream.losses.Embeddings(image, text, "
-    "logit_scale, logit_bias) with L2-normalised [B, d] embeddings"
-)
-
-
-def default_embed(model: nn.Module, batch: Any) -> Embeddings:
-    """Embeddings of an open_clip-style model for a batch of (images, tokenized texts, ...).
-
-    A tuple/list batch takes images and texts from positions 0 and 1 (further positions, e.g.
-    webdataset keys, are ignored here); a dict batch uses ``"image"`` and ``"text"``. Text towers
-    that are causal and pool at the end-of-text token (open_clip's CLIP) run on captions trimmed
-    to the length they need (:mod:`jeststream.text_trim`: the same embeddings, fewer FLOPs).
-    """
-    if isinstance(batch, Mapping):
-        missing = [k for k in ("image", "text") if k not in batch]
-        if missing:
-            raise TypeError(
-                f"a dict batch needs 'image' and 'text' entries for the default embed; missing "
-                f"{missing} (keys: {sorted(map(str, batch.keys()))}); or {_EMBED_HINT}"
-            )
-        images, texts = batch["image"], batch["text"]
-    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        images, texts = batch[0], batch[1]
-    else:
-        raise TypeError(
-            f"the default embed understands tuple/list batches (images, texts, ...) and dict "
-            f"batches with 'image'/'text', got a {type(batch).__name__}; {_EMBED_HINT}"
-        )
-    for name, value in (("images", images), ("texts", texts)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"the default embed needs {name} as a tensor, got {type(value).__name__} "
-                "(tokenize texts in the base loader, e.g. with open_clip.get_tokenizer); "
-                f"or {_EMBED_HINT}"
-            )
-    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
-        raise TypeError(
-            f"the default embed needs an open_clip-style model with encode_image/encode_text, "
-            f"got {type(model).__name__}; {_EMBED_HINT}"
-        )
-    # Images smaller than the ViT's native size (low-resolution learner scoring) run with
-    # resampled positional embeddings; at the native size this is open_clip's forward.
-    image = encode_image_resampled(model, images, normalize=True)
-    # Padding after each caption's end-of-text token cannot change a causal, EOT-pooled text
-    # embedding: run such towers on trimmed captions (exact; None for any other tower).
-    text = encode_text_trimmed(model, texts, normalize=True)
-    if text is None:
-        text = model.encode_text(texts, normalize=True)
-    logit_scale = model.logit_scale.exp()
-    logit_bias = getattr(model, "logit_bias", None)
-    return Embeddings(image, text, logit_scale, logit_bias)
-
-
-def freeze_reference(reference: nn.Module) -> nn.Module:
-    """Put the reference in eval mode with gradients off, then verify it stayed that way."""
-    reference = unwrap_model(reference)
-    reference.eval()
-    reference.requires_grad_(False)
-    trainable = [n for n, p in reference.named_parameters() if p.requires_grad]
-    training = [n or "<root>" for n, m in reference.named_modules() if m.training]
-    if trainable or training:
-        # A module overriding eval()/requires_grad_() could leave itself trainable; fail early.
-        raise ValueError(
-            f"the reference model is not frozen after eval() and requires_grad_(False): "
-            f"trainable parameters {trainable[:5]}, modules in training mode {training[:5]}"
-        )
-    return reference
-
-
-def check_embeddings(e: Any, who: str, super_batch_size: int) -> Embeddings:
-    """Validate an embed() result and return it in float32 (selection maths wants fp32)."""
-    if not (isinstance(e, tuple) and len(e) == 4):
-        raise TypeError(
-            f"embed() for the {who} returned {type(e).__name__}; it must return "
-            "jeststream.losses.Embeddings(image, text, logit_scale, logit_bias)"
-        )
-    image, text, scale, bias = e
-    for name, t in (("image", image), ("text", text), ("logit_scale", scale)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"the {who}'s {name} embedding is a {type(t).__name__}, not a tensor")
-    if image.ndim != 2 or text.ndim != 2:
-        raise ValueError(
-            f"the {who}'s embeddings must be [B, d]; got image {tuple(image.shape)} and text "
-            f"{tuple(text.shape)}"
-        )
-    if image.shape != text.shape:
-        raise ValueError(
-            f"the {who}'s image and text embeddings can't be compared: image "
-            f"{tuple(image.shape)} vs text {tuple(text.shape)} (same batch and width needed)"
-        )
-    if image.shape[0] != super_batch_size:
-        raise ValueError(
-            f"the {who} returned {image.shape[0]} embeddings for a super-batch of "
-            f"{super_batch_size} examples; embed() must return one row per example"
-        )
-    if scale.numel() != 1:
-        raise ValueError(
-            f"the {who}'s logit_scale must be a scalar, got shape {tuple(scale.shape)}"
-        )
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            bias = torch.as_tensor(bias, device=image.device)
-        if bias.numel() != 1:
-            raise ValueError(f"the {who}'s logit_bias must be a scalar, got {tuple(bias.shape)}")
-        bias = bias.float().reshape(()).clone()
-    # The scalars are cloned: default_embed returns the snapshot's own logit_bias parameter (and
-    # a custom embed may return parameters), which the next refresh overwrites in place while
-    # selection still reads these embeddings.
-    return Embeddings(image.float(), text.float(), scale.float().reshape(()).clone(), bias)
 
 
 class ScoreResult(NamedTuple):
@@ -144,12 +45,6 @@ class ScoreResult(NamedTuple):
     reference: Embeddings | None
     version: int
     seconds: float
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.get_autocast_dtype(device.type)
 
 
 class Scorer:
@@ -166,6 +61,12 @@ class Scorer:
     them as they are). With
     ``score_learner=False`` (``criterion="easy_reference"``, whose score ignores the learner)
     the snapshot is not run at all and the result's ``learner`` is None.
+
+    Every embed result goes through :func:`~jeststream.embed.check_embeddings`: with ``loss``,
+    a learner bias that contradicts it raises (a reference's, or with ``loss_fallback`` -- the
+    loss was nobody's choice -- it only warns, once); a user's ``embed`` whose ``logit_scale`` looks un-exponentiated is
+    warned about once per model. Without ``embed``, a model the default embed does not know
+    raises TypeError here, at construction.
     """
 
     def __init__(
@@ -177,6 +78,8 @@ class Scorer:
         score_transform: Callable[[Any], Any] | None = None,
         score_learner: bool = True,
         score_resolution: int | None = None,
+        loss: str | None = None,
+        loss_fallback: bool = False,
     ) -> None:
         check_resolution(score_resolution, "score_resolution", optional=True)
         if not score_learner and reference is None:
@@ -202,10 +105,25 @@ class Scorer:
         self.score_transform = score_transform
         self.score_learner = bool(score_learner)
         self.score_resolution = score_resolution
+        self.loss = loss
+        self.loss_fallback = bool(loss_fallback)
+        self._warned: set = set()  # warnings given once per loader and model
+        if embed is None:  # fail now, not at the first next() in the producer thread
+            if self.score_learner:
+                check_default_embed(snapshot.live, "learner")
+            if self.reference is not None:
+                check_default_embed(self.reference, "reference")
+
+    def _check(self, raw: Any, who: str, size: int, *, user_embed: bool) -> Embeddings:
+        # the loss is the learner's: a reference of another family is warned about, not refused
+        return check_embeddings(
+            raw, who, size, loss=self.loss, loss_fallback=self.loss_fallback,
+            loss_strict=who == "learner", check_scale=user_embed, warned=self._warned,
+        )
 
     def _autocast(self, for_learner: bool):
         if is_accelerator(self.device):
-            return torch.autocast(self.device.type, dtype=_autocast_dtype(self.device))
+            return torch.autocast(self.device.type, dtype=autocast_dtype(self.device))
         if for_learner and self.snapshot.dtype is not None:
             return torch.autocast("cpu", dtype=self.snapshot.dtype)
         return contextlib.nullcontext()
@@ -227,12 +145,13 @@ class Scorer:
         with torch.inference_mode():
             ref = None
             if self.cache is not None:
-                ref = check_embeddings(self._lookup(keys, batch, super_batch_size),
-                                       "reference cache", super_batch_size)
+                ref = self._check(self._lookup(keys, batch, super_batch_size),
+                                  "reference cache", super_batch_size, user_embed=False)
             elif self.reference is not None:
                 with self._autocast(for_learner=False):
                     raw = self.embed(self.reference, batch)
-                ref = check_embeddings(raw, "reference", super_batch_size)
+                ref = self._check(raw, "reference", super_batch_size,
+                                  user_embed=self.embed is not default_embed)
             learner = None
             if not self.score_learner:
                 version = self.snapshot.version
@@ -249,7 +168,8 @@ class Scorer:
                 ):
                     with self._autocast(for_learner=True):
                         raw = self.embed(module, learner_batch)
-                    learner = check_embeddings(raw, "learner", super_batch_size)
+                    learner = self._check(raw, "learner", super_batch_size,
+                                          user_embed=self.embed is not default_embed)
         return ScoreResult(learner, ref, version, time.perf_counter() - t0)
 
     @property

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from jeststream.embed import unwrap_model  # the model protocol's; re-exported here
+
 __all__ = ["LearnerSnapshot", "scheduled_step", "scoring_device", "unwrap_model", "is_accelerator"]
 
 logger = logging.getLogger(__name__)
@@ -53,22 +55,6 @@ def scheduled_step(step: int, *, start: int, lag: int, refresh_every: int) -> in
     if s <= start or refresh_every == 0:
         return start
     return max(start, s - s % refresh_every)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    for _ in range(16):  # wrappers nest (compile(DDP(model))), but never deeply
-        orig = getattr(model, "_orig_mod", None)
-        if isinstance(orig, nn.Module):
-            model = orig
-            continue
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-            continue
-        break
-    return model
 
 
 def is_accelerator(device: torch.device) -> bool:

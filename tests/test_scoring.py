@@ -56,7 +56,8 @@ def test_freeze_reference_does_and_checks():
 
 
 def test_check_embeddings():
-    e = Embeddings(torch.randn(4, 3, dtype=torch.bfloat16), torch.randn(4, 3), torch.tensor(2.0), 1.0)
+    unit = nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    e = Embeddings(unit.to(torch.bfloat16), unit, torch.tensor(20.0), 1.0)
     out = check_embeddings(e, "learner", 4)
     assert out.image.dtype == torch.float32 and out.logit_bias.shape == ()
     with pytest.raises(TypeError, match="must return"):
