@@ -168,4 +168,3 @@ def read_run_config(log_path: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(config, dict):
         raise ValueError(f"{p}: a run configuration must be a JSON object, got {type(config)}")
     return config
-

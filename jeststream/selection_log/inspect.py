@@ -161,7 +161,6 @@ def _format(summary: dict[str, Any], path: Path | str) -> str:
     return "\n".join(lines)
 
 
-
 def inspect_main(argv: Sequence[str] | None = None) -> int:
     """`jeststream inspect LOG [LOG ...] [--top N] [--export-selected OUT.txt] [--json]`."""
     parser = argparse.ArgumentParser(

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 _PARQUET_MAGIC = b"PAR1"
 
+
 def is_parquet(path: str | os.PathLike) -> bool:
     """Whether the file at ``path`` is a Parquet file (a single-file log of older jeststream)."""
     with open(path, "rb") as f:
@@ -274,7 +275,6 @@ def read_selection_log(path: str | os.PathLike, *, dedupe: bool = True) -> dict[
             logger.info("%s: %d records rewritten after a resume", path, len(ids) - len(keep))
             cols = {c: ([v[i] for i in keep] if c == "key" else v[keep]) for c, v in cols.items()}
     return cols
-
 
 
 def concat_columns(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -76,7 +76,6 @@ def _append_jsonl(fd: int, data: bytes) -> None:
     os.fsync(fd)
 
 
-
 # -- sinks: the on-disk formats. write() runs on the writer thread and is durable on return ------
 
 
@@ -149,7 +148,6 @@ def _jsonl_bytes(chunks: list[dict[str, Any]]) -> bytes:
                 f'[{"null" if k is None else enc(k)}{head}{p},{sc},{"true" if sel else "false"}]'
             )
     return ("\n".join(lines) + "\n").encode("ascii")
-
 
 
 def _old_single_file_error(path: Path) -> ValueError:
@@ -280,4 +278,3 @@ class JsonlFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-

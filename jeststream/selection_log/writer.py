@@ -57,7 +57,6 @@ def _close_open_logs() -> None:
             logger.exception("could not close selection log %s at exit", log.path)
 
 
-
 def _column(x: Any, dtype: type) -> np.ndarray:
     """A 1-d numpy copy of ``x`` (a torch tensor on any device, an array or a sequence).
 
@@ -68,7 +67,6 @@ def _column(x: Any, dtype: type) -> np.ndarray:
         x = x.float() if dtype is np.float32 else x.bool()
         x = x.numpy()
     return np.array(x, dtype=dtype).reshape(-1)  # a copy: the caller's tensor may be reused
-
 
 
 # -- the writer thread -----------------------------------------------------------------------
@@ -408,4 +406,3 @@ class SelectionLog:
             self.close()
         except Exception:  # noqa: BLE001 -- never raise from GC
             pass
-
