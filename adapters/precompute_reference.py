@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from jeststream.mds_index import mds_shards
 from jeststream.reference_cache import (
     DTYPES,
     init_cache,
@@ -172,21 +173,7 @@ def _wds_shards(spec: str) -> list[_Shard]:
 
 
 def _mds_shards(local: str) -> list[_Shard]:
-    index = Path(local) / "index.json"
-    if not index.is_file():
-        raise ValueError(f"--mds {local}: no index.json (not an MDS dataset directory)")
-    out, offset = [], 0
-    for info in json.loads(index.read_text())["shards"]:
-        basename = info["raw_data"]["basename"]
-        if not (Path(local) / basename).is_file():
-            raise ValueError(
-                f"--mds {local}: shard {basename} is not there (compressed or remote shards: "
-                "download and decompress them into the directory first)"
-            )
-        name = basename[: -len(".mds")] if basename.endswith(".mds") else basename
-        out.append(_Shard(name, str(Path(local) / basename), int(info["samples"]), offset, info))
-        offset += int(info["samples"])
-    return out
+    return [_Shard(s.name, s.path, s.samples, s.offset, s.info) for s in mds_shards(local)]
 
 
 class _Counter:

@@ -9,8 +9,8 @@ row, the write time and the time ``read_selection_log`` takes. The scores and se
 random (normal float32 scores, 128 of 640 selected), which is what a float column's size
 depends on.
 
-``--compare-to REV`` also writes the same records with ``jeststream/selection_log.py`` as of
-git revision REV (loaded from ``git show``, e.g. the commit before the format changed) and
+``--compare-to REV`` also writes the same records with jeststream's selection log as of git
+revision REV (loaded from ``git show``, e.g. the commit before the format changed) and
 reports both, with the ratios: the same records, the same machine, the same run.
 
     python benchmarks/selection_log_size.py                       # this checkout
@@ -39,16 +39,35 @@ from jeststream import selection_log
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+
+
 def _module_at(rev: str, tmp: Path) -> ModuleType:
-    """jeststream/selection_log.py as of git revision ``rev``, imported under its own name."""
-    src = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{rev}:jeststream/selection_log.py"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    file = tmp / f"selection_log_{rev}.py"
-    file.write_text(src)
+    """jeststream's selection log as of git revision ``rev`` (the module
+    ``jeststream/selection_log.py`` before it became a package, the package since), imported
+    under its own name: the package's imports of itself are pointed at that name."""
     name = f"_selection_log_{rev}"
-    spec = importlib.util.spec_from_file_location(name, file)
+    if _git("cat-file", "-e", f"{rev}:jeststream/selection_log.py").returncode == 0:
+        files = {"__init__": "jeststream/selection_log.py"}
+    else:
+        listing = _git("ls-tree", "--name-only", f"{rev}:jeststream/selection_log/")
+        if listing.returncode != 0:
+            raise SystemExit(f"--compare-to {rev}: no selection log there ({listing.stderr})")
+        files = {
+            f[: -len(".py")]: f"jeststream/selection_log/{f}"
+            for f in listing.stdout.split()
+            if f.endswith(".py")
+        }
+    package = tmp / name
+    package.mkdir()
+    for stem, path in files.items():
+        show = _git("show", f"{rev}:{path}")
+        show.check_returncode()
+        (package / f"{stem}.py").write_text(show.stdout.replace("jeststream.selection_log", name))
+    spec = importlib.util.spec_from_file_location(
+        name, package / "__init__.py", submodule_search_locations=[str(package)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -112,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128, help="b (default: the demo's)")
     p.add_argument("--n", type=int, default=5, help="base batches per super-batch (ratio 0.2)")
     p.add_argument("--pool", type=int, default=16384, help="distinct keys (the demo's pool)")
-    p.add_argument("--compare-to", metavar="REV", help="also measure selection_log.py at REV")
+    p.add_argument("--compare-to", metavar="REV", help="also measure the selection log at REV")
     args = p.parse_args(argv)
     report = {
         "benchmark": "selection_log_size",

@@ -412,7 +412,7 @@ def _write_big_log(path: Path, n_keys: int, epochs: int, super_batch: int, sub_b
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jeststream.selection_log import _schema
+    from jeststream.selection_log.format import schema as _schema
 
     rng = np.random.default_rng(0)
     path.mkdir()

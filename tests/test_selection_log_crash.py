@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from jeststream import selection_log as sl
 from jeststream.selection_log import SelectionLog, SelectionLogError, read_selection_log
+from jeststream.selection_log import sinks as sl  # the durable file primitives
 
 FORMATS = ["log.parquet", "log.jsonl"]
 SIZE = 6
@@ -52,7 +52,8 @@ def _run_child(body: str) -> subprocess.CompletedProcess:
         """
         import os, signal
         import numpy as np
-        from jeststream import selection_log as sl
+        from jeststream.selection_log import SelectionLog
+        from jeststream.selection_log import sinks as sl
         def write(log, step):
             log.write(keys=[f"k{step}_{i}" for i in range(6)], epoch=0, step=step,
                       scores=np.arange(6, dtype=np.float32) + step * 10,
@@ -74,7 +75,7 @@ def test_kill_9_keeps_every_flushed_row_and_resume_only_appends(tmp_path, name):
     path = tmp_path / name
     proc = _run_child(
         f"""
-        log = sl.SelectionLog({str(path)!r}, flush_every=12)  # hand-offs after steps 1 and 3
+        log = SelectionLog({str(path)!r}, flush_every=12)  # hand-offs after steps 1 and 3
         for step in range(4):
             write(log, step)
         log.flush()  # what a checkpoint after step 3 does: durable on return
@@ -109,7 +110,7 @@ def test_kill_in_the_middle_of_a_segment_write_leaves_only_an_ignored_temp_file(
     path = tmp_path / "log.parquet"
     proc = _run_child(
         f"""
-        log = sl.SelectionLog({str(path)!r})
+        log = SelectionLog({str(path)!r})
         write(log, 0)
         log.flush()
         real = sl._write_parquet_segment
@@ -145,7 +146,7 @@ def test_kill_between_the_step_rows_and_their_segment_leaves_nothing_read(tmp_pa
     path = tmp_path / "log.parquet"
     proc = _run_child(
         f"""
-        log = sl.SelectionLog({str(path)!r})
+        log = SelectionLog({str(path)!r})
         write(log, 0)
         log.flush()
         real = sl._write_parquet_segment
