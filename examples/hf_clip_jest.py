@@ -110,36 +110,24 @@ class StopAt:
         return _Stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output dir: data, model, checkpoints, logs")
-    p.add_argument("--examples", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=8, help="per-device train batch size")
-    p.add_argument("--ratio", type=float, default=0.25)
-    p.add_argument("--max-steps", type=int, default=6)
-    p.add_argument("--save-steps", type=int, default=2)
-    p.add_argument("--stop-after", type=int, help="end after this step (simulates a crash)")
-    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)  # a tiny model on a shared CPU: threads only spin
-
+def prepare(out: Path, *, examples: int = 96, batch_size: int = 8, max_steps: int = 6,
+            save_steps: int = 2):
+    """(model, reference, training_args, dataset): everything run_clip.py sets up before it
+    builds its Trainer, on data and a tiny model written under ``out``."""
     from datasets import load_dataset
     from PIL import Image
     from transformers import TrainingArguments
 
-    from jeststream.adapters.transformers_trainer import JESTTrainer
-
-    out = Path(args.out)
     rank = int(os.environ.get("RANK", 0))
     data = out / "data"
     files = sorted(str(f) for f in data.glob("*.parquet"))
     if not files:
         if rank == 0:
-            write_shards(data, args.examples, per_shard=32)
+            write_shards(data, examples, per_shard=32)
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             import time
 
-            while len(list(data.glob("*.parquet"))) < -(-args.examples // 32):
+            while len(list(data.glob("*.parquet"))) < -(-examples // 32):
                 time.sleep(0.1)  # the other ranks wait for rank 0's shards
             time.sleep(0.5)
         files = sorted(str(f) for f in data.glob("*.parquet"))
@@ -160,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     dataset.set_transform(transform)
     training_args = TrainingArguments(
         output_dir=str(out / "run"),
-        per_device_train_batch_size=args.batch_size,
-        max_steps=args.max_steps,
+        per_device_train_batch_size=batch_size,
+        max_steps=max_steps,
         learning_rate=1e-3,
-        save_steps=args.save_steps,
+        save_steps=save_steps,
         logging_steps=1,
         seed=0,
         use_cpu=True,
@@ -174,6 +162,29 @@ def main(argv: list[str] | None = None) -> int:
         save_safetensors=True,
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
+    )
+    return model, reference, training_args, dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output dir: data, model, checkpoints, logs")
+    p.add_argument("--examples", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=8, help="per-device train batch size")
+    p.add_argument("--ratio", type=float, default=0.25)
+    p.add_argument("--max-steps", type=int, default=6)
+    p.add_argument("--save-steps", type=int, default=2)
+    p.add_argument("--stop-after", type=int, help="end after this step (simulates a crash)")
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # a tiny model on a shared CPU: threads only spin
+    from jeststream.adapters.transformers_trainer import JESTTrainer
+
+    out = Path(args.out)
+    rank = int(os.environ.get("RANK", 0))
+    model, reference, training_args, dataset = prepare(
+        out, examples=args.examples, batch_size=args.batch_size, max_steps=args.max_steps,
+        save_steps=args.save_steps,
     )
     trainer = JESTTrainer(
         model=model,

@@ -96,6 +96,22 @@ def two_tower_example(base_loader) -> None:
     print(f"two-tower embed: {len(chosen)} JEST steps of {B}")
 
 
+def hf_trainer_example(out: Path) -> None:
+    """The README's JESTTrainer example, on examples/hf_clip_jest.py's tiny CLIPModel and data."""
+    from hf_clip_jest import collate_fn, prepare
+
+    model, reference, args, train_dataset = prepare(out, examples=64, max_steps=2, save_steps=2)
+    # README: hf-trainer
+    from jeststream.adapters.transformers_trainer import JESTTrainer
+
+    trainer = JESTTrainer(model=model, args=args, train_dataset=train_dataset,
+                          data_collator=collate_fn, jest_reference=reference, jest_ratio=0.2)
+    trainer.train()
+    # /README
+    assert trainer.state.global_step == 2, trainer.state.global_step
+    print(f"JESTTrainer: {trainer.state.global_step} steps, loss {trainer.jest_loader.loss}")
+
+
 def main() -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,6 +158,7 @@ def main() -> int:
         assert Path("runs/selection.jsonl").stat().st_size > 0
 
         two_tower_example(base_loader)
+        hf_trainer_example(Path(tmp) / "hf")
 
         # README: selection-core
         from jeststream import independent_sample, joint_sample_from_embeddings
