@@ -22,13 +22,13 @@ from jeststream.adapters.webdataset import (
     BadShardWarning,
     ShardErrorCounter,
     TruncatedShardError,
-    _tar_members,
     checked_tarfile_samples,
     checked_tarfile_to_samples,
     checked_webdataset,
     decode_image,
     expand_urls,
     normalize_batch,
+    tar_members,
     webdataset_loader,
 )
 from jeststream.loader import JESTLoader
@@ -200,7 +200,7 @@ def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
     if fmt == "gz":
         tar_format = tarfile.PAX_FORMAT
     path = _tar_with(tmp_path / f"s.{fmt}.tar", members, tar_format, "w:gz" if fmt == "gz" else "w")
-    assert list(_tar_members(str(path))) == members
+    assert list(tar_members(str(path))) == members
 
 
 def test_tar_reader_refuses_every_truncation(tmp_path):
@@ -213,14 +213,14 @@ def test_tar_reader_refuses_every_truncation(tmp_path):
     for cut in range(0, end, 97):
         (tmp_path / "cut.tar").write_bytes(full[:cut])
         with pytest.raises(TruncatedShardError):
-            list(_tar_members(str(tmp_path / "cut.tar")))
+            list(tar_members(str(tmp_path / "cut.tar")))
     (tmp_path / "cut.tar").write_bytes(full[:end])  # the end block itself, no record padding
-    assert list(_tar_members(str(tmp_path / "cut.tar"))) == members
+    assert list(tar_members(str(tmp_path / "cut.tar"))) == members
     broken = bytearray(full)
     broken[512 + 600] ^= 0xFF  # inside the second member's header: checksum no longer holds
     (tmp_path / "bad.tar").write_bytes(bytes(broken))
     with pytest.raises(TruncatedShardError, match="bad checksum"):
-        list(_tar_members(str(tmp_path / "bad.tar")))
+        list(tar_members(str(tmp_path / "bad.tar")))
 
 
 def _raw(sample):

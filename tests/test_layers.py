@@ -48,8 +48,7 @@ KNOWN_CORE_IMPORTS_ADAPTER: set[tuple[str, str]] = set()
 
 # (c) (importing module, owning module, private name or patched attribute).
 KNOWN_PRIVATE_REACH_INS: set[tuple[str, str, str]] = {
-    ("benchmarks.pipeline", "jeststream.adapters.webdataset", "_tar_members"),
-    ("benchmarks.pipeline", "jeststream.adapters.webdataset", "checked_tarfile_samples"),
+    ("benchmarks.pipeline", "jeststream.adapters.wds_dataset", "checked_tarfile_samples"),
     ("benchmarks.selection", "jeststream.selection", "_draw"),
     ("benchmarks.temperature_probe", "jeststream.loader", "measure_draws"),
     ("benchmarks.temperature_probe", "jeststream.selection", "_draw"),
