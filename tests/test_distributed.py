@@ -22,6 +22,9 @@ import torch.distributed as dist
 from conftest import TINY_CONTEXT, toy_tokenize
 from helpers import N_SHARDS, PER_SHARD, init_gloo, run_ranks, write_wds_shards
 
+# Every test here shares a module fixture that runs real gloo ranks (tens of seconds in all).
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 B = 4  # training batch size
 CTX = TINY_CONTEXT

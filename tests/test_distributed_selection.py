@@ -10,6 +10,7 @@ import os
 import random
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -150,6 +151,7 @@ def test_global_equals_blocked_three_ranks(tmp_path):
     _check_equality(tmp_path, 3)
 
 
+@pytest.mark.slow
 def test_benchmark_quick_smoke():
     """benchmarks/distributed.py --quick runs its 2 ranks and prints sane JSON (no timing
     assertions: speed is the benchmark's business)."""

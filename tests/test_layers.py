@@ -369,3 +369,18 @@ def test_no_module_reaches_into_another_modules_privates(modules):
     _compare(private_reach_ins(modules), KNOWN_PRIVATE_REACH_INS,
              "reach-ins into another module's private names or attributes",
              "give what is needed a public name or a public hook")
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py and tests/conftest.py: importing a test module
+    from another runs its module-level code twice over and couples unrelated files."""
+    tests = scan(discover({"tests": ROOT / "tests"}))
+    found = {
+        (m.name, i.target if i.name is None else f"{i.target}.{i.name}")
+        for m in tests.values()
+        for i in m.imports
+        if i.target.split(".")[-1].startswith("test_")
+        or i.target.startswith("tests.test_")
+        or (i.target in ("tests", "") and (i.name or "").startswith("test_"))
+    }
+    assert not found, sorted(found)
