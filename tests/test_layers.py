@@ -8,8 +8,9 @@ The rules (docs/design.md, "Layers"):
     (``jeststream.adapters``, the top-level ``adapters/`` folder) at module level -- only
     lazily, inside the function that needs it;
 (c) no module reaches into another's private names: no ``from x import _name``, no
-    ``module._name`` on an imported module, and no assignment to another module's attribute
-    (monkeypatching it from outside), within ``jeststream``, ``adapters/`` and ``benchmarks/``.
+    ``module._name`` on an imported module, and no patching of another module's attribute
+    from outside (assignment, ``setattr``, ``mock.patch.object``), within ``jeststream``,
+    ``adapters/`` and ``benchmarks/``.
 
 Each rule's violations are enumerated and compared with its ``KNOWN_*`` set, which may only
 shrink: a new violation fails, and so does a listed one that was fixed (remove it from the set,
