@@ -14,7 +14,7 @@ WDS1_VENV := build/venv-wds1
 WDS1_PY   := $(WDS1_VENV)/bin/python
 WDS1      := webdataset==1.0.2
 
-.PHONY: demo test test-wds1 browser soak lint bench clean
+.PHONY: demo test test-fast test-wds1 browser soak lint bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ test: $(VENV)/.dev browser
 	$(VENV)/bin/ruff check jeststream adapters tests benchmarks examples
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-wds1
+
+# The loop to live in while changing code: everything but the slow and soak tests (make test,
+# which CI runs, has them all).
+test-fast: $(VENV)/.dev
+	$(VENV)/bin/ruff check jeststream adapters tests benchmarks examples
+	$(PY) -m pytest -q -m "not slow and not soak"
 
 $(WDS1_VENV)/.ready: $(VENV)/.dev
 	rm -rf $(WDS1_VENV)

@@ -221,10 +221,10 @@ def _with_group_by_keys(shards, handler=None):
     """The checked tar reader grouped by webdataset's own group_by_keys (the comparator)."""
     from webdataset.tariterators import group_by_keys
 
-    from jeststream.adapters.webdataset import _tar_members
+    from jeststream.adapters.webdataset import tar_members
 
     for url in shards:
-        files = ({"fname": n, "data": d, "__url__": url} for n, d in _tar_members(url))
+        files = ({"fname": n, "data": d, "__url__": url} for n, d in tar_members(url))
         yield from group_by_keys(files)
 
 
@@ -247,6 +247,7 @@ def shards(n_shards: int, per_shard: int, b: int, buffer: int, repeats: int) -> 
 
     import webdataset as wds
 
+    import jeststream.adapters.wds_dataset as dataset
     import jeststream.adapters.webdataset as adapter
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,7 +286,7 @@ def shards(n_shards: int, per_shard: int, b: int, buffer: int, repeats: int) -> 
                     _with_group_by_keys if "group_by_keys" in name
                     else adapter.checked_tarfile_samples
                 )
-                with mock.patch.object(adapter, "checked_tarfile_samples", grouping):
+                with mock.patch.object(dataset, "checked_tarfile_samples", grouping):
                     loader = adapter.webdataset_loader(urls, b, shuffle_buffer=shuffle_buffer)
                     t0 = time.perf_counter()
                     got = sum(1 for _ in loader)

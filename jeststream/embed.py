@@ -10,8 +10,8 @@ families jeststream recognises (:func:`model_family`): open_clip's ``CLIP`` /
 without a word: features that are not unit-norm, a bias that contradicts the loss, a
 ``logit_scale`` that looks like its log (warned).
 
-Layering: this module imports nothing of jeststream at import time (it is the bottom layer that
-:mod:`jeststream.scoring` and :mod:`jeststream.reference_cache` both build on). Each family's
+Layering: at import time this module imports only the leaf :mod:`jeststream.device` (it is the
+bottom layer that :mod:`jeststream.scoring` and :mod:`jeststream.reference_cache` both build on). Each family's
 forward is imported when a model of that family is first embedded: :mod:`jeststream.low_res`
 and :mod:`jeststream.text_trim` (torch-only leaves) for open_clip, and
 :mod:`jeststream.adapters.transformers` for a model whose class comes from the ``transformers``
@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from jeststream.device import unwrap_model
 
 __all__ = [
     "EmbedFn",
@@ -75,22 +77,6 @@ class Embeddings(NamedTuple):
 
 
 EmbedFn = Callable[[nn.Module, Any], Embeddings]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    for _ in range(16):  # wrappers nest (compile(DDP(model))), but never deeply
-        orig = getattr(model, "_orig_mod", None)
-        if isinstance(orig, nn.Module):
-            model = orig
-            continue
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-            continue
-        break
-    return model
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from jeststream.batch import map_tensors
-from jeststream.snapshot import is_accelerator
+from jeststream.device import is_accelerator
 
 __all__ = [
     "END",

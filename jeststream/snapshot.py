@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from jeststream.embed import unwrap_model  # the model protocol's; re-exported here
+# unwrap_model and is_accelerator were first defined here; they stay importable from here
+from jeststream.device import current_stream, is_accelerator, unwrap_model
 
 __all__ = ["LearnerSnapshot", "scheduled_step", "scoring_device", "unwrap_model", "is_accelerator"]
 
@@ -55,14 +56,6 @@ def scheduled_step(step: int, *, start: int, lag: int, refresh_every: int) -> in
     if s <= start or refresh_every == 0:
         return start
     return max(start, s - s % refresh_every)
-
-
-def is_accelerator(device: torch.device) -> bool:
-    return device.type not in ("cpu", "meta")
-
-
-def _current_stream(device: torch.device) -> torch.Stream:
-    return torch.accelerator.current_stream(device)
 
 
 def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
@@ -301,10 +294,10 @@ class LearnerSnapshot:
                         "shapes"
                     )
             if accel and slot.used_event is not None:
-                _current_stream(self.device).wait_event(slot.used_event)
+                current_stream(self.device).wait_event(slot.used_event)
             _copy_all([d for _, d in pairs], [s for s, _ in pairs])
             if accel:
-                slot.ready_event = _current_stream(self.device).record_event()
+                slot.ready_event = current_stream(self.device).record_event()
         except BaseException:
             with self._cond:  # the slot holds a partial copy: free, never readable
                 slot.writing = False
@@ -361,12 +354,12 @@ class LearnerSnapshot:
             slot.readers += 1
         try:
             if accel and slot.ready_event is not None:
-                _current_stream(self.device).wait_event(slot.ready_event)
+                current_stream(self.device).wait_event(slot.ready_event)
             yield slot.module, int(slot.version)
         finally:
             with self._cond:
                 if accel:
-                    slot.used_event = _current_stream(self.device).record_event()
+                    slot.used_event = current_stream(self.device).record_event()
                 slot.readers -= 1
                 self._cond.notify_all()
 
@@ -467,7 +460,7 @@ class LearnerSnapshot:
                 for name, dst in _named_tensors(slot.module):
                     dst.copy_(v["tensors"][name])
                 if is_accelerator(self.device):
-                    slot.ready_event = _current_stream(self.device).record_event()
+                    slot.ready_event = current_stream(self.device).record_event()
                 self._publish(slot, int(v["version"]), int(v["step"]))
             self.version = max(int(state.get("version", 0)), self.version)
 

@@ -136,6 +136,12 @@ class ResumableList(list):
         self.pos = state["pos"]
 
 
+@pytest.fixture(scope="module")
+def models():
+    """(learner, reference): two tiny open_clip CLIPs (seeds 0 and 1), one pair per module."""
+    return make_tiny_clip(seed=0), make_tiny_clip(seed=1)
+
+
 @pytest.fixture
 def tiny_clip():
     return make_tiny_clip

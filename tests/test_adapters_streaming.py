@@ -11,17 +11,18 @@ import numpy as np
 import open_clip  # noqa: F401 -- dev extra: a missing one must fail, not skip
 import pytest
 from conftest import toy_tokenize
+from helpers import jest_loader
 from PIL import Image
 from streaming import MDSWriter
 from streaming.base.util import clean_stale_shared_memory
 
 from jeststream.adapters.streaming import streaming_loader
-from jeststream.loader import JESTLoader
 from jeststream.selection_log import read_selection_log
 
 B = 4
 N = 48
 CTX = 16
+SEED = 5  # the JESTLoader's
 
 
 tokenize = toy_tokenize
@@ -54,18 +55,6 @@ def mds(tmp_path):
     return str(out), {f"m{i:04d}" for i in range(N)}
 
 
-@pytest.fixture(scope="module")
-def models():
-    from conftest import make_tiny_clip
-
-    return make_tiny_clip(seed=0), make_tiny_clip(seed=1)
-
-
-def _jest(base, models, **kw):
-    learner, reference = models
-    return JESTLoader(base, learner, reference, ratio=0.5, n_chunks=2, seed=5, **kw)
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_jest_over_mds_shards(mds, models, tmp_path, num_workers):
     local, all_keys = mds
@@ -74,7 +63,7 @@ def test_jest_over_mds_shards(mds, models, tmp_path, num_workers):
     )
     log = tmp_path / "sel.jsonl"
     seen = []
-    with _jest(base, models, selection_log=log) as jest:
+    with jest_loader(base, models, seed=SEED, selection_log=log) as jest:
         assert jest.batch_size == B
         for batch in jest:
             assert batch["image"].shape == (B, 3, 32, 32)
@@ -94,11 +83,12 @@ def test_mid_epoch_resume_in_a_new_process_state(mds, models, num_workers):
     local, _ = mds
 
     def make():
-        return _jest(
+        return jest_loader(
             streaming_loader(
                 local, B, tokenizer=tokenize, num_workers=num_workers, shuffle=True
             ),
             models,
+            seed=SEED,
         )
 
     with make() as jest:
@@ -129,7 +119,7 @@ def test_resume_into_already_iterated_loader_is_not_stale(mds, models):
     epoch is 'stale' and silently ignored; the adapter rewinds the epoch counter."""
     local, _ = mds
     base = streaming_loader(local, B, tokenizer=tokenize)
-    with _jest(base, models) as jest:
+    with jest_loader(base, models, seed=SEED) as jest:
         [b for b in jest]  # epoch 0
         it = iter(jest)  # epoch 1
         next(it)
@@ -168,7 +158,7 @@ def test_remote_is_cached_into_local(mds, tmp_path, models):
     remote, all_keys = mds  # a "remote" on the filesystem: streaming copies shards to `local`
     cache = tmp_path / "cache"
     base = streaming_loader(str(cache), B, remote=remote, tokenizer=tokenize, as_tuple=True)
-    with _jest(base, models) as jest:
+    with jest_loader(base, models, seed=SEED) as jest:
         keys = [k for _, _, ks in jest for k in ks]
     assert len(keys) == N // 2 and set(keys) <= all_keys
     assert list(cache.glob("shard.*.mds"))
@@ -191,7 +181,7 @@ def test_corrupt_image_bytes_name_the_sample(tmp_path, models):
             data = buf.getvalue() if i != 5 else b"\x89PNG not really"
             w.write({"key": f"c{i}", "image": data, "text": f"caption {i}"})
     base = streaming_loader(str(out), B, tokenizer=tokenize)
-    with _jest(base, models) as jest, pytest.raises(ValueError) as err:
+    with jest_loader(base, models, seed=SEED) as jest, pytest.raises(ValueError) as err:
         next(iter(jest))
     text = "".join(str(e) for e in (err.value, err.value.__cause__))
     assert "MDS sample 5 (key 'c5')" in text and "re-encode or remove" in text

@@ -63,13 +63,6 @@ def collate(samples):
 
 
 @pytest.fixture(scope="module")
-def models():
-    from conftest import make_tiny_clip
-
-    return make_tiny_clip(seed=0), make_tiny_clip(seed=1)
-
-
-@pytest.fixture(scope="module")
 def duals():
     # The learner does not train in these tests: each restore must then reproduce the run
     # exactly whatever the snapshot schedule (the training case is tests/test_loader.py's).

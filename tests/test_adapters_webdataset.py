@@ -15,6 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 from conftest import toy_tokenize
+from helpers import N_SHARDS, PER_SHARD, image_bytes, jest_loader, write_wds_shards
 from PIL import Image
 
 from jeststream.adapters.webdataset import (
@@ -22,66 +23,27 @@ from jeststream.adapters.webdataset import (
     BadShardWarning,
     ShardErrorCounter,
     TruncatedShardError,
-    _tar_members,
     checked_tarfile_samples,
     checked_tarfile_to_samples,
     checked_webdataset,
     decode_image,
     expand_urls,
     normalize_batch,
+    tar_members,
     webdataset_loader,
 )
-from jeststream.loader import JESTLoader
 from jeststream.selection_log import read_selection_log
 
 B = 4  # training batch size
-N_SHARDS = 4
-PER_SHARD = 12
 CTX = 16
 
 
 tokenize = toy_tokenize
 
 
-def _image_bytes(i: int, fmt: str) -> bytes:
-    rng = np.random.default_rng(i)
-    arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def write_shards(root, n_shards=N_SHARDS, per_shard=PER_SHARD):
-    """Shards of PNG and JPEG image-caption pairs; returns (urls, {shard_url: [keys]})."""
-    root.mkdir(parents=True, exist_ok=True)
-    pattern = str(root / "shard-%04d.tar")
-    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
-        for i in range(n_shards * per_shard):
-            ext, fmt = ("png", "PNG") if i % 2 else ("jpg", "JPEG")
-            sink.write({"__key__": f"s{i:05d}", ext: _image_bytes(i, fmt), "txt": f"a photo {i}"})
-    urls = [pattern % s for s in range(n_shards)]
-    keys = {
-        u: [f"s{i:05d}" for i in range(s * per_shard, (s + 1) * per_shard)]
-        for s, u in enumerate(urls)
-    }
-    return urls, keys
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("wds"))
-
-
-@pytest.fixture(scope="module")
-def models():
-    from conftest import make_tiny_clip
-
-    return make_tiny_clip(seed=0), make_tiny_clip(seed=1)
-
-
-def _jest(base, models, **kw):
-    learner, reference = models
-    return JESTLoader(base, learner, reference, ratio=0.5, n_chunks=2, **kw)
+    return write_wds_shards(tmp_path_factory.mktemp("wds"))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -91,7 +53,7 @@ def test_jest_over_webdataset_shards(shards, models, tmp_path, num_workers):
     base = webdataset_loader(urls, B, tokenizer=tokenize, num_workers=num_workers)
     log = tmp_path / "sel.parquet"
     seen = []
-    with _jest(base, models, selection_log=log) as jest:
+    with jest_loader(base, models, selection_log=log) as jest:
         for images, texts, keys in jest:
             assert images.shape == (B, 3, 32, 32) and images.dtype == torch.float32
             assert texts.shape == (B, CTX) and texts.dtype == torch.long
@@ -125,7 +87,7 @@ def test_mid_epoch_resume_replays_exactly(shards, models, tmp_path, num_workers,
             shuffle_buffer=shuffle_buffer,
             seed=3,
         )
-        return _jest(base, models, seed=7, **kw)
+        return jest_loader(base, models, seed=7, **kw)
 
     with make() as jest:
         jest.set_epoch(1)
@@ -153,13 +115,13 @@ def test_mid_epoch_resume_replays_exactly(shards, models, tmp_path, num_workers,
 
 
 def test_truncated_shard_is_reported_not_silent(tmp_path, models):
-    urls, keys_by_shard = write_shards(tmp_path / "shards")
+    urls, keys_by_shard = write_wds_shards(tmp_path / "shards")
     bad = urls[1]
     with open(bad, "r+b") as f:  # cut the shard in the middle of its members
         f.truncate(len(open(bad, "rb").read()) // 2)
     base = webdataset_loader(urls, B, tokenizer=tokenize)
     with pytest.warns(BadShardWarning, match="shard-0001.tar"):
-        with _jest(base, models) as jest:
+        with jest_loader(base, models) as jest:
             seen = [k for _, _, ks in jest for k in ks]
             assert jest.stats["bad_shards"] == 1
     assert base.stats["bad_shard_names"] == [bad]
@@ -189,7 +151,7 @@ def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
     gzip shards: the same members, in order, as Python's tarfile reads."""
     members = [
         ("k0.txt", b"hello"),
-        ("k0.png", _image_bytes(0, "PNG")),
+        ("k0.png", image_bytes(0, "PNG")),
         ("deep/" * 20 + "k1.txt", b"x" * 512),  # 100+ characters: needs a long-name scheme
         ("k2.txt", b""),
         ("k3.json", b"{}" * 700),
@@ -200,7 +162,7 @@ def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
     if fmt == "gz":
         tar_format = tarfile.PAX_FORMAT
     path = _tar_with(tmp_path / f"s.{fmt}.tar", members, tar_format, "w:gz" if fmt == "gz" else "w")
-    assert list(_tar_members(str(path))) == members
+    assert list(tar_members(str(path))) == members
 
 
 def test_tar_reader_refuses_every_truncation(tmp_path):
@@ -213,14 +175,14 @@ def test_tar_reader_refuses_every_truncation(tmp_path):
     for cut in range(0, end, 97):
         (tmp_path / "cut.tar").write_bytes(full[:cut])
         with pytest.raises(TruncatedShardError):
-            list(_tar_members(str(tmp_path / "cut.tar")))
+            list(tar_members(str(tmp_path / "cut.tar")))
     (tmp_path / "cut.tar").write_bytes(full[:end])  # the end block itself, no record padding
-    assert list(_tar_members(str(tmp_path / "cut.tar"))) == members
+    assert list(tar_members(str(tmp_path / "cut.tar"))) == members
     broken = bytearray(full)
     broken[512 + 600] ^= 0xFF  # inside the second member's header: checksum no longer holds
     (tmp_path / "bad.tar").write_bytes(bytes(broken))
     with pytest.raises(TruncatedShardError, match="bad checksum"):
-        list(_tar_members(str(tmp_path / "bad.tar")))
+        list(tar_members(str(tmp_path / "bad.tar")))
 
 
 def _raw(sample):
@@ -237,7 +199,7 @@ def test_checked_stage_reads_what_webdataset_reads(shards, tmp_path):
         [
             ("__meta__", b"{}"),  # webdataset metadata: skipped by both
             ("__meta__/f.json", b"{}"),
-            ("d/k0.JPG", _image_bytes(0, "JPEG")),
+            ("d/k0.JPG", image_bytes(0, "JPEG")),
             ("d/k0.txt", b"zero"),
             ("d/k0.cls.txt", b"3"),
             ("d/k1.txt", b"one"),
@@ -259,7 +221,7 @@ def test_checked_stage_reads_what_webdataset_reads(shards, tmp_path):
     keys = [s["__key__"] for s in want[-7:]]
     assert keys == ["d/k0", "d/k1", "a/", "v1.2/k2", "k3", "__x__", "d/k4"]
     assert want[-7] == {
-        "__key__": "d/k0", "__url__": str(extra), "jpg": _image_bytes(0, "JPEG"), "txt": b"zero",
+        "__key__": "d/k0", "__url__": str(extra), "jpg": image_bytes(0, "JPEG"), "txt": b"zero",
         "cls.txt": b"3",
     }
 
@@ -284,9 +246,9 @@ def test_repeated_member_name_in_a_sample_raises_as_in_webdataset(tmp_path):
     stage (it used to keep the second silently); webdataset_loader reports the shard."""
     path = _tar_with(
         tmp_path / "dup.tar",
-        [("k0.txt", b"a"), ("k0.png", _image_bytes(0, "PNG")), ("k1.txt", b"b"),
-         ("k1.png", _image_bytes(1, "PNG")), ("k1.txt", b"again"), ("k2.txt", b"c"),
-         ("k2.png", _image_bytes(2, "PNG"))],
+        [("k0.txt", b"a"), ("k0.png", image_bytes(0, "PNG")), ("k1.txt", b"b"),
+         ("k1.png", image_bytes(1, "PNG")), ("k1.txt", b"again"), ("k2.txt", b"c"),
+         ("k2.png", image_bytes(2, "PNG"))],
     )
     with pytest.raises(ValueError, match="duplicate file name"):
         list(wds.WebDataset(str(path), shardshuffle=False))
@@ -303,7 +265,7 @@ def test_repeated_member_name_in_a_sample_raises_as_in_webdataset(tmp_path):
 def test_checked_stage_handlers(tmp_path):
     """None raises; a webdataset handler decides (continue / stop); a ShardErrorCounter
     counts; a source that is not a URL is refused naming the fix."""
-    urls, keys_by_shard = write_shards(tmp_path / "shards")
+    urls, keys_by_shard = write_wds_shards(tmp_path / "shards")
     (tmp_path / "shards" / "shard-0001.tar").write_bytes(b"not a tar" * 100)
     src = [{"url": u} for u in urls]
     with pytest.raises(BadShardError, match="shard-0001.tar"):
@@ -334,7 +296,7 @@ def test_expand_urls_is_webdatasets(monkeypatch):
 
 
 def test_bad_shards_counted_across_workers(tmp_path):
-    urls, keys_by_shard = write_shards(tmp_path / "shards")
+    urls, keys_by_shard = write_wds_shards(tmp_path / "shards")
     (tmp_path / "shards" / "garbage.tar").write_bytes(b"this is not a tar file" * 100)
     urls = urls + [str(tmp_path / "shards" / "garbage.tar"), str(tmp_path / "missing.tar")]
     base = webdataset_loader(urls, 2, num_workers=2)
@@ -348,7 +310,7 @@ def test_bad_sample_is_skipped_and_counted(tmp_path):
     pattern = str(tmp_path / "s-%04d.tar")
     with wds.ShardWriter(pattern, maxcount=100, verbose=0) as sink:
         for i in range(5):
-            sample = {"__key__": f"k{i}", "png": _image_bytes(i, "PNG"), "txt": "x"}
+            sample = {"__key__": f"k{i}", "png": image_bytes(i, "PNG"), "txt": "x"}
             if i == 2:
                 sample["png"] = b"\x89PNG broken"
             if i == 3:
@@ -528,7 +490,7 @@ def test_lengths_only_when_num_samples_is_given(shards, models):
         len(base)
     sized = webdataset_loader(urls, B, num_samples=48)
     assert len(sized) == sized.num_batches == 12 and sized.num_samples == 48
-    with _jest(sized, models) as jest:
+    with jest_loader(sized, models) as jest:
         assert len(jest) == 6 and jest.num_samples == 24
 
 
@@ -581,7 +543,7 @@ def _rank_epoch(urls, monkeypatch, rank, num_workers=2, **kw):
 
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("uneven"), n_shards=UNEVEN)
+    return write_wds_shards(tmp_path_factory.mktemp("uneven"), n_shards=UNEVEN)
 
 
 def test_uneven_shards_without_num_samples_differ_per_rank(uneven, monkeypatch, caplog):
@@ -652,7 +614,7 @@ def test_num_samples_resume_mid_epoch_after_cycling_is_exact(uneven, monkeypatch
 
 
 def test_num_samples_with_a_bad_shard_on_one_rank(tmp_path, monkeypatch):
-    urls, _ = write_shards(tmp_path / "shards", n_shards=UNEVEN)
+    urls, _ = write_wds_shards(tmp_path / "shards", n_shards=UNEVEN)
     with open(urls[4], "r+b") as f:  # rank 0, worker 0 (with shard 0): cut in half
         f.truncate(len(open(urls[4], "rb").read()) // 2)
     counts = []
@@ -672,7 +634,7 @@ def test_num_samples_with_a_bad_shard_on_one_rank(tmp_path, monkeypatch):
 
 
 def test_num_samples_worker_without_shard_or_batch_raises(tmp_path, monkeypatch):
-    urls, _ = write_shards(tmp_path / "shards", n_shards=3)
+    urls, _ = write_wds_shards(tmp_path / "shards", n_shards=3)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     # rank 1 has shard 1 only: its second worker has none but must yield half the batches

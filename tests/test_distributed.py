@@ -19,10 +19,16 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from test_adapters_webdataset import CTX, N_SHARDS, PER_SHARD, B, tokenize, write_shards
-from test_distributed_selection import init_gloo, run_ranks
+from conftest import TINY_CONTEXT, toy_tokenize
+from helpers import N_SHARDS, PER_SHARD, init_gloo, run_ranks, write_wds_shards
+
+# Every test here shares a module fixture that runs real gloo ranks (tens of seconds in all).
+pytestmark = pytest.mark.slow
 
 WORLD = 2
+B = 4  # training batch size
+CTX = TINY_CONTEXT
+tokenize = toy_tokenize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,8 +108,8 @@ def _own_keys(urls, keys_by_shard, rank):
 def ddp_runs(tmp_path_factory):
     """One spawn of 2 ranks for every DDP run (the open_clip import dominates a rank's start)."""
     tmp = tmp_path_factory.mktemp("ddp")
-    even = write_shards(tmp / "even")
-    uneven = write_shards(tmp / "uneven", n_shards=5)
+    even = write_wds_shards(tmp / "even")
+    uneven = write_wds_shards(tmp / "uneven", n_shards=5)
     runs = [
         {"name": "global", "urls": even[0], "num_samples": None, "distributed": "auto"},
         {"name": "uneven_global", "urls": uneven[0], "num_samples": None,

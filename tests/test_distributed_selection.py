@@ -9,67 +9,14 @@ import json
 import os
 import random
 import sys
-import time
-from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import init_gloo, run_ranks
 
 from jeststream.losses import CRITERIA, Embeddings
-
-RANK_TIMEOUT_S = 120  # a hung rank fails the test instead of the suite's 300 s timeout
-
-
-def _rank_entry(target, rank: int, world: int, *args) -> None:
-    """Run one rank, then leave without interpreter finalization: after a rank's work and its
-    destroy_process_group() were done, torch 2.14's C++ teardown at exit aborted now and then
-    ("terminate called without an active exception", exit -6, no Python frame left; about 1
-    run in 30 here), which says nothing about the code under test. A failure still exits 1,
-    with its traceback."""
-    import traceback
-
-    try:
-        target(rank, world, *args)
-    except BaseException:  # noqa: BLE001 -- reported, then the exit code says it
-        traceback.print_exc()
-        code = 1
-    else:
-        code = 0
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def run_ranks(target, world: int, *args, timeout: float = RANK_TIMEOUT_S) -> list[int]:
-    """Start ``target(rank, world, *args)`` in ``world`` spawned processes; join them with a
-    deadline and kill whatever is left, so a bug cannot hang the suite. Returns exit codes."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_entry, args=(target, r, world, *args), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-    finally:
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    assert not hung, f"ranks {hung} did not finish within {timeout}s"
-    return [p.exitcode for p in procs]
-
-
-def init_gloo(rank: int, world: int, init_file: str, timeout_s: float = 60) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=timeout_s),
-    )
 
 
 def embeddings(n: int, d: int, seed: int, dtype=torch.float64, bias: float | None = -4.0):
@@ -204,11 +151,11 @@ def test_global_equals_blocked_three_ranks(tmp_path):
     _check_equality(tmp_path, 3)
 
 
+@pytest.mark.slow
 def test_benchmark_quick_smoke():
     """benchmarks/distributed.py --quick runs its 2 ranks and prints sane JSON (no timing
     assertions: speed is the benchmark's business)."""
     import subprocess
-    import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed.py"

@@ -8,121 +8,27 @@ trains with JEST on noisy shards, with --siglip and without, then resumes from e
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
 import tarfile
 from pathlib import Path
 
-import open_clip
 import open_clip_train.main  # noqa: F401 -- dev extra: a missing one must fail, not skip
-import PIL.Image as PIL
 import pytest
-import torch
 import webdataset  # noqa: F401 -- dev extra: a missing one must fail, not skip
+from helpers import (
+    TINY,
+    TINY_CFG,
+    log_of,
+    openclip_train_argv,
+    register_tiny,
+    run_openclip_train,
+    write_colour_shards,
+)
 
 from jeststream.adapters import open_clip_train as oct_
 from jeststream.selection_log import read_selection_log
-
-TINY = "jeststream-tiny-e2e"
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
-}
-COLOURS = {
-    "red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20),
-    "purple": (140, 20, 160), "orange": (250, 140, 0), "black": (5, 5, 5), "white": (250, 250, 250),
-}
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-
-
-def register_tiny(folder: Path) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(folder / f"{TINY}.json")
-    return TINY
-
-
-def png_bytes(rgb: tuple[int, int, int], size: int = 32) -> bytes:
-    # Solid colours: open_clip's random-resized-crop leaves them unchanged, so a run's first
-    # batch does not depend on open_clip's time-seeded sample shuffle (see the parity test).
-    buf = io.BytesIO()
-    PIL.new("RGB", (size, size), rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_shards(folder: Path, n_shards: int, per_shard: int, noise: float, seed: int = 0) -> str:
-    """Shards of coloured squares with captions (a ``noise`` fraction mismatched); -> wds spec."""
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    names = list(COLOURS)
-    sizes = {}
-    for s in range(n_shards):
-        name = f"shard-{s:06d}.tar"
-        with tarfile.open(folder / name, "w") as tar:
-            for j in range(per_shard):
-                colour = names[int(torch.randint(len(names), (1,), generator=g))]
-                said = colour
-                if float(torch.rand((), generator=g)) < noise:
-                    said = names[int(torch.randint(len(names), (1,), generator=g))]
-                for ext, data in (("png", png_bytes(COLOURS[colour])),
-                                  ("txt", f"a photo of a {said} square".encode())):
-                    info = tarfile.TarInfo(f"{s:03d}{j:05d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        sizes[name] = per_shard
-    (folder / "sizes.json").write_text(json.dumps(sizes))
-    last = n_shards - 1
-    return str(folder / f"shard-{{000000..{last:06d}}}.tar")
-
-
-class _RootLogging:
-    """open_clip_train adds root handlers per run; undo that so in-process runs don't pile up."""
-
-    def __enter__(self):
-        self.handlers = list(logging.root.handlers)
-        self.levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
-                       if isinstance(lg, logging.Logger)}
-        self.level = logging.root.level
-        return self
-
-    def __exit__(self, *exc):
-        for h in list(logging.root.handlers):
-            if h not in self.handlers:
-                logging.root.removeHandler(h)
-                h.close()
-        logging.root.setLevel(self.level)
-        for name, lg in logging.root.manager.loggerDict.items():
-            if isinstance(lg, logging.Logger):
-                lg.setLevel(self.levels.get(name, logging.NOTSET))
-
-
-def run(argv: list[str], plain: bool = False) -> int:
-    with _RootLogging():
-        if plain:
-            import open_clip_train.main as ocm
-
-            result = ocm.main(argv)
-            return 0 if result is None else 1
-        return oct_.main(argv)
-
-
-def common(tmp: Path, name: str, data: str, *, batch: int, samples: int, epochs: int) -> list[str]:
-    return [
-        "--train-data", data, "--dataset-type", "webdataset", "--train-num-samples", str(samples),
-        "--model", TINY, "--device", "cpu", "--precision", "fp32", "--workers", "0",
-        "--batch-size", str(batch), "--epochs", str(epochs), "--lr", "1e-3", "--warmup", "2",
-        "--seed", "0", "--log-every-n-steps", "1", "--logs", str(tmp / "logs"), "--name", name,
-        "--report-to", "",
-    ]
-
-
-def log_of(tmp: Path, name: str) -> str:
-    return (tmp / "logs" / name / "out.log").read_text()
 
 
 def train_lines(log: str, epoch: int) -> list[str]:
@@ -237,12 +143,12 @@ def e2e(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openclip_e2e")
     register_tiny(tmp / "configs")
     # curated: one batch of 16 per epoch, so the first batch is the whole (shuffled) set
-    curated = write_shards(tmp / "curated", 1, 16, noise=0.0, seed=1)
-    noisy = write_shards(tmp / "noisy", 2, 32, noise=0.5, seed=2)
-    stage1 = common(tmp, "stage1", curated, batch=16, samples=16, epochs=2) + ["--siglip"]
-    assert run(stage1) == 0
-    plain = common(tmp, "stage1-plain", curated, batch=16, samples=16, epochs=2) + ["--siglip"]
-    assert run(plain, plain=True) == 0
+    curated = write_colour_shards(tmp / "curated", 1, 16, noise=0.0, seed=1)
+    noisy = write_colour_shards(tmp / "noisy", 2, 32, noise=0.5, seed=2)
+    stage1 = openclip_train_argv(tmp, "stage1", curated, batch=16, samples=16, epochs=2) + ["--siglip"]
+    assert run_openclip_train(stage1) == 0
+    plain = openclip_train_argv(tmp, "stage1-plain", curated, batch=16, samples=16, epochs=2) + ["--siglip"]
+    assert run_openclip_train(plain, plain=True) == 0
     ckpt = tmp / "logs" / "stage1" / "checkpoints" / "epoch_2.pt"
     assert ckpt.is_file()
     return {"tmp": tmp, "noisy": noisy, "reference": str(ckpt)}
@@ -269,11 +175,11 @@ def test_without_jest_flags_trains_exactly_like_open_clip_train(e2e):
 def _stage2(e2e, name: str, *extra: str, epochs: int = 2) -> tuple[list[str], str]:
     tmp = e2e["tmp"]
     # 64 samples / batch 4 = 16 base batches per epoch -> 4 JEST super-batches of 16
-    argv = common(tmp, name, e2e["noisy"], batch=4, samples=64, epochs=epochs) + [
+    argv = openclip_train_argv(tmp, name, e2e["noisy"], batch=4, samples=64, epochs=epochs) + [
         "--jest-ratio", "0.25", "--jest-reference", e2e["reference"],
         "--jest-reference-model", TINY, "--jest-n-chunks", "2", *extra,
     ]
-    assert run(argv) == 0
+    assert run_openclip_train(argv) == 0
     return argv, log_of(tmp, name)
 
 
@@ -315,7 +221,7 @@ def test_jest_two_epochs_and_resume(e2e, siglip, tmp_path):
     resume = [*_replace(argv, "--name", f"{name}-resumed"), "--resume",
               str(ckpt_dir / "epoch_1.pt")]
     resume = _replace(resume, "--epochs", "3")
-    assert run(resume) == 0
+    assert run_openclip_train(resume) == 0
     # the log is continued, not overwritten: epoch 0 kept, epoch 1 rewritten, epoch 2 added,
     # on open_clip's step axis
     cols = read_selection_log(sel_log)
@@ -470,10 +376,10 @@ def test_openclip_train_under_torchrun_two_ranks_gloo_global_selection(tmp_path)
     cfg = tmp_path / "configs" / f"{TINY}.json"
     cfg.parent.mkdir()
     cfg.write_text(json.dumps(TINY_CFG))
-    noisy = write_shards(tmp_path / "noisy", 2, 32, noise=0.5, seed=2)  # one shard per rank
+    noisy = write_colour_shards(tmp_path / "noisy", 2, 32, noise=0.5, seed=2)  # one shard per rank
     launcher = tmp_path / "launch_openclip_train.py"
     launcher.write_text(_TORCHRUN_LAUNCHER)
-    argv = common(tmp_path, "ddp", noisy, batch=4, samples=64, epochs=1) + [
+    argv = openclip_train_argv(tmp_path, "ddp", noisy, batch=4, samples=64, epochs=1) + [
         "--dist-backend", "gloo", "--siglip", "--jest-ratio", "0.25",
         "--jest-criterion", "hard_learner", "--jest-n-chunks", "2",
     ]

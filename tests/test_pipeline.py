@@ -271,6 +271,7 @@ def test_cuda_stream_path(tiny_clip, pair_batches, no_thread_leak):
     assert torch.equal(moved["x"].cpu(), host["x"])
 
 
+@pytest.mark.slow
 def test_pipeline_benchmark_quick_prints_json():
     import json
     import subprocess

@@ -56,11 +56,6 @@ def build_cache(directory, reference, batches, per_shard=2, dtype="float32", ski
 
 
 @pytest.fixture(scope="module")
-def models():
-    return make_tiny_clip(seed=0), make_tiny_clip(seed=1)
-
-
-@pytest.fixture(scope="module")
 def keyed():
     return make_pair_batches(n_batches=8, b=8, keys=True)
 
@@ -280,10 +275,10 @@ def tiny_ref(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wds_shards(tmp_path_factory):
-    from test_adapters_webdataset import write_shards
+    from helpers import write_wds_shards
 
     root = tmp_path_factory.mktemp("wds")
-    urls, keys = write_shards(root, n_shards=3, per_shard=16)
+    urls, keys = write_wds_shards(root, n_shards=3, per_shard=16)
     return str(root / "shard-{0000..0002}.tar"), urls, keys
 
 
@@ -482,13 +477,19 @@ def test_selection_from_precomputed_cache_equals_live_reference(tiny_ref, wds_sh
 def test_openclip_train_with_reference_cache(tmp_path, monkeypatch, capsys):
     """Precompute with the tiny open_clip_train model, then train one JEST epoch on the cache:
     no reference is loaded at all, and the selection log names every sample."""
-    import test_open_clip_train as t
+    from helpers import (
+        log_of,
+        openclip_train_argv,
+        register_tiny,
+        run_openclip_train,
+        write_colour_shards,
+    )
 
     from jeststream.adapters import open_clip as oc
     from jeststream.selection_log import read_selection_log
 
-    arch = t.register_tiny(tmp_path / "configs")
-    noisy = t.write_shards(tmp_path / "noisy", 2, 32, noise=0.5, seed=2)
+    arch = register_tiny(tmp_path / "configs")
+    noisy = write_colour_shards(tmp_path / "noisy", 2, 32, noise=0.5, seed=2)
     import open_clip
 
     with torch.random.fork_rng():
@@ -507,12 +508,12 @@ def test_openclip_train_with_reference_cache(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(oc, "load_reference", no_reference)
     sel = tmp_path / "sel.jsonl"
-    argv = t.common(tmp_path, "cached", noisy, batch=4, samples=64, epochs=1) + [
+    argv = openclip_train_argv(tmp_path, "cached", noisy, batch=4, samples=64, epochs=1) + [
         "--siglip", "--jest-ratio", "0.25", "--jest-reference-cache", str(cache),
         "--jest-n-chunks", "2", "--jest-selection-log", str(sel),
     ]
-    assert t.run(argv) == 0
-    log = t.log_of(tmp_path, "cached")
+    assert run_openclip_train(argv) == 0
+    log = log_of(tmp_path, "cached")
     assert "JEST: ratio 1/4, 16 base batches -> 4 selected batches per epoch (16 samples)" in log
     assert len([ln for ln in log.splitlines() if "JEST Epoch: 0 [" in ln]) == 4
     assert "Traceback" not in log

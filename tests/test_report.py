@@ -439,6 +439,7 @@ def _write_big_log(path: Path, n_keys: int, epochs: int, super_batch: int, sub_b
         pq.write_table(table, str(path / f"part-{s:06d}.parquet"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="measures RSS via /proc")
 def test_million_row_log_is_reported_in_bounded_memory(tmp_path):
     log = tmp_path / "big.parquet"

@@ -252,6 +252,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_kill_after_a_checkpoint_loses_nothing_it_covered(tmp_path, suffix):
     from jeststream.selection_log import read_selection_log

@@ -146,6 +146,7 @@ def test_scorer_without_the_learner(vector_batches):
     assert models == [scorer.reference] and res.version == 1
 
 
+@pytest.mark.slow
 def test_scoring_cost_benchmark_quick_prints_json():
     """benchmarks/scoring_cost.py counts the library's scoring paths: trimming and half
     resolution cut the counted FLOPs, the cache halves the scoring."""

@@ -223,7 +223,7 @@ def test_precompute_reference_from_a_save_pretrained_folder(tmp_path, capsys, no
     the cache gives the live reference's embeddings and the same selection."""
     import json
 
-    from test_adapters_webdataset import write_shards
+    from helpers import write_wds_shards
 
     from jeststream.adapters.transformers import load_pretrained_reference
     from jeststream.cli import main
@@ -231,7 +231,7 @@ def test_precompute_reference_from_a_save_pretrained_folder(tmp_path, capsys, no
 
     folder = tmp_path / "clip-ref"
     hf_tiny.save_pretrained_clip(folder, seed=1)
-    urls, _ = write_shards(tmp_path / "wds", n_shards=2, per_shard=8)
+    urls, _ = write_wds_shards(tmp_path / "wds", n_shards=2, per_shard=8)
     spec = str(tmp_path / "wds" / "shard-{0000..0001}.tar")
     out = tmp_path / "cache"
     argv = ["precompute-reference", "--shards", spec, "--reference", f"hf:{folder}", "--out",

@@ -28,8 +28,8 @@ import open_clip
 import pytest
 import torch
 import webdataset as wds
-from conftest import TINY_CONTEXT, TINY_IMAGE_SIZE, make_tiny_clip, toy_tokenize
-from test_adapters_webdataset import N_SHARDS, PER_SHARD, write_shards
+from conftest import TINY_CONTEXT, TINY_IMAGE_SIZE, toy_tokenize
+from helpers import N_SHARDS, PER_SHARD, jest_loader, write_wds_shards
 from torch.utils.data import default_collate
 
 from jeststream.adapters.webdataset import (
@@ -39,7 +39,6 @@ from jeststream.adapters.webdataset import (
     checked_webdataset,
     normalize_batch,
 )
-from jeststream.loader import JESTLoader
 from jeststream.selection_log import read_selection_log
 
 B = 4
@@ -68,17 +67,7 @@ def user_tuple_pipeline(urls, b=B, *, partial=False, shuffle=16, seed=0):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("user-wds"))
-
-
-@pytest.fixture(scope="module")
-def models():
-    return make_tiny_clip(seed=0), make_tiny_clip(seed=1)
-
-
-def _jest(base, models, **kw):
-    learner, reference = models
-    return JESTLoader(base, learner, reference, ratio=0.5, n_chunks=2, **kw)
+    return write_wds_shards(tmp_path_factory.mktemp("user-wds"))
 
 
 def _all_keys(keys_by_shard):
@@ -91,7 +80,7 @@ def test_tuple_batches_from_a_web_loader(shards, models, tmp_path, num_workers):
     loader = wds.WebLoader(user_tuple_pipeline(urls), batch_size=None, num_workers=num_workers)
     log = tmp_path / "sel.parquet"
     seen = []
-    with _jest(loader, models, selection_log=log) as jest:
+    with jest_loader(loader, models, selection_log=log) as jest:
         for images, texts, keys in jest:
             assert images.shape == (B, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
             assert images.dtype == torch.float32 and images.min() < 0  # normalized by open_clip
@@ -121,7 +110,7 @@ def test_dict_batches(shards, models, tmp_path):
         .batched(B, collation_fn=default_collate, partial=False)
     )
     log = tmp_path / "sel.parquet"
-    with _jest(wds.WebLoader(named, batch_size=None), models, selection_log=log) as jest:
+    with jest_loader(wds.WebLoader(named, batch_size=None), models, selection_log=log) as jest:
         batches = list(jest)
     assert len(batches) == ALL // (2 * B)
     for batch in batches:
@@ -138,11 +127,11 @@ def test_dict_batches(shards, models, tmp_path):
         .map_dict(jpg=preprocess, txt=tokenize)
         .batched(B, collation_fn=default_collate, partial=False)
     )
-    with _jest(wds.WebLoader(raw_names, batch_size=None), models) as jest:
+    with jest_loader(wds.WebLoader(raw_names, batch_size=None), models) as jest:
         with pytest.raises(TypeError, match=r"dict batch needs 'image' and 'text'.*'jpg'"):
             next(iter(jest))
     tuples = wds.WebLoader(raw_names, batch_size=None).map(normalize_batch)
-    with _jest(tuples, models) as jest:
+    with jest_loader(tuples, models) as jest:
         got = [keys for _, _, keys in jest]
     assert len(got) == ALL // (2 * B) and len({k for ks in got for k in ks}) == ALL // 2
 
@@ -151,14 +140,14 @@ def test_partial_last_batch_gives_a_smaller_selected_batch(tmp_path, models):
     """22 examples, batched(4): 4,4,4,4,4,2. The third super-batch holds 6 examples and yields
     round(6 / 2) = 3; with partial=False the fifth batch of 4 makes no super-batch of n=2 and
     is dropped, counted in stats['dropped_examples']."""
-    urls, _ = write_shards(tmp_path / "s", n_shards=2, per_shard=11)
+    urls, _ = write_wds_shards(tmp_path / "s", n_shards=2, per_shard=11)
     partial = wds.WebLoader(user_tuple_pipeline(urls, partial=True), batch_size=None)
-    with _jest(partial, models) as jest:
+    with jest_loader(partial, models) as jest:
         sizes = [len(keys) for _, _, keys in jest]
         assert jest.stats["dropped_examples"] == 0
     assert sizes == [4, 4, 3]
     full = wds.WebLoader(user_tuple_pipeline(urls, partial=False), batch_size=None)
-    with _jest(full, models) as jest:
+    with jest_loader(full, models) as jest:
         sizes = [len(keys) for _, _, keys in jest]
         assert jest.stats["dropped_examples"] == 4
     assert sizes == [4, 4]
@@ -167,7 +156,7 @@ def test_partial_last_batch_gives_a_smaller_selected_batch(tmp_path, models):
 def test_no_len_without_with_length_and_no_resume(shards, models):
     urls, _ = shards
     loader = wds.WebLoader(user_tuple_pipeline(urls), batch_size=None)
-    with _jest(loader, models) as jest:
+    with jest_loader(loader, models) as jest:
         with pytest.raises(TypeError, match="WebLoader.*has no length"):
             len(jest)
         it = iter(jest)
@@ -180,7 +169,7 @@ def test_no_len_without_with_length_and_no_resume(shards, models):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # webdataset 1.x warns that with_length is only a len
         sized = wds.WebLoader(user_tuple_pipeline(urls), batch_size=None).with_length(ALL // B)
-    with _jest(sized, models) as jest:
+    with jest_loader(sized, models) as jest:
         assert len(jest) == ALL // B // 2
         assert sum(1 for _ in jest) == len(jest)
 
@@ -211,7 +200,7 @@ def _checked_pipeline(urls, handler):
 
 
 def test_checked_reader_in_a_user_pipeline_reports_a_damaged_shard(tmp_path, models):
-    urls, keys_by_shard = write_shards(tmp_path / "s")
+    urls, keys_by_shard = write_wds_shards(tmp_path / "s")
     bad = urls[1]
     kept = _cut_at_member_boundary(bad)
 
@@ -234,7 +223,7 @@ def test_checked_reader_in_a_user_pipeline_reports_a_damaged_shard(tmp_path, mod
         .batched(B, partial=False)
     )
     loader = wds.WebLoader(fluid, batch_size=None, num_workers=2)
-    with _jest(loader, models) as jest:
+    with jest_loader(loader, models) as jest:
         seen = [k for _, _, ks in jest for k in ks]
     assert counter.bad_shards == 1 and counter.bad_shard_names == [bad]
     assert set(keys_by_shard[urls[3]]) & set(seen)  # the epoch went on past the bad shard
