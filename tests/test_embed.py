@@ -33,16 +33,21 @@ def _module_imports(path: Path) -> set[str]:
 
 
 def test_embed_module_is_the_bottom_layer():
-    """embed.py imports nothing of the package at import time, and the scoring <->
-    reference_cache cycle is gone: reference_cache builds on embed, not on scoring."""
-    assert _module_imports(ROOT / "jeststream" / "embed.py") == set()
+    """embed.py imports nothing of the package at import time but the leaf jeststream.device
+    (which imports nothing of it), and the scoring <-> reference_cache cycle is gone:
+    reference_cache builds on embed, not on scoring."""
+    assert _module_imports(ROOT / "jeststream" / "embed.py") == {"jeststream.device"}
+    assert not {
+        m for m in _module_imports(ROOT / "jeststream" / "device.py") if m.startswith("jeststream")
+    }
     assert "jeststream.scoring" not in _module_imports(ROOT / "jeststream" / "reference_cache.py")
     src = (ROOT / "jeststream" / "reference_cache.py").read_text()
     assert "jeststream.scoring" not in src
     # and importing it alone pulls no adapter (and no transformers)
     code = (
         "import sys, jeststream.embed; "
-        "bad = [m for m in sys.modules if m.startswith('jeststream.') and m != 'jeststream.embed'"
+        "bad = [m for m in sys.modules if m.startswith('jeststream.')"
+        " and m not in ('jeststream.embed', 'jeststream.device')"
         " or m == 'transformers']; print(bad); assert not bad"
     )
     import subprocess

@@ -560,10 +560,11 @@ def test_the_loader_records_its_configuration_beside_the_log(real_run, tmp_path)
         assert run_config_path(log).is_file() and run_config_path(log).parent == log.parent
         config = read_run_config(log)
         assert config["ratio"] == 0.5 and config["n_chunks"] == 2 and config["n"] == 2
-        assert config["criterion"] == "learnability" and config["loss"] == "sigmoid"
+        # loss not given: the model's, softmax for open_clip's CLIP (no logit bias)
+        assert config["criterion"] == "learnability" and config["loss"] == "softmax"
     # without --config the report shows what the loader recorded
     data = collect_report(real_run["logs"], real_run["urls"])
-    assert data.config["ratio"] == 0.5 and data.config["loss"] == "sigmoid"
+    assert data.config["ratio"] == 0.5 and data.config["loss"] == "softmax"
     # seeds differ between the two 'ranks': shown per log, not silently the first
     assert data.config["seed"] == "sel.rank0.jsonl: 0, sel.rank1.parquet: 2"
     out = tmp_path / "r.html"
