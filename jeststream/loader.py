@@ -16,7 +16,6 @@ construction: setting it raises AttributeError.
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import os
 import warnings
@@ -28,6 +27,14 @@ import torch
 from torch import nn
 
 from jeststream.distributed import Coordinator, check_not_sharded, check_resume, resolve_mode
+from jeststream.loader_args import (
+    SCORING,
+    check_models,
+    check_options,
+    resolve_ratio,
+    resolve_scoring,
+    resolve_selection_log,
+)
 from jeststream.loader_pass import JESTIterator
 from jeststream.loader_state import Cursor, check_state, epoch_seed, make_state
 from jeststream.losses import criterion_weights
@@ -36,10 +43,8 @@ from jeststream.scoring import EmbedFn, Scorer
 from jeststream.selection_log import SelectionLog, write_run_config
 from jeststream.snapshot import (
     LearnerSnapshot,
-    is_accelerator,
     scheduled_step,
     scoring_device,
-    unwrap_model,
 )
 from jeststream.superbatch import (
     Item,
@@ -48,61 +53,18 @@ from jeststream.superbatch import (
     register_selection_hook,
 )
 
-__all__ = ["JESTLoader", "SelectionInfo", "register_selection_hook"]
+__all__ = [
+    "JESTLoader", "SelectionInfo", "SCORING", "register_selection_hook", "resolve_scoring"
+]
 
 logger = logging.getLogger(__name__)
 
-SCORING = ("auto", "sync", "lagged", "latest")
-_LOG_MODES = ("auto", "a", "w")
 # read by the producer thread: fixed once the loader is built (as DataLoader does)
 _FROZEN = frozenset({
     "base_loader", "n", "ratio", "n_chunks", "loss", "criterion", "temperature", "on_bad_scores",
     "refresh_every", "scoring", "async_scoring", "deterministic", "prefetch", "seed", "drop_last",
     "key_fn", "batch_learnability", "timeout", "device", "epoch",
 })
-
-
-def resolve_scoring(
-    scoring: str,
-    async_scoring: bool | None,
-    deterministic: bool | None,
-    prefetch: int | None,
-    device: torch.device,
-) -> tuple[str, bool, bool, int]:
-    """``scoring`` (or the deprecated booleans) -> (name, async_scoring, deterministic, prefetch).
-
-    "sync": inline, the current learner (lag 0). "lagged": a background thread scores super-batch
-    t with the snapshot after step t - prefetch (deterministic). "latest": a background thread
-    scores with whatever snapshot is newest (timing-dependent). "auto": "sync" on the CPU,
-    "lagged" with prefetch 1 on an accelerator.
-    """
-    if scoring not in SCORING:
-        raise ValueError(f"scoring={scoring!r} is not one of {SCORING}")
-    if async_scoring is not None or deterministic is not None:
-        if scoring != "auto":
-            raise ValueError(
-                f"scoring={scoring!r} and the deprecated async_scoring=/deterministic= were both "
-                "given; pass scoring= alone"
-            )
-        a = True if async_scoring is None else bool(async_scoring)
-        d = bool(deterministic)
-        name = "lagged" if d else ("latest" if a else "sync")
-        spelling = (
-            "scoring='lagged' (which scores in a background thread)"
-            if d and not a
-            else f"scoring={name!r}"
-        )
-        warnings.warn(
-            f"JESTLoader(async_scoring=, deterministic=) is deprecated; pass {spelling}",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        return name, a, d, 2 if prefetch is None else prefetch  # their default was prefetch=2
-    if scoring == "auto":
-        scoring = "lagged" if is_accelerator(device) else "sync"
-    return scoring, scoring != "sync", scoring == "lagged", 1 if prefetch is None else prefetch
-
-
 
 
 class JESTLoader:
@@ -211,65 +173,18 @@ class JESTLoader:
         self._dist: Coordinator | None = None
         if not hasattr(base_loader, "__iter__"):
             raise TypeError(f"base_loader must be iterable, got {type(base_loader).__name__}")
-        if not isinstance(learner, nn.Module):
-            raise TypeError(f"learner must be a torch.nn.Module, got {type(learner).__name__}")
-        if reference is not None and not isinstance(reference, (nn.Module, ReferenceCache)):
-            raise TypeError(
-                "reference must be a torch.nn.Module, a ReferenceCache or None, got "
-                f"{type(reference).__name__}"
-            )
-        ref_model = reference if isinstance(reference, nn.Module) else None
-        if ref_model is not None and unwrap_model(ref_model) is unwrap_model(learner):
-            raise ValueError(
-                "reference is the learner itself; pass a separate frozen reference model "
-                "(freezing it would stop the learner from training)"
-            )
-        if ref_model is not None:
-            live = {id(p): n for n, p in unwrap_model(learner).named_parameters()}
-            shared = [live[id(p)] for p in unwrap_model(ref_model).parameters() if id(p) in live]
-            if shared:
-                raise ValueError(
-                    f"the reference shares {len(shared)} parameter(s) with the learner (e.g. "
-                    f"{shared[:3]}); freezing the reference would freeze them in the learner too. "
-                    "Pass an independent reference, e.g. copy.deepcopy of the reference model"
-                )
-        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio < 1:
-            raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
-        n = round(1 / ratio)
-        if n < 2:
-            raise ValueError(
-                f"ratio={ratio} gives n=round(1/ratio)={n} base batches per super-batch; "
-                "JEST needs n >= 2, i.e. ratio <= 2/3"
-            )
-        if abs(1 / n - ratio) > 1e-9:
-            logger.warning("ratio=%s is applied as 1/%d = %.4f", ratio, n, 1 / n)
+        check_models(learner, reference)
+        n = resolve_ratio(ratio)
         spec = SelectionSpec(loss, criterion, n_chunks, temperature, on_bad_scores)
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, numbers.Real)
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
-            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         if reference is None and criterion != "hard_learner":
             raise ValueError(
                 f"reference=None only works with criterion='hard_learner', got {criterion!r}; "
                 "pass the frozen reference model"
             )
-        if (
-            isinstance(refresh_every, bool)
-            or not isinstance(refresh_every, int)
-            or refresh_every < 0
-        ):
-            raise ValueError(f"refresh_every must be an int >= 0, got {refresh_every!r}")
-        if prefetch is not None and (
-            isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1
-        ):
-            raise ValueError(f"prefetch must be an int >= 1 or None (1), got {prefetch!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if key_fn is not None and not callable(key_fn):
-            raise TypeError(f"key_fn must be callable batch -> list[str], got {key_fn!r}")
+        check_options(
+            timeout=timeout, refresh_every=refresh_every, prefetch=prefetch, seed=seed,
+            key_fn=key_fn,
+        )
         dist_mode = resolve_mode(distributed, process_group)
         check_not_sharded(learner)
 
@@ -326,51 +241,13 @@ class JESTLoader:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
         self._active: weakref.ref[JESTIterator] | None = None
-        # A path is opened at the first yielded batch: a fresh run overwrites an old log at that
-        # path, a run restored with load_state_dict() appends to it (the reader keeps the last
-        # record of a re-drawn step). The directory is checked now, before any GPU-hour. A
-        # SelectionLog the caller opened keeps its own mode; the run configuration is written
-        # beside it at the first yielded batch, as for a path.
-        if selection_log_mode is not None:
-            if selection_log_mode not in _LOG_MODES:
-                raise ValueError(
-                    f"selection_log_mode={selection_log_mode!r} must be 'auto', 'a' (append) or "
-                    "'w' (overwrite)"
-                )
-            if isinstance(selection_log, SelectionLog):
-                raise ValueError(
-                    "selection_log_mode= applies to a path; the SelectionLog passed as "
-                    f"selection_log carries its own mode ({selection_log.mode!r})"
-                )
-            if selection_log_mode != "auto":
-                warnings.warn(
-                    f"JESTLoader(selection_log_mode={selection_log_mode!r}) is deprecated; pass "
-                    f"selection_log=SelectionLog(path, mode={selection_log_mode!r})",
-                    DeprecationWarning,
-                    stacklevel=2,
-                )
-        self._log_mode = selection_log_mode or "auto"
+        # A path is opened at the first yielded batch (overwriting, or appending after
+        # load_state_dict()); a SelectionLog the caller opened keeps its own mode
+        self._log, self._log_path, self._log_mode = resolve_selection_log(
+            selection_log, selection_log_mode
+        )
         self._log_append = self._log_mode == "a"
-        self._log: SelectionLog | None = None
-        self._log_config_due = False  # a caller's SelectionLog whose run config is not written
-        if isinstance(selection_log, SelectionLog):
-            self._log, self._log_config_due = selection_log, True
-            self._log_path: str | None = os.fspath(selection_log.path)
-        elif selection_log is None or isinstance(selection_log, (str, os.PathLike)):
-            self._log_path = None if selection_log is None else os.fspath(selection_log)
-        else:
-            raise TypeError(
-                "selection_log must be a path, a jeststream.selection_log.SelectionLog or None, "
-                f"got {type(selection_log).__name__}"
-            )
-        if self._log_path is not None and self._log is None:
-            parent = os.path.dirname(os.path.abspath(self._log_path))
-            os.makedirs(parent, exist_ok=True)
-            if not os.access(parent, os.W_OK):
-                raise ValueError(
-                    f"selection_log={self._log_path!r}: directory {parent!r} is not writable; "
-                    "pass a path in a writable directory"
-                )
+        self._log_config_due = self._log is not None  # its run config is not written yet
         if dist_mode == "global" and self.batch_learnability:
             raise ValueError(
                 "batch_learnability=True measures draws from one super-batch, but "
