@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 _FROZEN = frozenset({
     "base_loader", "n", "ratio", "n_chunks", "loss", "criterion", "temperature", "on_bad_scores",
     "refresh_every", "scoring", "async_scoring", "deterministic", "prefetch", "seed", "drop_last",
-    "key_fn", "batch_learnability", "timeout", "device", "epoch",
+    "key_fn", "batch_learnability", "timeout", "device", "epoch", "prefilter",
 })
 
 
@@ -103,6 +103,16 @@ class JESTLoader:
             an open_clip ViT runs with resampled positional embeddings (``jeststream.low_res``).
             The reference, the live learner and the yielded batch are unchanged.
         on_bad_scores: "raise" or "uniform" for super-batches with NaN/inf scores.
+        prefilter: q with 0 < q <= 1 (default 1: off). Rank each super-batch of B examples by
+            the reference's score alone (the ``easy_reference`` criterion's per-example score,
+            from a ReferenceCache or the reference forward, which runs first), keep the top
+            ceil(q * B), run the learner snapshot's forward on those only (1 - q of its scoring
+            FLOPs saved) and select jointly among them. A q that would keep fewer examples than
+            the yielded batch holds keeps that many (b for a full super-batch). The yielded
+            batch, ``SelectionInfo.indices`` and the selection log stay in super-batch
+            positions; the dropped examples are logged with a NaN score and not selected, and
+            ``SelectionInfo.prefiltered`` counts them. Needs a reference. Under
+            distributed="global" each rank pre-filters its own super-batch before the rounds.
         return_info: deprecated: yield ``(batch, SelectionInfo)`` instead of ``batch``. Read
             ``loader.last_info`` after each batch instead (the batch structure stays the base's).
         batch_learnability: also measure each yielded sub-batch's learnability as a whole next
@@ -159,6 +169,7 @@ class JESTLoader:
         score_transform: Callable[[Any], Any] | None = None,
         score_resolution: int | None = None,
         on_bad_scores: str = "raise",
+        prefilter: float = 1.0,
         return_info: bool = False,
         selection_log: str | os.PathLike | SelectionLog | None = None,
         selection_log_mode: str | None = None,
@@ -175,11 +186,16 @@ class JESTLoader:
             raise TypeError(f"base_loader must be iterable, got {type(base_loader).__name__}")
         check_models(learner, reference)
         n = resolve_ratio(ratio)
-        spec = SelectionSpec(loss, criterion, n_chunks, temperature, on_bad_scores)
+        spec = SelectionSpec(loss, criterion, n_chunks, temperature, on_bad_scores, prefilter)
         if reference is None and criterion != "hard_learner":
             raise ValueError(
                 f"reference=None only works with criterion='hard_learner', got {criterion!r}; "
                 "pass the frozen reference model"
+            )
+        if reference is None and spec.prefilter < 1:
+            raise ValueError(
+                f"prefilter={prefilter!r} ranks each super-batch by the reference's score, but "
+                "reference=None; pass a reference (or a ReferenceCache), or prefilter=1"
             )
         check_options(
             timeout=timeout, refresh_every=refresh_every, prefetch=prefetch, seed=seed,
@@ -286,6 +302,10 @@ class JESTLoader:
     @property
     def on_bad_scores(self) -> str:
         return self._spec.on_bad_scores
+
+    @property
+    def prefilter(self) -> float:
+        return self._spec.prefilter
 
     @property
     def n_chunks(self) -> int:
@@ -501,6 +521,7 @@ class JESTLoader:
             "criterion": self._spec.criterion,
             "loss": self._spec.loss,
             "temperature": self._spec.temperature,
+            "prefilter": self._spec.prefilter,
             "refresh_every": self.refresh_every,
             "scoring": self.scoring,
             "deterministic": self.deterministic,

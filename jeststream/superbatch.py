@@ -47,6 +47,8 @@ class SelectionSpec:
     """How a super-batch's scores become a selection; validated on construction.
 
     ``n_chunks=None`` is min(16, b), resolved by :meth:`for_batch` once b is known.
+    ``prefilter`` q < 1 keeps the top ceil(q * B) of a super-batch by the reference's score
+    (at least the batch it yields) before the learner scores it (:func:`prefilter_keep`).
     """
 
     loss: str = "sigmoid"
@@ -54,6 +56,7 @@ class SelectionSpec:
     n_chunks: int | None = None
     temperature: float = 1.0
     on_bad_scores: str = "raise"
+    prefilter: float = 1.0
 
     def __post_init__(self) -> None:
         n_chunks, temperature = self.n_chunks, self.temperature
@@ -75,6 +78,18 @@ class SelectionSpec:
         object.__setattr__(self, "temperature", float(temperature))
         if self.on_bad_scores not in BAD_SCORES:
             raise ValueError(f"on_bad_scores={self.on_bad_scores!r} is not one of {BAD_SCORES}")
+        q = self.prefilter
+        if (
+            isinstance(q, bool)
+            or not isinstance(q, numbers.Real)
+            or not math.isfinite(q)
+            or not 0 < q <= 1
+        ):
+            raise ValueError(
+                f"prefilter must be a number q with 0 < q <= 1 (the share of each super-batch "
+                f"the learner scores; 1 = off), got {q!r}"
+            )
+        object.__setattr__(self, "prefilter", float(q))
 
     def chunks(self, b: int | None) -> int:
         """The number of chunks for batch size b (16 or the explicit value while b is unknown)."""
@@ -130,6 +145,9 @@ class SelectionInfo:
     epoch: int
     super_batch_size: int
     batch_learnability: BatchLearnability | None = None
+    # examples the pre-filter (``JESTLoader(prefilter=q)``) dropped before the learner scored
+    # the super-batch; their scores are NaN in the selection log
+    prefiltered: int = 0
 
 
 # -- a public hook on what was scored --------------------------------------------------------
@@ -159,7 +177,9 @@ def register_selection_hook(hook: SelectionHook) -> HookHandle:
     """Call ``hook(step, learner, reference, indices)`` for each super-batch any JESTLoader in
     this process selects from (like torch's global module hooks): the learner snapshot's and
     the reference's :class:`~jeststream.losses.Embeddings` the sampler got (either may be None
-    when the criterion does not use it) and the selected rows (LongTensor, draw order).
+    when the criterion does not use it) and the selected rows (LongTensor, draw order). With
+    ``prefilter`` < 1 the embeddings hold the rows the pre-filter kept, and the indices are
+    rows of those (``SelectionInfo.indices`` are super-batch positions).
 
     It runs in the thread that selects (a background thread under scoring="lagged"/"latest"),
     before the batch is yielded, also for a super-batch scored ahead and never yielded; the
@@ -327,22 +347,25 @@ def assemble(
     idx: torch.Tensor,
     per_example: torch.Tensor,
     *,
+    kept: torch.Tensor | None,
     fallback: bool,
     selected_s: float,
     epoch: int,
     resume: dict,
     learnability: BatchLearnability | None,
 ) -> Item:
-    """The yielded sub-batch with its SelectionInfo and log fields."""
+    """The yielded sub-batch with its SelectionInfo and log fields; ``idx`` and ``per_example``
+    in super-batch positions (``per_example`` NaN where the pre-filter dropped the example)."""
     # Tensors made under inference_mode reject in-place use outside it; these reach the user.
     idx, per_example = idx.clone(), per_example.clone()
     chosen = per_example[idx]
     mask = torch.zeros(s.size, dtype=torch.bool)
     mask[idx] = True
+    scored = per_example if kept is None else per_example[kept]
     info = SelectionInfo(
         indices=idx,
         scores=chosen,
-        super_batch_mean=float(per_example.mean()),
+        super_batch_mean=float(scored.mean()),
         selected_mean=float(chosen.mean()),
         waited_s=0.0,
         scored_s=s.scored.seconds,
@@ -354,8 +377,36 @@ def assemble(
         epoch=epoch,
         super_batch_size=s.size,
         batch_learnability=learnability,
+        prefiltered=0 if kept is None else s.size - int(kept.numel()),
     )
     return Item(index_batch(s.super_batch, idx), info, resume, s.keys, per_example, mask, s.drawn)
+
+
+def prefilter_size(q: float, size: int, k: int) -> int:
+    """How many of ``size`` examples the pre-filter keeps: ceil(q * size), at least the k the
+    super-batch yields (b for a full one), at most size."""
+    return min(size, max(k, math.ceil(q * size - 1e-9)))
+
+
+def prefilter_keep(
+    reference: Embeddings, spec: SelectionSpec, k: int
+) -> torch.Tensor | None:
+    """The pre-filter: the ascending super-batch positions of the top ``prefilter_size`` examples
+    by the reference-only score (the ``easy_reference`` criterion's per-example score), or None
+    (keep all) when q = 1, when that is everything, or when the reference's scores are not
+    finite (the selection's NaN/inf policy then sees the whole super-batch)."""
+    size = reference.image.shape[0]
+    m = prefilter_size(spec.prefilter, size, k)
+    if m >= size:
+        return None
+    try:
+        scores = example_scores(None, reference, loss=spec.loss, criterion="easy_reference")
+    except ValueError:  # non-finite reference embeddings: left to the NaN/inf policy
+        return None
+    if not bool(torch.isfinite(scores).all()):
+        return None
+    top = torch.topk(scores.float().cpu(), m, sorted=False).indices
+    return torch.sort(top).values
 
 
 class Producer:
@@ -436,6 +487,12 @@ class Producer:
         k = max(1, min(size, math.floor(size / ld.n + 0.5)))
         want_keys = ld._log_path is not None or ld._scorer.needs_keys
         keys = find_keys(super_batch, ld.key_fn, size=size) if want_keys else None
+        keep = None
+        if self.spec.prefilter < 1:  # the learner scores the reference's top share only
+
+            def keep(reference: Embeddings, k: int = k) -> torch.Tensor | None:
+                return prefilter_keep(reference, self.spec, k)
+
         snap_step = ld._scheduled(step, self.start)
         self.activity = (
             f"scoring step {step}"
@@ -443,7 +500,8 @@ class Producer:
         )
         try:
             scored = ld._scorer(
-                super_batch, size, snapshot_step=snap_step, should_stop=should_stop, keys=keys
+                super_batch, size, snapshot_step=snap_step, should_stop=should_stop, keys=keys,
+                keep=keep,
             )
         except _Stopped:
             return None
@@ -484,11 +542,13 @@ class Producer:
     def select(self, s: Scored) -> Item:
         ld = self.loader
         spec = self.spec.for_batch(s.drawn.b)
+        kept = s.scored.kept  # None, or the rows the pre-filter kept: selection runs on those
+        m = s.size if kept is None else int(kept.numel())
         t0 = time.perf_counter()
         with torch.inference_mode():
-            own_scores, per_example, bad = score_examples(s.scored, spec, s.size)
+            own_scores, scores, bad = score_examples(s.scored, spec, m)
             idx, fallback = sample(
-                s.scored, own_scores, bad, spec, k=s.k, size=s.size, step=s.step,
+                s.scored, own_scores, bad, spec, k=s.k, size=m, step=s.step,
                 generator=ld._generator, rounds=self.rounds,
             )
         selected_s = time.perf_counter() - t0
@@ -505,10 +565,15 @@ class Producer:
                 temperature=spec.temperature,
                 seed=(ld.seed, self.epoch, s.step),
             )
+        if kept is not None:  # back to super-batch positions
+            idx = kept[idx]
+            full = torch.full((s.size,), math.nan)
+            full[kept] = scores
+            scores = full
         resume = ld._make_state(s.base_state, s.step + 1, self.start, self.epoch)
         return assemble(
-            s, idx, per_example, fallback=fallback, selected_s=selected_s, epoch=self.epoch,
-            resume=resume, learnability=learnability,
+            s, idx, scores, kept=kept, fallback=fallback, selected_s=selected_s,
+            epoch=self.epoch, resume=resume, learnability=learnability,
         )
 
     def produce(self, should_stop: Callable[[], bool]) -> Any:
