@@ -29,7 +29,7 @@ from jeststream.losses import CRITERIA, Embeddings
 from jeststream.pipeline import END, to_device
 from jeststream.scoring import ScoreResult
 from jeststream.selection import LOSSES, example_scores, joint_sample_from_embeddings
-from jeststream.snapshot import _Stopped
+from jeststream.snapshot import Stopped
 
 if TYPE_CHECKING:
     from jeststream.loader import JESTLoader
@@ -503,7 +503,7 @@ class Producer:
                 super_batch, size, snapshot_step=snap_step, should_stop=should_stop, keys=keys,
                 keep=keep,
             )
-        except _Stopped:
+        except Stopped:
             return None
         self.activity = f"selecting step {step}"
         return Scored(super_batch, size, k, step, base_state, keys, scored, drawn)
