@@ -134,14 +134,12 @@ class OpenCLIPJESTLoader(JESTLoader):
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        if not self._restored:
+        if not self.restore_pending:
             try:
                 per_epoch = self.num_batches
             except TypeError:
                 return
-            self._close_active()  # between passes; a running one would hold snapshot copies
-            self._step = int(epoch) * per_epoch
-            self._snapshot.reset_steps(self._step)
+            self.set_step(int(epoch) * per_epoch)
 
     @property
     def num_samples(self) -> int:

@@ -96,6 +96,11 @@ _JEST_FLAGS: dict[str, tuple[str, Callable[[str], Any], Any, str]] = {
         "score the learner snapshot on images resized to this side in pixels (ViT positional "
         "embeddings resampled; e.g. 112 for a 224 px model: ~4x fewer image-tower FLOPs)",
     ),
+    "--jest-prefilter": (
+        "prefilter", float, 1.0,
+        "keep the top Q of each super-batch by the reference's score before the learner scores "
+        "it (0 < Q <= 1; 1: off): the learner's scoring FLOPs fall by 1 - Q",
+    ),
     "--jest-scoring": (
         "scoring", str, "auto",
         "which learner weights score a super-batch: sync (the current learner, inline), lagged "
@@ -397,6 +402,7 @@ class _Hook:
             temperature=jest.temperature,
             refresh_every=jest.refresh_every,
             score_resolution=jest.score_resolution,
+            prefilter=jest.prefilter,
             scoring=_scoring(jest),
             snapshot_dtype=dtype,
             device=device,
@@ -461,6 +467,15 @@ def _validate(jest: argparse.Namespace, rest: list[str]) -> None:
             read_manifest(jest.reference_cache)
         except FileNotFoundError as exc:
             raise ValueError(f"--jest-reference-cache: {exc}") from None
+    if not 0 < jest.prefilter <= 1:  # NaN fails too
+        raise ValueError(
+            f"--jest-prefilter must be a share q with 0 < q <= 1 (1: off), got {jest.prefilter}"
+        )
+    if jest.prefilter < 1 and jest.reference is None and jest.reference_cache is None:
+        raise ValueError(
+            "--jest-prefilter ranks super-batches by the reference's score: pass "
+            "--jest-reference or --jest-reference-cache"
+        )
     if jest.scoring not in SCORING:
         raise ValueError(f"--jest-scoring {jest.scoring!r} is not one of {', '.join(SCORING)}")
     if jest.deterministic is not None and jest.scoring != "auto":

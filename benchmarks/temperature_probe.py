@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -32,38 +33,55 @@ from pathlib import Path
 
 
 def capture(loss: str, steps: int, at: list[int], out: Path, quick: bool = False) -> dict[int, dict]:
-    """Embeddings the loader's sampler got at the steps ``at`` (1-based) of a demo JEST run."""
-    import jeststream.loader as loader_module
+    """Embeddings the loader's sampler got at the steps ``at`` (1-based) of a demo JEST run,
+    through the loader's public hook (:func:`jeststream.loader.register_selection_hook`)."""
     from jeststream.demo import main as demo_main
+    from jeststream.loader import register_selection_hook
 
     kept: dict[int, dict] = {}
-    original = loader_module.measure_draws
-    calls = {"n": 0}
+    seen = {"n": 0}
 
-    def measure_draws(learner, reference, selected, **kw):  # the loader's diagnostic hook
-        calls["n"] += 1
-        if calls["n"] in at:
-            kept[calls["n"]] = {
+    def hook(step, learner, reference, selected):  # step: 0-based, one pass from 0
+        seen["n"] = max(seen["n"], step + 1)
+        if step + 1 in at:
+            kept[step + 1] = {
                 "learner": tuple(learner),
                 "reference": tuple(reference),
                 "k": int(selected.numel()),
             }
-        return original(learner, reference, selected, **kw)
 
-    loader_module.measure_draws = measure_draws
-    try:
+    with register_selection_hook(hook):
         argv = ["--methods", "jest", "--loss", loss, "--steps", str(steps), "--jobs", "1",
                 "--seeds", "0", "--no-progress", "--out", str(out)] + (["--quick"] if quick else [])
         with contextlib.redirect_stdout(sys.stderr):  # stdout is this script's JSON
             code = demo_main(argv)
         if code != 0:
             raise RuntimeError("the demo run failed")
-    finally:
-        loader_module.measure_draws = original
     missing = sorted(set(at) - set(kept))
     if missing:
-        raise ValueError(f"--at {missing}: the run had only {calls['n']} super-batches")
+        raise ValueError(f"--at {missing}: the run had only {seen['n']} super-batches")
     return kept
+
+
+def chunk_logit_spread(learner, reference, k: int, loss: str, n_chunks: int = 16) -> list[float]:
+    """The std of each chunk's sampling logits (the candidates still unselected) in one joint
+    draw at T = 1, stepping the sampler's public chunk loop (``selection.embedding_block``)."""
+    import torch
+
+    from jeststream.selection import embedding_block
+
+    block = embedding_block(
+        learner, reference, k, loss=loss, n_chunks=n_chunks,
+        generator=torch.Generator().manual_seed(0),
+    )
+    spreads = []
+    for j in range(n_chunks):
+        live = block.logits.masked_fill(block.selected, -math.inf)
+        spreads.append(float(live[torch.isfinite(live)].std()))
+        new = block.draw(j)
+        if j + 1 < n_chunks:
+            block.fold([block.payload(new)], 0)
+    return spreads
 
 
 def probe(kept: dict, loss: str, temperatures: list[float], draws: int) -> list[dict]:
@@ -80,22 +98,7 @@ def probe(kept: dict, loss: str, temperatures: list[float], draws: int) -> list[
         def score(idx, learner=learner, reference=reference):
             return sub_batch_score(learner, reference, idx, loss=loss)
 
-        spreads: list[float] = []
-        original = selection._draw
-
-        def spy(logits, c, temperature, generator, spreads=spreads, original=original):
-            finite = logits[torch.isfinite(logits)]
-            spreads.append(float(finite.std()))
-            return original(logits, c, temperature, generator)
-
-        selection._draw = spy
-        try:
-            selection.joint_sample_from_embeddings(
-                learner, reference, k, loss=loss, n_chunks=16,
-                generator=torch.Generator().manual_seed(0),
-            )
-        finally:
-            selection._draw = original
+        spreads = chunk_logit_spread(learner, reference, k, loss)
         row = {"step": step, "k": k, "chunk_logit_std": [round(s, 3) for s in spreads],
                "by_temperature": []}
         for t in temperatures:

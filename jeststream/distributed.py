@@ -37,7 +37,7 @@ import logging
 import math
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,9 @@ from torch import Tensor, nn
 
 from jeststream.losses import CRITERIA, Embeddings
 from jeststream.selection import LOSSES, chunk_loop, chunk_sizes, embedding_block
+
+if TYPE_CHECKING:
+    from jeststream.superbatch import SelectionSpec
 
 __all__ = [
     "MODES",
@@ -686,18 +689,18 @@ class PassRounds:
         step: int,
         own_scores: Tensor | None,
         bad_message: str | None,
-        loss: str,
-        criterion: str,
-        n_chunks: int,
-        temperature: float,
+        spec: SelectionSpec,
         generator: torch.Generator,
-        on_bad_scores: str,
     ) -> tuple[Tensor, bool]:
         """This rank's indices for one super-batch and whether they are a uniform fallback.
+
+        ``spec``: the loader's selection settings with n_chunks resolved against b.
 
         Raises :class:`PassOver` when the round ends the pass. Non-finite scores on any rank
         make every rank raise (``on_bad_scores="raise"``) or select uniformly."""
         block, own_exc = None, None
+        loss, criterion, temperature = spec.loss, spec.criterion, spec.temperature
+        n_chunks = spec.n_chunks
         if bad_message is not None:
             record = _Record(status=BAD_SCORES, step=step, size=size, k=k, drawn=size,
                              message=bad_message)
@@ -721,7 +724,7 @@ class PassRounds:
         if outcome == "end":
             raise PassOver
         if outcome == "bad":
-            if on_bad_scores == "raise":
+            if spec.on_bad_scores == "raise":
                 self.over = True
                 raise ValueError(
                     _round_error(

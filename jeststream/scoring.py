@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from jeststream.batch import index_batch
 from jeststream.embed import (
     Embeddings,
     EmbedFn,
@@ -45,6 +46,15 @@ class ScoreResult(NamedTuple):
     reference: Embeddings | None
     version: int
     seconds: float
+    # the super-batch positions both embeddings' rows stand for, ascending (a pre-filter kept
+    # them); None: every example, in order
+    kept: torch.Tensor | None = None
+
+
+def _rows(e: Embeddings, idx: torch.Tensor) -> Embeddings:
+    """The embeddings of rows ``idx`` (the logit scale and bias are the model's)."""
+    idx = idx.to(e.image.device)
+    return e._replace(image=e.image[idx], text=e.text[idx])
 
 
 class Scorer:
@@ -136,10 +146,14 @@ class Scorer:
         snapshot_step: int | None = None,
         should_stop: Callable[[], bool] | None = None,
         keys: list[str] | None = None,
+        keep: Callable[[Embeddings], torch.Tensor | None] | None = None,
     ) -> ScoreResult:
         """Both forwards. ``snapshot_step``: score with the learner snapshot taken at or before
         that step (deterministic scoring; waits for it) instead of the latest one. ``keys``: the
-        per-example keys, which a reference cache needs."""
+        per-example keys, which a reference cache needs. ``keep``: a pre-filter, called with the
+        reference's embeddings of the whole super-batch (scored first), returning the ascending
+        positions to keep (or None: all); the learner then runs on those examples only, and
+        both embeddings in the result hold their rows (``ScoreResult.kept``)."""
         t0 = time.perf_counter()
         batch = super_batch if self.score_transform is None else self.score_transform(super_batch)
         with torch.inference_mode():
@@ -152,6 +166,13 @@ class Scorer:
                     raw = self.embed(self.reference, batch)
                 ref = self._check(raw, "reference", super_batch_size,
                                   user_embed=self.embed is not default_embed)
+            kept = None
+            if keep is not None and ref is not None:
+                kept = keep(ref)
+            if kept is not None:
+                batch = index_batch(batch, kept)
+                ref = _rows(ref, kept)
+                super_batch_size = int(kept.numel())
             learner = None
             if not self.score_learner:
                 version = self.snapshot.version
@@ -170,7 +191,7 @@ class Scorer:
                         raw = self.embed(module, learner_batch)
                     learner = self._check(raw, "learner", super_batch_size,
                                           user_embed=self.embed is not default_embed)
-        return ScoreResult(learner, ref, version, time.perf_counter() - t0)
+        return ScoreResult(learner, ref, version, time.perf_counter() - t0, kept)
 
     @property
     def needs_keys(self) -> bool:

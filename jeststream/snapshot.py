@@ -36,7 +36,14 @@ from torch import nn
 # unwrap_model and is_accelerator were first defined here; they stay importable from here
 from jeststream.device import current_stream, is_accelerator, unwrap_model
 
-__all__ = ["LearnerSnapshot", "scheduled_step", "scoring_device", "unwrap_model", "is_accelerator"]
+__all__ = [
+    "LearnerSnapshot",
+    "Stopped",
+    "is_accelerator",
+    "scheduled_step",
+    "scoring_device",
+    "unwrap_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +349,7 @@ class LearnerSnapshot:
         with self._cond:
             while True:
                 if should_stop is not None and should_stop():
-                    raise _Stopped  # checked first: a stopped producer takes no copy
+                    raise Stopped  # checked first: a stopped producer takes no copy
                 slot = self._pick(step)
                 if slot is not None:
                     break
@@ -465,5 +472,5 @@ class LearnerSnapshot:
             self.version = max(int(state.get("version", 0)), self.version)
 
 
-class _Stopped(Exception):
+class Stopped(Exception):
     """Raised inside ``use()`` when the caller's ``should_stop()`` turned true while waiting."""

@@ -644,7 +644,7 @@ def test_state_dict_is_torch_saveable(tmp_path):
 
 
 def test_selection_error_reraises_chained(monkeypatch, no_thread_leak):
-    import jeststream.loader as loader_mod
+    import jeststream.superbatch as loader_mod  # the super-batch step
 
     def bad_select(*a, **k):
         raise RuntimeError("selection exploded")

@@ -124,6 +124,14 @@ def test_changed_open_clip_train_structure_fails_loudly(monkeypatch):
          "exceeds --batch-size 4"),
         (["--jest-ratio", "0.25", "--jest-reference", "r.pt", "--jest-score-dtype", "int8"],
          "int8"),
+        (["--jest-ratio", "0.25", "--jest-reference", "r.pt", "--jest-prefilter", "0"],
+         "--jest-prefilter must be a share q with 0 < q <= 1"),
+        (["--jest-ratio", "0.25", "--jest-reference", "r.pt", "--jest-prefilter", "1.5"],
+         "--jest-prefilter must be a share q with 0 < q <= 1"),
+        (["--jest-ratio", "0.25", "--jest-reference", "r.pt", "--jest-prefilter", "nan"],
+         "--jest-prefilter must be a share q with 0 < q <= 1"),
+        (["--jest-ratio", "0.25", "--jest-criterion", "hard_learner", "--jest-prefilter",
+          "0.5"], "--jest-prefilter ranks super-batches by the reference's score"),
     ],
 )
 def test_flag_validation(tmp_path, capsys, extra, message):
@@ -337,6 +345,30 @@ def test_jest_score_resolution_and_deterministic_flags(e2e):
         "--jest-deterministic", "1", epochs=1,
     )
     _check_jest_run(log, epochs=1)
+
+
+@pytest.mark.slow
+def test_jest_prefilter_flag(e2e, tmp_path):
+    """--jest-prefilter 0.5 inside a real open_clip_train run: each super-batch of 16 is cut to
+    its top 8 by the reference's score before the learner scores it; the log records the
+    other 8 as dropped (NaN score, not selected)."""
+    import numpy as np
+
+    from jeststream.selection_log import read_selection_log
+
+    sel_log = tmp_path / "selection.jsonl"
+    _, log = _stage2(
+        e2e, "jest-prefilter", "--siglip", "--jest-prefilter", "0.5",
+        "--jest-selection-log", str(sel_log), epochs=1,
+    )
+    _check_jest_run(log, epochs=1)
+    cols = read_selection_log(sel_log)
+    assert len(cols["step"]) == 4 * 16
+    for step in range(4):
+        rows = cols["step"] == step
+        dropped = np.isnan(cols["score"][rows])
+        assert dropped.sum() == 8 and not cols["selected"][rows][dropped].any()
+        assert cols["selected"][rows].sum() == 4
 
 
 def test_small_batch_without_n_chunks_passes_validation():
