@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from jeststream.deferred import scoring_views
 from jeststream.losses import Embeddings
 from jeststream.low_res import check_resolution, encode_image_resampled, resize_batch_images
 from jeststream.reference_cache import ReferenceCache
@@ -161,6 +162,7 @@ class Scorer:
 
     Both forwards run under ``torch.inference_mode()`` and, on an accelerator, autocast. On CPU
     autocast is used only for a learner snapshot stored in a reduced ``snapshot_dtype``.
+    A :class:`~jeststream.deferred.Deferred` field is scored through its view.
     ``score_transform`` is applied to the super-batch before scoring only. ``score_resolution``
     resizes the images the learner snapshot sees (:mod:`jeststream.low_res`; the reference sees
     them as they are). With
@@ -223,7 +225,8 @@ class Scorer:
         that step (deterministic scoring; waits for it) instead of the latest one. ``keys``: the
         per-example keys, which a reference cache needs."""
         t0 = time.perf_counter()
-        batch = super_batch if self.score_transform is None else self.score_transform(super_batch)
+        batch = scoring_views(super_batch)  # Deferred fields: the scorer sees their views
+        batch = batch if self.score_transform is None else self.score_transform(batch)
         with torch.inference_mode():
             ref = None
             if self.cache is not None:
