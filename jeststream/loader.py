@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from jeststream.batch import batch_size as _batch_size
-from jeststream.batch import concat_batches, find_keys, index_batch, iter_tensors
+from jeststream.batch import concat_batches, find_keys, iter_tensors
+from jeststream.deferred import Materializer
 from jeststream.diagnostics import BatchLearnability, measure_draws
 from jeststream.distributed import Coordinator, check_not_sharded, check_resume, resolve_mode
 from jeststream.losses import CRITERIA, Embeddings, criterion_weights
@@ -112,7 +113,10 @@ class SelectionInfo:
     staleness: yielded batches between the snapshot refresh and this batch's yield;
     batch_learnability: with ``JESTLoader(batch_learnability=True)``, the criterion's score of
     the yielded sub-batch as a whole next to an independent and a uniform draw from the same
-    super-batch (:mod:`jeststream.diagnostics`), else None.
+    super-batch (:mod:`jeststream.diagnostics`), else None; replaced: (position, replacement)
+    pairs for deferred records that failed to materialise after selection
+    (:mod:`jeststream.deferred`), each replaced by the next candidate by score -- ``indices``
+    hold the replacements.
     """
 
     indices: torch.Tensor
@@ -129,6 +133,7 @@ class SelectionInfo:
     epoch: int
     super_batch_size: int
     batch_learnability: BatchLearnability | None = None
+    replaced: tuple[tuple[int, int], ...] = ()
 
 
 @dataclasses.dataclass
@@ -357,7 +362,14 @@ class _Producer:
             )
         # Tensors made under inference_mode reject in-place use outside it; these reach the user.
         idx, per_example = idx.clone(), per_example.clone()
-        batch = index_batch(s.super_batch, idx)
+        # Deferred fields are materialised for the selected examples only (thread pool); a
+        # record that fails is replaced by the next-best candidate, so the batch stays k.
+        gathered = ld._materializer.gather(
+            s.super_batch,
+            idx,
+            lambda: torch.argsort(per_example.nan_to_num(nan=-math.inf), descending=True),
+        )
+        batch, idx = gathered.batch, gathered.indices
         resume = ld._make_state(s.base_state, step + 1, self.start, self.epoch)
         chosen = per_example[idx]
         mask = torch.zeros(size, dtype=torch.bool)
@@ -377,6 +389,7 @@ class _Producer:
             epoch=self.epoch,
             super_batch_size=size,
             batch_learnability=learnability,
+            replaced=gathered.replaced,
         )
         return _Item(batch, info, resume, s.keys, per_example, mask)
 
@@ -620,6 +633,9 @@ class JESTLoader:
             and leave each pass at the same points (it is collective).
         process_group: the ranks that select together and the backend of the loader's own
             process group (default: all ranks, the default group's backend).
+        materialise_workers: threads that materialise the selected examples of
+            :class:`~jeststream.deferred.Deferred` fields (a base loader built with
+            ``deferred=True``); 0: on the producer's thread. Started at the first such batch.
     """
 
     def __init__(
@@ -654,8 +670,10 @@ class JESTLoader:
         batch_learnability: bool = False,
         distributed: str | None = "auto",
         process_group: Any = None,
+        materialise_workers: int = 4,
     ) -> None:
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
+        self._materializer = Materializer(materialise_workers)  # threads start on first use
         self._dist: Coordinator | None = None
         if not hasattr(base_loader, "__iter__"):
             raise TypeError(f"base_loader must be iterable, got {type(base_loader).__name__}")
@@ -981,6 +999,8 @@ class JESTLoader:
             "fallbacks": self._fallbacks,
             "base_batches": self._base_batches,
             "dropped_examples": self._dropped,
+            # deferred records that failed to materialise, each replaced by the next candidate
+            "replaced_examples": self._materializer.failed,
         }
         base_stats = getattr(self.base_loader, "stats", None)
         if isinstance(base_stats, dict) and "bad_shards" in base_stats:
@@ -1113,6 +1133,7 @@ class JESTLoader:
             self._log = None
         if self._dist is not None:
             self._dist.close()
+        self._materializer.close()
 
     def __enter__(self) -> JESTLoader:
         return self
