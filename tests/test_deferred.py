@@ -303,3 +303,86 @@ def test_deferred_needs_a_score_resolution(shards, train_transform):
     with pytest.raises(ValueError, match="deferred must be"):
         webdataset_loader(shards, B, deferred="lazy", score_resolution=16)
     assert ImageRecord._fields[0] == "data"
+
+
+def test_input_pipeline_benchmark_quick_runs_and_reports_every_figure():
+    """benchmarks/input_pipeline.py --quick (no timing assertions: figures exist and agree)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "input_pipeline.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick", "--workers", "0", "--ratios", "0.5"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    result = json.loads(out)
+    row = result["runs"]["workers=0 ratio=0.5"]
+    assert set(row) == {"uniform", "eager", "deferred_16", "deferred_32"}
+    for r in row.values():
+        assert r["cpu_s_per_batch"] > 0 and r["wall_s_per_batch"] > 0 and r["n"] == 2
+        assert r["x_eager"] == r["cpu_s_per_batch"] / row["eager"]["cpu_s_per_batch"]
+    held = result["super_batch_bytes"]["0.5"]
+    assert held["deferred_16"] < held["eager"]  # encoded bytes + small views < float tensors
+    agree = result["selection_agreement"]["0.5"]
+    assert all(0.0 <= a["differ_share"] <= 1.0 and a["steps"] >= 2 for a in agree.values())
+    assert "deferred_224_le_eager" in result["targets_met"]["workers=0 ratio=0.5"]
+
+
+@pytest.mark.parametrize("column", ["raw", "jpeg_image"])
+def test_streaming_loader_deferred_yields_the_eager_tensors(tmp_path, models, train_transform, column):
+    """streaming_loader(deferred=True): a bytes column gives draft-decoded views and encoded
+    records, a jpeg column (decoded by streaming) uint8 records; every yielded example's
+    training tensor equals the eager loader's, in the same dict structure."""
+    import gc
+
+    from PIL import Image
+    from streaming import MDSWriter
+    from streaming.base.util import clean_stale_shared_memory
+
+    from jeststream.adapters.streaming import streaming_loader
+
+    gc.collect()
+    clean_stale_shared_memory()
+    out = tmp_path / "mds"
+    columns = {"key": "str", "raw": "bytes", "jpeg_image": "jpeg", "text": "str"}
+    with MDSWriter(out=str(out), columns=columns, size_limit=40_000) as writer:
+        for i in range(32):
+            data = _jpeg(i)
+            writer.write({"key": f"m{i:04d}", "raw": data, "jpeg_image": Image.open(io.BytesIO(data)),
+                          "text": f"caption {i}"})
+
+    try:
+        eager = streaming_loader(str(out), B, tokenizer=toy_tokenize, transform=train_transform,
+                                 image_field=column)
+        by_key = {}
+        for batch in eager:
+            by_key.update({k: batch["image"][i] for i, k in enumerate(batch["__key__"])})
+        del eager
+        gc.collect()
+        clean_stale_shared_memory()
+        def deferred():
+            gc.collect()
+            clean_stale_shared_memory()  # a new dataset starts at epoch 0, as the eager one did
+            return streaming_loader(str(out), B, tokenizer=toy_tokenize, transform=train_transform,
+                                    image_field=column, deferred=True, score_resolution=16)
+
+        first = next(iter(deferred()))
+        assert isinstance(first["image"], Deferred) and first["image"].view.shape == (B, 3, 16, 16)
+        kind = type(first["image"].records[0].data)
+        assert kind is (bytes if column == "raw" else np.ndarray)
+        del first
+        base = deferred()
+        with _jest(base, models, score_resolution=16) as jest:
+            n = 0
+            for batch in jest:
+                assert set(batch) == {"image", "text", "__key__"}
+                assert batch["image"].shape == (B, 3, 32, 32) and batch["text"].dtype == torch.long
+                for i, k in enumerate(batch["__key__"]):
+                    assert torch.equal(batch["image"][i], by_key[k]), k
+                n += 1
+        assert n == 32 // (4 * B)
+    finally:
+        gc.collect()
+        clean_stale_shared_memory()
