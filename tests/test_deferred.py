@@ -123,7 +123,8 @@ def test_seeded_transform_is_the_seeded_eager_transform_in_any_thread(train_tran
     assert example_seed(1, 2, "k") == example_seed(1, 2, "k") != example_seed(1, 3, "k")
 
 
-def _deferred(n: int, offset: int = 0, materialise=MaterialiseImage(lambda im: None, pil_decode)):
+def _deferred(n: int, offset: int = 0):
+    materialise = MaterialiseImage(lambda im: None, pil_decode)
     views = torch.arange(offset, offset + n, dtype=torch.float32).view(n, 1).expand(n, 4)
     return Deferred(views.clone(), [f"r{offset + i}" for i in range(n)], materialise)
 
@@ -204,10 +205,13 @@ def test_deferred_pipeline_yields_the_eager_pipelines_tensors(
     )
     with _jest(base, models, score_resolution=resolution) as jest:
         jest.set_epoch(1)
-        got = list(jest)
-        assert all(not i.replaced for i in [jest.last_info])
+        got, replaced = [], []
+        for batch in jest:
+            got.append(batch)
+            replaced.extend(jest.last_info.replaced)
+    assert replaced == []  # no bad record here: nothing was replaced
     assert len(got) == len(eager_batches) == N_SHARDS * PER_SHARD // (4 * B)
-    for (images, texts, keys), (e_images, e_texts, e_keys) in zip(got, eager_batches):
+    for (images, texts, keys), (e_images, e_texts, _) in zip(got, eager_batches):
         assert type(images) is type(e_images) and images.dtype == e_images.dtype
         assert images.shape == e_images.shape == (B, 3, 32, 32)
         assert texts.dtype == e_texts.dtype and texts.shape == (B, TINY_CONTEXT)
@@ -257,11 +261,13 @@ def test_a_bad_record_after_selection_is_replaced_counted_and_the_batch_stays_b(
         urls, B, tokenizer=toy_tokenize, transform=strict, deferred="encoded",
         score_resolution=16,
     )
-    replaced = []
+    replaced, yielded = [], []
+    log = tmp_path / "s.jsonl"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with _jest(base, models, score_resolution=16, selection_log=tmp_path / "s.jsonl") as jest:
-            for images, texts, keys in jest:
+        with _jest(base, models, score_resolution=16, selection_log=log) as jest:
+            for images, _, keys in jest:
+                yielded.extend(keys)
                 assert images.shape == (B, 3, 32, 32) and len(keys) == B == len(set(keys))
                 info = jest.last_info
                 assert int(info.indices.numel()) == B
@@ -273,6 +279,10 @@ def test_a_bad_record_after_selection_is_replaced_counted_and_the_batch_stays_b(
     assert replaced, "the fixture should select some bad records"
     assert base.stats["bad_samples"] == stats["replaced_examples"] == len(replaced)
     assert sum("skipping sample" in str(w.message) for w in caught) == len(replaced)
+    from jeststream.selection_log import read_selection_log
+
+    cols = read_selection_log(log)  # the log marks the replacements as the selected examples
+    assert sorted(k for k, sel in zip(cols["key"], cols["selected"]) if sel) == sorted(yielded)
 
 
 def test_resume_with_deferred_fields_is_unchanged(shards, models, train_transform):
