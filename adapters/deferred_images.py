@@ -42,6 +42,7 @@ __all__ = [
     "deferred_sample",
     "normalisation",
     "pil_decode",
+    "pil_decode_rgb",
     "scoring_view",
     "training_size",
 ]
@@ -68,6 +69,15 @@ def pil_decode(data: bytes, ext: str) -> Any:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+def pil_decode_rgb(data: bytes, ext: str) -> Any:
+    """Encoded bytes -> a loaded RGB PIL image (webdataset's ``"pilrgb"`` decoding)."""
+    image = pil_decode(data, ext)
+    if image.mode == "RGB":
+        return image
+    with image:
+        return image.convert("RGB")
 
 
 def training_size(transform: Any) -> int | None:

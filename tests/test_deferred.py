@@ -396,3 +396,44 @@ def test_streaming_loader_deferred_yields_the_eager_tensors(tmp_path, models, tr
     finally:
         gc.collect()
         clean_stale_shared_memory()
+
+
+def test_jestify_deferred_applies_open_clips_transform_after_selection(shards, models, train_transform):
+    """jestify(deferred=True) rewrites an open_clip_train-shaped wds pipeline (decode("pilrgb"),
+    rename, map_dict(image=preprocess, text=...), to_tuple, batched): the scorer sees views and
+    every yielded image is open_clip's transform of that sample, seeded by (seed, epoch, key)."""
+    import webdataset as wds
+    from open_clip_train.data import DataInfo, SharedEpoch
+
+    from jeststream.adapters.deferred_images import pil_decode_rgb
+    from jeststream.adapters.open_clip import jestify
+
+    epoch = SharedEpoch(epoch=3)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards), wds.tarfile_to_samples(),
+        wds.decode("pilrgb", handler=wds.warn_and_continue),
+        wds.rename(image="jpg;png;jpeg;webp", text="txt"),
+        wds.map_dict(image=train_transform, text=lambda t: toy_tokenize([t])[0]),
+        wds.to_tuple("image", "text", "__key__"),
+        wds.batched(B, partial=False),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=0)
+    loader.num_batches, loader.num_samples = N_SHARDS * PER_SHARD // B, N_SHARDS * PER_SHARD
+    info = DataInfo(dataloader=loader, shared_epoch=epoch)
+    learner, reference = models
+    data = {f"s{i:05d}": _jpeg(i) for i in range(N_SHARDS * PER_SHARD)}
+    seeded = SeededTransform(train_transform)
+    wrapped = jestify(info, learner, reference, 0.25, deferred=True, score_resolution=16, seed=9,
+                      n_chunks=2)
+    n = 0
+    for images, texts, keys in wrapped.dataloader:
+        assert images.shape == (B, 3, 32, 32) and images.dtype == torch.float32
+        assert texts.shape == (B, TINY_CONTEXT)
+        for i, k in enumerate(keys):
+            want = seeded(pil_decode_rgb(data[k], "jpg"), example_seed(9, 3, k))
+            assert torch.equal(images[i], want), k
+        n += 1
+    wrapped.dataloader.close()
+    assert n == N_SHARDS * PER_SHARD // (4 * B)
+    with pytest.raises(ValueError, match="score_resolution"):
+        jestify(info, learner, reference, 0.25, deferred=True)
