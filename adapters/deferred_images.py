@@ -51,8 +51,11 @@ DEFERRED_MODES = ("encoded", "decoded")
 
 
 class ImageRecord(NamedTuple):
-    """One deferred image: ``data`` is the encoded bytes (mode "encoded") or a uint8 array in the
-    image's own PIL ``mode`` (mode "decoded"); ``seed`` seeds its augmentation."""
+    """One deferred image: ``data`` is the encoded bytes (mode "encoded") or uint8 pixels
+    ``[H, W(, C)]`` in the image's own PIL ``mode`` (mode "decoded": a numpy array per sample,
+    a view into one shared uint8 tensor per batch after :func:`collate_deferred`, so that
+    DataLoader workers hand them over through shared memory, not pickled bytes); ``seed``
+    seeds its augmentation."""
 
     data: Any
     ext: str
@@ -160,10 +163,11 @@ class MaterialiseImage:
         self.decode = decode
 
     def __call__(self, record: ImageRecord) -> Any:
-        if isinstance(record.data, np.ndarray):
+        if isinstance(record.data, (np.ndarray, torch.Tensor)):
             from PIL import Image
 
-            return self.seeded(Image.fromarray(record.data, record.mode), record.seed)
+            pixels = record.data.numpy() if isinstance(record.data, torch.Tensor) else record.data
+            return self.seeded(Image.fromarray(pixels, record.mode), record.seed)
         with self.decode(record.data, record.ext) as image:
             return self.seeded(image, record.seed)
 
@@ -239,5 +243,24 @@ def collate_deferred(
         arr.sub_(mean).div_(std)
     materialise = None if transform is None else MaterialiseImage(transform, decode)
     return Deferred(
-        arr.contiguous(), list(records), materialise, on_error if on_error else SkipBadRecord()
+        arr.contiguous(), _pooled(records), materialise, on_error if on_error else SkipBadRecord()
     )
+
+
+def _pooled(records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """Decoded pixels moved into one uint8 tensor, each record holding a view of it: one
+    shared-memory block crosses from a DataLoader worker instead of B pickled arrays."""
+    arrays = [r.data for r in records if isinstance(r.data, np.ndarray)]
+    if not arrays:
+        return list(records)
+    pool = torch.empty(sum(a.size for a in arrays), dtype=torch.uint8)
+    out, offset = [], 0
+    for r in records:
+        if isinstance(r.data, np.ndarray):
+            n = r.data.size
+            view = pool[offset : offset + n].view(r.data.shape)
+            view.numpy()[...] = r.data
+            offset += n
+            r = r._replace(data=view)
+        out.append(r)
+    return out
