@@ -45,7 +45,6 @@ __all__ = [
     "Materializer",
     "SeededTransform",
     "example_seed",
-    "has_deferred",
     "materialise_batch",
     "scoring_views",
 ]
@@ -146,13 +145,6 @@ def _no_materialise(path: str) -> ValueError:
         "materialise=record -> tensor) (the adapters' deferred=True do), or yield the "
         "training tensor itself"
     )
-
-
-def has_deferred(batch: Any) -> bool:
-    """Whether ``batch`` holds a :class:`Deferred` field anywhere."""
-    found = []
-    replace_fields(batch, lambda f, p: found.append(f) or f)
-    return any(isinstance(f, Deferred) for f in found)
 
 
 def scoring_views(batch: Any) -> Any:
