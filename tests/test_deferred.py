@@ -439,3 +439,25 @@ def test_jestify_deferred_applies_open_clips_transform_after_selection(shards, m
     assert n == N_SHARDS * PER_SHARD // (4 * B)
     with pytest.raises(ValueError, match="score_resolution"):
         jestify(info, learner, reference, 0.25, deferred=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deferred_on_an_accelerator_yields_the_eager_tensors_on_its_device(
+    shards, models, train_transform
+):
+    """Views go to the scoring device (pinned), materialised tensors follow them: the yielded
+    images are where the eager pipeline puts them, with the same pixels (background scoring)."""
+    kw = dict(tokenizer=toy_tokenize, transform=train_transform, seed=4)
+    by_key = {}
+    for images, _, keys in webdataset_loader(shards, B, **kw):
+        by_key.update({k: images[i] for i, k in enumerate(keys)})
+    learner, reference = (m.to("cuda") for m in models)
+    base = webdataset_loader(shards, B, deferred=True, score_resolution=16, **kw)
+    with JESTLoader(base, learner, reference, ratio=0.25, n_chunks=2, score_resolution=16,
+                    device="cuda") as jest:
+        for images, texts, keys in jest:
+            assert images.device.type == "cuda" and texts.device.type == "cuda"
+            for i, k in enumerate(keys):
+                assert torch.equal(images[i].cpu(), by_key[k]), k
+    for m in models:
+        m.to("cpu")
