@@ -66,6 +66,12 @@ splitting); ``shuffle_buffer=N`` also shuffles samples through webdataset's ``sh
 before the first sample leaves it, seeded by (seed, epoch, rank, worker, pass) so that it is
 deterministic -- the same order under webdataset 0.2.x and 1.0.x, which share the algorithm.
 
+Augmentation: each sample's ``transform`` runs with its random draws seeded by (seed, epoch,
+``__key__``) (:class:`jeststream.deferred.SeededTransform`), so a replayed epoch and the deferred
+pipeline give the same pixels. ``deferred=True`` with ``score_resolution=R`` yields the images
+as a :class:`jeststream.deferred.Deferred` field (R-px scoring views, the training transform
+after selection; :mod:`jeststream.adapters.deferred_images`, docs/cheaper_scoring.md).
+
 Resume: a tar stream has no random access, so :meth:`WebDatasetLoader.state_dict` records
 ``(epoch, batches yielded)`` and ``load_state_dict`` replays the epoch's deterministic order
 (shard order and sample buffer both seeded), skipping that many batches. Exact for the same shards, ``num_workers`` and world size; the skipped batches are
