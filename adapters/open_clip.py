@@ -32,6 +32,7 @@ from jeststream.snapshot import unwrap_model
 __all__ = [
     "OpenCLIPJESTLoader",
     "carry_webdataset_keys",
+    "defer_webdataset_images",
     "check_compatible",
     "embed",
     "jestify",
@@ -200,6 +201,109 @@ def carry_webdataset_keys(dataloader: Any) -> bool:
     return False
 
 
+class _DeferSample:
+    """wds map stage: the sample's encoded image -> (scoring view, record); the text through
+    open_clip's text function (what its ``map_dict`` did). The augmentation seed reads the
+    pipeline's shared epoch when the sample is made."""
+
+    def __init__(self, mode: str, resolution: int, seed: int, epoch: Any, text: Any) -> None:
+        self.mode, self.resolution, self.seed, self.epoch, self.text = (
+            mode, resolution, seed, epoch, text,
+        )
+
+    def __call__(self, sample: dict) -> dict:
+        from jeststream.adapters.deferred_images import deferred_sample, pil_decode_rgb
+
+        epoch = self.epoch.get_value() if self.epoch is not None else 0
+        make = deferred_sample(
+            self.mode, self.resolution, decode=pil_decode_rgb, seed=self.seed, epoch=epoch
+        )
+        out = dict(sample)
+        item = (sample["image"], "", sample["__key__"], str(sample.get("__url__", "?")))
+        out["image"] = make(item)
+        out["text"] = self.text(sample["text"]) if self.text is not None else sample["text"]
+        return out
+
+
+class _CollateDeferred:
+    """wds ``batched`` collation: column 0's (view, record) pairs -> one Deferred field, the
+    other columns as webdataset collates them."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, samples: list) -> Any:
+        from webdataset.filters import default_collation_fn
+
+        from jeststream.adapters.deferred_images import collate_deferred, pil_decode_rgb
+
+        images = [s[0] for s in samples]
+        field = collate_deferred(
+            [v for v, _ in images], [r for _, r in images], transform=self.transform,
+            decode=pil_decode_rgb,
+        )
+        rest = default_collation_fn([tuple(s[1:]) for s in samples])
+        return type(rest)([field, *rest]) if isinstance(rest, (list, tuple)) else [field, rest]
+
+
+def defer_webdataset_images(
+    data_info: Any, score_resolution: int, *, seed: int = 0, mode: bool | str = True
+) -> bool:
+    """Make an open_clip_train webdataset pipeline yield its images as a
+    :class:`jeststream.deferred.Deferred` field: ``score_resolution``-px scoring views (JPEG
+    draft decoding) now, open_clip's own training transform on the selected examples after
+    selection (:mod:`jeststream.adapters.deferred_images`), seeded by (seed, epoch, key).
+
+    Three stages of ``get_wds_dataset``'s pipeline are replaced in place, before any worker
+    starts: ``decode("pilrgb")`` by ``decode()`` (images stay encoded), ``map_dict(image=
+    preprocess, text=...)`` by a map that makes the view and the record, and ``batched``'s
+    collation by one that keeps them. Only for a JESTLoader (``jestify`` materialises the
+    selected examples). A record that fails after selection is skipped with a warning and
+    replaced by the next candidate (open_clip's pipeline warns and continues too). Returns
+    False, changing nothing, when the data is not such a pipeline.
+    """
+    try:
+        import webdataset as wds
+        from webdataset.filters import FilterFunction, _batched, _decode, _map_dict
+    except ImportError:
+        return False
+    from jeststream.adapters.deferred_images import deferred_mode
+
+    stages = getattr(data_info.dataloader, "pipeline", None) or []
+    inner = getattr(stages[0], "dataset", None) if stages else None
+    pipeline = getattr(inner, "pipeline", None)
+    if not isinstance(pipeline, list):
+        return False
+    where = {}
+    for i, stage in enumerate(pipeline):
+        if isinstance(stage, FilterFunction):
+            if stage.f is _decode and tuple(stage.args) == ("pilrgb",):
+                where["decode"] = i
+            elif stage.f is _map_dict and "image" in stage.kw:
+                where["map"] = i
+            elif stage.f is _batched:
+                where["batched"] = i
+    if set(where) != {"decode", "map", "batched"}:
+        return False
+    transform = pipeline[where["map"]].kw["image"]
+    kind = deferred_mode(mode, score_resolution, transform)
+    epoch = getattr(data_info, "shared_epoch", None)
+    decode = pipeline[where["decode"]]
+    pipeline[where["decode"]] = wds.decode(**decode.kw)
+    pipeline[where["map"]] = wds.map(
+        _DeferSample(kind, score_resolution, seed, epoch, pipeline[where["map"]].kw.get("text"))
+    )
+    batched = pipeline[where["batched"]]
+    pipeline[where["batched"]] = wds.batched(
+        *batched.args, **{**batched.kw, "collation_fn": _CollateDeferred(transform)}
+    )
+    logger.info(
+        "JEST: deferred decoding (%s records): %d-px scoring views, open_clip's training "
+        "transform on the selected examples only", kind, score_resolution,
+    )
+    return True
+
+
 def _world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
@@ -222,6 +326,8 @@ def jestify(
     learner: nn.Module,
     reference: nn.Module | None,
     ratio: float = 0.2,
+    *,
+    deferred: bool = False,
     **jest_kwargs: Any,
 ) -> Any:
     """Return a copy of an open_clip ``DataInfo`` whose dataloader is a JEST loader.
@@ -232,6 +338,9 @@ def jestify(
         learner: the model being trained; scored unwrapped (never through DDP).
         reference: the frozen reference (see :func:`load_reference`).
         ratio: b / B, the fraction of each super-batch that is trained on.
+        deferred: decode only what is trained on (:func:`defer_webdataset_images`): the
+            scorer sees ``score_resolution``-px views (required), open_clip's training
+            transform runs on the selected examples. webdataset data only (ValueError else).
         **jest_kwargs: passed to :class:`OpenCLIPJESTLoader` / JESTLoader (``loss``,
             ``criterion``, ``n_chunks``, ``snapshot_dtype``, ``on_yield`` ...).
 
@@ -252,6 +361,19 @@ def jestify(
             f"the DataInfo's dataloader ({type(base).__name__}) has no integer num_batches; "
             "open_clip needs it to build the LR schedule"
         )
+    if deferred:
+        resolution = jest_kwargs.get("score_resolution")
+        if resolution is None:
+            raise ValueError(
+                "jestify(deferred=True) needs score_resolution= (the side of the scoring views, "
+                "e.g. 112 for a 224-px model)"
+            )
+        if not defer_webdataset_images(data_info, resolution, seed=jest_kwargs.get("seed", 0)):
+            raise ValueError(
+                "jestify(deferred=True) works on open_clip_train's webdataset pipeline "
+                f"(--dataset-type webdataset); this DataInfo's dataloader ({type(base).__name__})"
+                " is not one: drop deferred=True"
+            )
     loader = OpenCLIPJESTLoader(base, unwrap_model(learner), reference, ratio, **jest_kwargs)
     if loader.num_batches < 1:
         loader.close()

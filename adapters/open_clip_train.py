@@ -23,6 +23,11 @@ names in ``open_clip_train.main`` -- the first to remember the (unwrapped) learn
 return ``data["train"]`` jestified -- and restore them afterwards. The installed open_clip_torch
 version and that structure are checked before anything runs.
 
+``--jest-score-resolution R`` on webdataset data also defers decoding
+(:func:`jeststream.adapters.open_clip.defer_webdataset_images`): every example of a super-batch
+is decoded only to an R-px scoring view (JPEG draft scaling), and open_clip's own training
+transform runs on the selected examples after selection, seeded by (--seed, epoch, key).
+
 Counting: ``--batch-size`` stays the trained batch b; each step draws a super-batch of
 n = round(1/ratio) base batches. An epoch still reads ``--train-num-samples`` examples, so it has
 1/n of the plain run's optimizer steps (the LR schedule is built from that count); to keep the
@@ -94,7 +99,9 @@ _JEST_FLAGS: dict[str, tuple[str, Callable[[str], Any], Any, str]] = {
     "--jest-score-resolution": (
         "score_resolution", int, None,
         "score the learner snapshot on images resized to this side in pixels (ViT positional "
-        "embeddings resampled; e.g. 112 for a 224 px model: ~4x fewer image-tower FLOPs)",
+        "embeddings resampled; e.g. 112 for a 224 px model: ~4x fewer image-tower FLOPs); on "
+        "webdataset data the scorer then sees JPEG draft-decoded views of this size and "
+        "open_clip's training transform runs on the selected examples only",
     ),
     "--jest-prefilter": (
         "prefilter", float, 1.0,
@@ -340,6 +347,7 @@ class _Hook:
         from jeststream.adapters.open_clip import (
             carry_webdataset_keys,
             check_compatible,
+            defer_webdataset_images,
             jestify,
             load_reference,
         )
@@ -390,6 +398,18 @@ class _Hook:
                     getattr(args, "dataset_type", "?"),
                     log_path,
                 )
+        # --jest-score-resolution: decode only what is trained on (webdataset data): the scorer
+        # sees draft-decoded views, open_clip's training transform runs after selection
+        deferred = (
+            jest.score_resolution is not None
+            and getattr(args, "dataset_type", None) in ("webdataset", "auto")
+            and defer_webdataset_images(train, jest.score_resolution, seed=int(args.seed))
+        )
+        if jest.score_resolution is not None and not deferred:
+            logger.info(
+                "JEST: the %s training data is decoded eagerly (deferred decoding needs "
+                "open_clip_train's webdataset pipeline)", getattr(args, "dataset_type", "?"),
+            )
         self.reporter = _SelectionReporter(args, jest.criterion)
         wrapped = jestify(
             train,

@@ -35,7 +35,6 @@ own ``local`` directory.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -43,10 +42,22 @@ from typing import Any
 import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
+from torch.utils.data import default_collate
 
+from jeststream.adapters.deferred_images import (
+    ImageRecord,
+    MaterialiseImage,
+    collate_deferred,
+    deferred_mode,
+    deferred_sample,
+    normalisation,
+    pil_decode,
+    scoring_view,
+)
 from jeststream.adapters.webdataset import default_image_transform
+from jeststream.deferred import Deferred, SeededTransform, example_seed
 
-__all__ = ["JESTStreamingDataLoader", "StreamingImageText", "streaming_loader"]
+__all__ = ["DeferredCollate", "JESTStreamingDataLoader", "StreamingImageText", "streaming_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +72,11 @@ class StreamingImageText(StreamingDataset):
         tokenizer: ``list[str] -> tensor [1, ctx]`` per caption (e.g. open_clip's); None keeps
             the caption string.
         as_tuple: yield ``(image, text, key)`` instead of a dict.
+        deferred: None (eager), "encoded" or "decoded": the image becomes ``(uint8 scoring view,
+            ImageRecord)`` for :class:`DeferredCollate` (``streaming_loader(deferred=True)``). A
+            ``bytes`` column keeps its encoded bytes ("encoded": draft-decoded views); a
+            column streaming decodes itself (``jpeg``, ``png``, ``pil``) is kept as uint8.
+        score_resolution: the side of the scoring view (with ``deferred``).
         **kwargs: ``StreamingDataset`` arguments (``local``, ``remote``, ``batch_size``,
             ``shuffle``, ``shuffle_seed``, ...).
     """
@@ -74,15 +90,30 @@ class StreamingImageText(StreamingDataset):
         transform: Callable[[Any], Any] | None = None,
         tokenizer: Callable[[list[str]], Any] | None = None,
         as_tuple: bool = False,
+        deferred: str | None = None,
+        score_resolution: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.deferred = deferred
+        self.score_resolution = score_resolution
+        self._aug_epoch = 0  # the epoch being iterated (seeds the augmentation)
         self.image_field = image_field
         self.text_field = text_field
         self.key_field = key_field
         self.transform = transform or default_image_transform
         self.tokenizer = tokenizer
         self.as_tuple = as_tuple
+        # every sample's augmentation is seeded by (shuffle_seed, epoch, key): eager and
+        # deferred pipelines give the same pixels
+        self.seeded = None if self.transform is default_image_transform else SeededTransform(
+            self.transform
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        # read when the pass starts, before streaming advances it (a resume rewinds it first)
+        self._aug_epoch = self.next_epoch
+        yield from super().__iter__()
 
     def __getitem__(self, idx: int) -> Any:
         row = super().__getitem__(idx)
@@ -96,7 +127,7 @@ class StreamingImageText(StreamingDataset):
             ) from exc
         key = str(row[self.key_field]) if self.key_field and self.key_field in row else str(idx)
         try:
-            image = self._decode_image(image)
+            image = self._decode_image(image, key)
         except Exception as exc:
             # A map-style sample cannot be skipped (the partitioning fixes every position), so a
             # damaged one stops the run -- with the sample named, not PIL's bare message.
@@ -115,18 +146,49 @@ class StreamingImageText(StreamingDataset):
         return {"image": image, "text": text, "__key__": key}
 
 
-    def _decode_image(self, image: Any) -> Any:
+    def _decode_image(self, image: Any, key: str) -> Any:
+        seed = example_seed(self.shuffle_seed, self._aug_epoch, key)
+        if self.deferred is not None and isinstance(image, (bytes, bytearray, memoryview)):
+            make = deferred_sample(
+                self.deferred, self.score_resolution, seed=self.shuffle_seed,
+                epoch=self._aug_epoch,
+            )
+            return make((bytes(image), "", key, "mds"))
         if isinstance(image, (bytes, bytearray, memoryview)):
-            from PIL import Image
-
-            with Image.open(io.BytesIO(bytes(image))) as im:
-                im.load()
-                return self.transform(im)
-        if isinstance(image, np.ndarray):
+            image = pil_decode(bytes(image), "")
+        elif isinstance(image, np.ndarray):
             from PIL import Image
 
             image = Image.fromarray(image)
-        return self.transform(image)
+        if self.deferred is not None:  # decoded by streaming: keep it as uint8
+            view = scoring_view(image, self.score_resolution)
+            return view, ImageRecord(np.array(image), "", image.mode, key, "mds", seed)
+        if self.seeded is None:
+            return self.transform(image)
+        return self.seeded(image, seed)
+
+
+class DeferredCollate:
+    """DataLoader ``collate_fn`` for :class:`StreamingImageText` with ``deferred``: the image
+    field's ``(view, record)`` pairs become one :class:`~jeststream.deferred.Deferred` (views
+    normalised by ``normalise``), the other fields go through torch's ``default_collate``."""
+
+    def __init__(self, normalise: tuple[Any, Any] | None) -> None:
+        self.normalise = normalise
+
+    def __call__(self, samples: list[Any]) -> Any:
+        if isinstance(samples[0], Mapping):
+            images = [s["image"] for s in samples]
+            rest = default_collate([{k: v for k, v in s.items() if k != "image"} for s in samples])
+            return {"image": self._field(images), **rest}
+        images = [s[0] for s in samples]
+        rest = default_collate([tuple(s[1:]) for s in samples])
+        return (self._field(images), *rest)
+
+    def _field(self, images: list) -> Deferred:
+        return collate_deferred(
+            [v for v, _ in images], [r for _, r in images], normalise=self.normalise
+        )
 
 
 class JESTStreamingDataLoader(StreamingDataLoader):
@@ -149,6 +211,11 @@ class JESTStreamingDataLoader(StreamingDataLoader):
         for batch in batches:
             self._started = True
             self._pending = None
+            field = batch.get("image") if isinstance(batch, Mapping) else batch[0]
+            if isinstance(field, Deferred):  # attached here: no pickling of the transform
+                ds = self.dataset
+                field.materialise = MaterialiseImage(ds.transform, pil_decode)
+                field.on_error = None  # a damaged MDS sample stops the run (as eagerly), named
             yield batch
 
     def state_dict(self) -> dict[str, Any] | None:
@@ -201,12 +268,22 @@ def streaming_loader(
     key_field: str | None = "key",
     as_tuple: bool = False,
     dataset_kwargs: Mapping[str, Any] | None = None,
+    deferred: bool | str = False,
+    score_resolution: int | None = None,
     **dataloader_kwargs: Any,
 ) -> JESTStreamingDataLoader:
     """Build a resumable base loader over MDS shards (``local`` dir, or cache for ``remote``).
 
     Every batch has ``batch_size`` examples (``drop_last=True``); the dataset gets the same
     ``batch_size`` so that its partitioning makes resume exact across worker counts' batching.
+    The augmentation of each sample is seeded by (``shuffle_seed``, epoch, key).
+
+    ``deferred=True`` (or "encoded" / "decoded", as in ``webdataset_loader``) with
+    ``score_resolution=R`` yields the image field as a :class:`jeststream.deferred.Deferred`:
+    R-px scoring views now, ``transform`` on the examples a JESTLoader selects after selection
+    (the same tensors as the eager loader's). Draft-decoded views need a ``bytes`` image column;
+    ``jpeg``/``png`` columns are decoded by streaming and kept as uint8. A sample that fails to
+    decode after selection raises naming it, as a damaged sample does eagerly.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -222,9 +299,15 @@ def streaming_loader(
         transform=transform,
         tokenizer=tokenizer,
         as_tuple=as_tuple,
+        deferred=deferred_mode(deferred, score_resolution, transform or default_image_transform),
+        score_resolution=score_resolution,
         **dict(dataset_kwargs or {}),
     )
     dataloader_kwargs.setdefault("drop_last", True)
+    if dataset.deferred is not None:
+        if "collate_fn" in dataloader_kwargs:
+            raise TypeError("deferred=True brings its own collate_fn; do not pass one")
+        dataloader_kwargs["collate_fn"] = DeferredCollate(normalisation(dataset.transform))
     return JESTStreamingDataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, **dataloader_kwargs
     )

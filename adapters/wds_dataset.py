@@ -20,7 +20,12 @@ Invariants:
   0.2.x and 1.0.x;
 - resume: a tar stream has no random access, so ``state_dict`` records ``(epoch, batches
   yielded)`` and ``load_state_dict`` replays the epoch's seeded order, skipping that many
-  batches. Exact for the same shards, ``num_workers`` and world size.
+  batches. Exact for the same shards, ``num_workers`` and world size;
+- augmentation: each sample's ``transform`` runs with its random draws seeded by (seed, epoch,
+  ``__key__``) (:class:`jeststream.deferred.SeededTransform`), so a replayed epoch and the
+  deferred pipeline give the same pixels. ``deferred=True`` with ``score_resolution=R`` yields
+  the images as a :class:`jeststream.deferred.Deferred` field (R-px scoring views, the training
+  transform after selection; :mod:`jeststream.adapters.deferred_images`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from jeststream.adapters.deferred_images import (
+    MaterialiseImage,
+    SkipBadRecord,
+    collate_deferred,
+    deferred_mode,
+    deferred_sample,
+    normalisation,
+)
 from jeststream.adapters.wds_decode import (
     IMAGE_EXTS,
     TEXT_EXTS,
@@ -49,6 +62,7 @@ from jeststream.adapters.wds_tar import (
     checked_tarfile_samples,
     expand_urls,
 )
+from jeststream.deferred import Deferred, SeededTransform, example_seed
 
 __all__ = ["WebDatasetLoader", "webdataset_loader"]
 
@@ -73,8 +87,17 @@ class _Pipeline(IterableDataset):
         num_samples: int | None = None,
         world_size: int = 1,
         shuffle_buffer: int = 0,
+        deferred: str | None = None,
+        score_resolution: int | None = None,
     ) -> None:
         super().__init__()
+        # deferred: None (eager), "encoded" or "decoded" (adapters/deferred_images.py)
+        self.deferred = deferred
+        self.score_resolution = score_resolution
+        self.normalise = normalisation(transform)
+        # every sample's augmentation is seeded by (seed, epoch, key): eager and deferred
+        # pipelines give the same pixels (default_image_transform draws nothing)
+        self.seeded = None if transform is default_image_transform else SeededTransform(transform)
         self.shuffle_buffer = shuffle_buffer
         self.num_samples = num_samples  # over all ranks; None: one pass over the shards
         self.world_size = world_size  # the world num_samples was divided by (at construction)
@@ -129,8 +152,17 @@ class _Pipeline(IterableDataset):
                 raise KeyError(
                     f"no {missing} field (has {sorted(k for k in raw if not k.startswith('__'))})"
                 )
-            with decode_image(img[1], img[0]) as im:
-                image = self.transform(im)
+            if self.deferred is not None:
+                image = deferred_sample(
+                    self.deferred, self.score_resolution, decode=decode_image,
+                    seed=self.seed, epoch=self.epoch,
+                )((img[1], img[0], key, url))
+            else:
+                with decode_image(img[1], img[0]) as im:
+                    if self.seeded is None:
+                        image = self.transform(im)
+                    else:
+                        image = self.seeded(im, example_seed(self.seed, self.epoch, key))
             text = txt[1].decode("utf-8").strip()
         except Exception as exc:  # noqa: BLE001 -- a bad sample is skipped and counted
             self.counter.sample_error(key, url, exc)
@@ -139,7 +171,11 @@ class _Pipeline(IterableDataset):
 
     def _collate(self, samples: list[tuple[Any, str, str]]) -> tuple[Any, Any, list[str]]:
         images = [s[0] for s in samples]
-        if isinstance(images[0], (torch.Tensor, np.ndarray)):
+        if self.deferred is not None:  # materialise/on_error are attached in the main process
+            images = collate_deferred(
+                [v for v, _ in images], [r for _, r in images], normalise=self.normalise
+            )
+        elif isinstance(images[0], (torch.Tensor, np.ndarray)):
             try:
                 if isinstance(images[0], np.ndarray):  # e.g. an albumentations/numpy transform
                     images = torch.from_numpy(np.stack(images))
@@ -268,6 +304,11 @@ class WebDatasetLoader:
         self._world = max(1, int(world_size))  # ranks sharing num_samples (split_by_node)
         self._yielded = 0
         self._skip = 0
+        self._materialise = (
+            None
+            if pipeline.deferred is None
+            else MaterialiseImage(pipeline.transform, decode_image)
+        )
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -344,6 +385,9 @@ class WebDatasetLoader:
         seen = self._counter.bad_shards
         for batch in it:
             self._yielded += 1
+            if isinstance(batch[0], Deferred):
+                batch[0].materialise = self._materialise
+                batch[0].on_error = SkipBadRecord(self._counter.sample_error)
             if self.loader.num_workers > 0 and self._counter.bad_shards != seen:
                 seen = self._report_from_workers(seen)
             yield batch
@@ -398,6 +442,8 @@ def webdataset_loader(
     num_samples: int | None = None,
     on_bad_shard: str = "warn",
     pin_memory: bool = False,
+    deferred: bool | str = False,
+    score_resolution: int | None = None,
     **dataloader_kwargs: Any,
 ) -> WebDatasetLoader:
     """Build a JEST-ready base loader over webdataset shards.
@@ -423,6 +469,15 @@ def webdataset_loader(
             when they run out first (so that DDP ranks end the epoch together; module doc).
             None: an epoch is one pass over the shards.
         on_bad_shard: "warn" (count and continue) or "raise".
+        deferred: True, "encoded" or "decoded": yield images as a
+            :class:`jeststream.deferred.Deferred` field -- a scoring view of
+            ``score_resolution`` pixels now, the training tensor (``transform`` applied to the
+            examples JESTLoader selects) after selection; the yielded batches are what the eager
+            loader gives (:mod:`jeststream.adapters.deferred_images`). For a JESTLoader only.
+            A sample that fails to decode after selection is skipped and counted like any bad
+            sample (``stats["bad_samples"]``) and replaced by the next candidate.
+        score_resolution: the side of the scoring view (with ``deferred``), e.g. the
+            JESTLoader's ``score_resolution``.
         **dataloader_kwargs: passed to ``torch.utils.data.DataLoader``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -479,6 +534,8 @@ def webdataset_loader(
         num_samples,
         world,
         shuffle_buffer,
+        deferred_mode(deferred, score_resolution, transform or default_image_transform),
+        score_resolution,
     )
     loader = DataLoader(
         pipeline,

@@ -29,6 +29,11 @@ elements agree on their leading dim, which is then b, and is refused otherwise (
 t_{b-1}]`` of different lengths): stack it into one tensor, or yield it next to a per-example
 field. A batch that is only a list of *equal-length* per-example tensors cannot be told from a
 container of fields and is read as one; stack such tensors.
+
+A :class:`PerExampleField` leaf (e.g. :class:`jeststream.deferred.Deferred`: a scoring view plus
+per-example records materialised after selection) keeps its own per-example data: it counts as
+a per-example field of its length, concatenates and indexes itself, and its tensors (the view)
+are the ones ``map_tensors`` / ``iter_tensors`` see.
 """
 
 from __future__ import annotations
@@ -41,16 +46,46 @@ import numpy as np
 import torch
 
 __all__ = [
+    "PerExampleField",
     "batch_size",
     "concat_batches",
     "find_keys",
     "index_batch",
     "iter_tensors",
     "map_tensors",
+    "replace_fields",
 ]
 
+
+
+class PerExampleField:
+    """A batch leaf that holds per-example data in its own form (module docstring).
+
+    Subclasses implement ``__len__`` (examples), ``concat(others)`` (this field followed by
+    the same field of other base batches), ``index(idx)`` (the examples ``idx``, a cpu
+    LongTensor, in that order), ``map_tensors(fn)`` and ``tensors()``.
+    """
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def concat(self, others: Sequence[Any]) -> PerExampleField:
+        raise NotImplementedError
+
+    def index(self, idx: torch.Tensor) -> PerExampleField:
+        raise NotImplementedError
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PerExampleField:
+        raise NotImplementedError
+
+    def tensors(self):
+        raise NotImplementedError
+
+
 _ARRAYS = (torch.Tensor, np.ndarray)
-_CONTAINER_ELEMS = (torch.Tensor, np.ndarray, Mapping, list, tuple)
+_CONTAINER_ELEMS = (torch.Tensor, np.ndarray, Mapping, list, tuple, PerExampleField)
 
 # How a list of tensors reads against the batch size b (module docstring).
 # _SCALARS: b 0-d tensors, one per example unless another base batch reads them as metadata.
@@ -59,7 +94,8 @@ _FIELDS, _EXAMPLES, _EITHER, _SCALARS = "fields", "examples", "either", "scalars
 
 def _holds_array(m: Mapping) -> bool:
     return any(
-        isinstance(v, (torch.Tensor, np.ndarray)) or (isinstance(v, Mapping) and _holds_array(v))
+        isinstance(v, (torch.Tensor, np.ndarray, PerExampleField))
+        or (isinstance(v, Mapping) and _holds_array(v))
         for v in m.values()
     )
 
@@ -156,6 +192,8 @@ def _scan(x: Any, path: str, firm: list[tuple[int, str]], lists: list[tuple[Any,
     if isinstance(x, _ARRAYS):
         if x.ndim > 0:
             firm.append((int(x.shape[0]), path))
+    elif isinstance(x, PerExampleField):
+        firm.append((len(x), path))
     elif isinstance(x, Mapping):
         for k, v in x.items():
             _scan(v, _key_path(path, k), firm, lists)
@@ -290,6 +328,14 @@ def _concat(batches: list, path: str, sizes: list[_Size]) -> Any:
         if first.ndim == 0:
             return first
         return np.concatenate(batches, axis=0)
+    if isinstance(first, PerExampleField):
+        for b in batches[1:]:
+            if type(b) is not type(first):
+                raise ValueError(
+                    f"base batches have different structure at {path}: a "
+                    f"{type(first).__name__} vs a {type(b).__name__}"
+                )
+        return first.concat(batches[1:])
     if isinstance(first, Mapping):
         for b in batches[1:]:
             if not isinstance(b, Mapping) or b.keys() != first.keys():
@@ -367,6 +413,8 @@ def _index(batch: Any, idx: torch.Tensor, path: str, size: _Size) -> Any:
         if batch.ndim == 0:
             return batch
         return batch[_host_index(idx)]
+    if isinstance(batch, PerExampleField):
+        return batch.index(idx.detach().to("cpu"))
     if isinstance(batch, Mapping):
         return _rebuild_map(
             batch, {k: _index(v, idx, _key_path(path, k), size) for k, v in batch.items()}
@@ -394,6 +442,8 @@ def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to every tensor leaf of ``batch``, keeping the structure."""
     if isinstance(batch, torch.Tensor):
         return fn(batch)
+    if isinstance(batch, PerExampleField):
+        return batch.map_tensors(fn)
     if isinstance(batch, Mapping):
         return _rebuild_map(batch, {k: map_tensors(v, fn) for k, v in batch.items()})
     if _is_container_seq(batch):  # per-example lists of tensors too: same leaves either way
@@ -405,12 +455,34 @@ def iter_tensors(batch: Any):
     """Yield every tensor leaf of ``batch``."""
     if isinstance(batch, torch.Tensor):
         yield batch
+    elif isinstance(batch, PerExampleField):
+        yield from batch.tensors()
     elif isinstance(batch, Mapping):
         for v in batch.values():
             yield from iter_tensors(v)
     elif _is_container_seq(batch):
         for v in batch:
             yield from iter_tensors(v)
+
+
+def replace_fields(batch: Any, fn: Callable[[PerExampleField, str], Any]) -> Any:
+    """``batch`` with every :class:`PerExampleField` leaf replaced by ``fn(field, path)`` (path:
+    where it sits, e.g. ``batch[0]`` or ``batch['image']``), keeping the structure; the batch
+    itself (not a copy) when it holds none."""
+    found = [False]
+    out = _replace(batch, fn, "batch", found)
+    return out if found[0] else batch
+
+
+def _replace(x: Any, fn: Callable, path: str, found: list) -> Any:
+    if isinstance(x, PerExampleField):
+        found[0] = True
+        return fn(x, path)
+    if isinstance(x, Mapping):
+        return _rebuild_map(x, {k: _replace(v, fn, _key_path(path, k), found) for k, v in x.items()})
+    if _is_container_seq(x):
+        return _rebuild_seq(x, [_replace(v, fn, _item_path(path, x, i), found) for i, v in enumerate(x)])
+    return x
 
 
 def _is_str_list(x: Any) -> bool:

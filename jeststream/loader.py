@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from jeststream.deferred import Materializer
 from jeststream.distributed import Coordinator, check_not_sharded, check_resume, resolve_mode
 from jeststream.loader_args import (
     SCORING,
@@ -154,6 +155,9 @@ class JESTLoader:
             and leave each pass at the same points (it is collective).
         process_group: the ranks that select together and the backend of the loader's own
             process group (default: all ranks, the default group's backend).
+        materialise_workers: threads that materialise the selected examples of
+            :class:`~jeststream.deferred.Deferred` fields (a base loader built with
+            ``deferred=True``); 0: on the producer's thread. Started at the first such batch.
     """
 
     def __init__(
@@ -189,8 +193,10 @@ class JESTLoader:
         batch_learnability: bool = False,
         distributed: str | None = "auto",
         process_group: Any = None,
+        materialise_workers: int = 4,
     ) -> None:
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
+        self._materializer = Materializer(materialise_workers)  # threads start on first use
         self._dist: Coordinator | None = None
         if not hasattr(base_loader, "__iter__"):
             raise TypeError(f"base_loader must be iterable, got {type(base_loader).__name__}")
@@ -450,6 +456,8 @@ class JESTLoader:
             "fallbacks": self._cursor.fallbacks,
             "base_batches": self._cursor.base_batches,
             "dropped_examples": self._cursor.dropped,
+            # deferred records that failed to materialise, each replaced by the next candidate
+            "replaced_examples": self._cursor.replaced,
         }
         base_stats = getattr(self.base_loader, "stats", None)
         if isinstance(base_stats, dict) and "bad_shards" in base_stats:
@@ -567,7 +575,9 @@ class JESTLoader:
                 selected=item.selected,
                 batch_learnability=info.batch_learnability,
             )
-        self._cursor.commit_yield(info.step, item.resume, info.fallback, item.drawn)
+        self._cursor.commit_yield(
+            info.step, item.resume, info.fallback, item.drawn, len(info.replaced)
+        )
         self.last_info = info
 
     def close(self) -> None:
@@ -581,6 +591,7 @@ class JESTLoader:
             self._log = None
         if self._dist is not None:
             self._dist.close()
+        self._materializer.close()
 
     def __enter__(self) -> JESTLoader:
         return self

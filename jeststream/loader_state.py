@@ -94,6 +94,7 @@ class Cursor:
     fallbacks: int = 0
     base_batches: int = 0  # base batches drawn, across passes (committed ones)
     dropped: int = 0  # examples drop_last threw away
+    replaced: int = 0  # deferred records that failed after selection, each replaced
     b: int | None = None  # examples per yielded batch, once known
     b_source: str = ""  # where b came from, for error messages
     warned_short: bool = False  # a short base batch in the middle of a pass, warned once
@@ -109,10 +110,13 @@ class Cursor:
             self.b, self.b_source = drawn.b, drawn.b_source
         self.warned_short = self.warned_short or drawn.warned_short
 
-    def commit_yield(self, step: int, resume: dict, fallback: bool, drawn: Drawn) -> None:
+    def commit_yield(
+        self, step: int, resume: dict, fallback: bool, drawn: Drawn, replaced: int = 0
+    ) -> None:
         """A batch was yielded: the state moves to the boundary after it."""
         self.count(drawn)
         self.step = step + 1
+        self.replaced += replaced
         if fallback:
             self.fallbacks += 1
         self.resume = {**resume, "fallbacks": self.fallbacks}

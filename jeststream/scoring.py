@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from jeststream.batch import index_batch
+from jeststream.deferred import scoring_views
 from jeststream.embed import (
     Embeddings,
     EmbedFn,
@@ -66,6 +67,7 @@ class Scorer:
 
     Both forwards run under ``torch.inference_mode()`` and, on an accelerator, autocast. On CPU
     autocast is used only for a learner snapshot stored in a reduced ``snapshot_dtype``.
+    A :class:`~jeststream.deferred.Deferred` field is scored through its view.
     ``score_transform`` is applied to the super-batch before scoring only. ``score_resolution``
     resizes the images the learner snapshot sees (:mod:`jeststream.low_res`; the reference sees
     them as they are). With
@@ -155,7 +157,8 @@ class Scorer:
         positions to keep (or None: all); the learner then runs on those examples only, and
         both embeddings in the result hold their rows (``ScoreResult.kept``)."""
         t0 = time.perf_counter()
-        batch = super_batch if self.score_transform is None else self.score_transform(super_batch)
+        batch = scoring_views(super_batch)  # Deferred fields: the scorer sees their views
+        batch = batch if self.score_transform is None else self.score_transform(batch)
         with torch.inference_mode():
             ref = None
             if self.cache is not None:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from jeststream.batch import batch_size as _batch_size
-from jeststream.batch import concat_batches, find_keys, index_batch, iter_tensors
+from jeststream.batch import concat_batches, find_keys, iter_tensors
+from jeststream.deferred import Materializer
 from jeststream.diagnostics import BatchLearnability, measure_draws
 from jeststream.loader_state import Drawn
 from jeststream.losses import CRITERIA, Embeddings
@@ -148,6 +149,10 @@ class SelectionInfo:
     # examples the pre-filter (``JESTLoader(prefilter=q)``) dropped before the learner scored
     # the super-batch; their scores are NaN in the selection log
     prefiltered: int = 0
+    # (position, replacement) pairs for deferred records that failed to materialise after
+    # selection (:mod:`jeststream.deferred`), each replaced by the next candidate by score:
+    # ``indices`` hold the replacements
+    replaced: tuple[tuple[int, int], ...] = ()
 
 
 # -- a public hook on what was scored --------------------------------------------------------
@@ -353,11 +358,20 @@ def assemble(
     epoch: int,
     resume: dict,
     learnability: BatchLearnability | None,
+    materializer: Materializer,
 ) -> Item:
     """The yielded sub-batch with its SelectionInfo and log fields; ``idx`` and ``per_example``
-    in super-batch positions (``per_example`` NaN where the pre-filter dropped the example)."""
+    in super-batch positions (``per_example`` NaN where the pre-filter dropped the example).
+    Deferred fields are materialised for the selected examples only (a thread pool); a record
+    that fails is replaced by the next-best candidate by score, so the batch stays k."""
     # Tensors made under inference_mode reject in-place use outside it; these reach the user.
     idx, per_example = idx.clone(), per_example.clone()
+    gathered = materializer.gather(
+        s.super_batch,
+        idx,
+        lambda: torch.argsort(per_example.nan_to_num(nan=-math.inf), descending=True),
+    )
+    idx = gathered.indices
     chosen = per_example[idx]
     mask = torch.zeros(s.size, dtype=torch.bool)
     mask[idx] = True
@@ -378,8 +392,9 @@ def assemble(
         super_batch_size=s.size,
         batch_learnability=learnability,
         prefiltered=0 if kept is None else s.size - int(kept.numel()),
+        replaced=gathered.replaced,
     )
-    return Item(index_batch(s.super_batch, idx), info, resume, s.keys, per_example, mask, s.drawn)
+    return Item(gathered.batch, info, resume, s.keys, per_example, mask, s.drawn)
 
 
 def prefilter_size(q: float, size: int, k: int) -> int:
@@ -574,6 +589,7 @@ class Producer:
         return assemble(
             s, idx, scores, kept=kept, fallback=fallback, selected_s=selected_s,
             epoch=self.epoch, resume=resume, learnability=learnability,
+            materializer=ld._materializer,
         )
 
     def produce(self, should_stop: Callable[[], bool]) -> Any:

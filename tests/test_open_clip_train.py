@@ -345,6 +345,8 @@ def test_jest_score_resolution_and_deterministic_flags(e2e):
         "--jest-deterministic", "1", epochs=1,
     )
     _check_jest_run(log, epochs=1)
+    # on webdataset data the scorer sees 16-px views; open_clip's transform runs after selection
+    assert "JEST: deferred decoding (encoded records): 16-px scoring views" in log
 
 
 @pytest.mark.slow

@@ -20,22 +20,30 @@ from jeststream.selection_log import read_selection_log
 pytestmark = pytest.mark.timeout(300)
 
 
+def _embed(model, batch, loss):
+    """TinyDual's embed for ``loss``: the sigmoid loss gets an explicit bias of 0 (TinyDual
+    trains without one; the loader refuses a sigmoid loss on embeddings with no bias)."""
+    e = tiny_dual_embed(model, batch)
+    return e._replace(logit_bias=0.0) if loss == "sigmoid" else e
+
+
 class _Counting:
     """An embed that records the rows of every learner forward (the reference passes through)."""
 
-    def __init__(self, reference: torch.nn.Module) -> None:
+    def __init__(self, reference: torch.nn.Module, loss: str = "sigmoid") -> None:
         self.reference = reference
+        self.loss = loss
         self.learner_batches: list[torch.Tensor] = []
 
     def __call__(self, model, batch):
         if model is not self.reference:
             self.learner_batches.append(batch[0].clone())
-        return tiny_dual_embed(model, batch)
+        return _embed(model, batch, self.loss)
 
 
 def _run(batches, q, *, loss="sigmoid", scoring="sync", log=None, seed=0):
     reference = TinyDual(seed=100)
-    embed = _Counting(reference)
+    embed = _Counting(reference, loss)
     kw = {} if q is None else {"prefilter": q}
     infos = []
     with JESTLoader(batches, TinyDual(seed=0), reference, 0.25, n_chunks=2, loss=loss,
@@ -47,7 +55,7 @@ def _run(batches, q, *, loss="sigmoid", scoring="sync", log=None, seed=0):
 
 def _reference_top(reference, super_batch, m, loss):
     with torch.inference_mode():
-        e = tiny_dual_embed(reference, super_batch)
+        e = _embed(reference, super_batch, loss)
         scores = example_scores(None, e, loss=loss, criterion="easy_reference")
     return set(torch.topk(scores, m).indices.tolist()), scores
 
@@ -137,7 +145,7 @@ def _global_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     reference = TinyDual(seed=100)
     embed = _Counting(reference)
     with JESTLoader(batches, TinyDual(seed=0), reference, 0.25, n_chunks=2, embed=embed,
-                    prefilter=0.5, timeout=60, distributed="global") as ld:
+                    loss="sigmoid", prefilter=0.5, timeout=60, distributed="global") as ld:
         assert ld.stats["distributed"]["world_size"] == world
         for step, _ in enumerate(ld):
             info = ld.last_info

@@ -1,0 +1,467 @@
+"""Deferred decoding (issue 28): score cheap views, materialise the selected examples only.
+
+Real JPEG webdataset shards written here, open_clip's own training transform (random crops),
+the tiny open_clip CLIP, the real JESTLoader: the deferred pipeline must yield bit-identical
+training tensors to the eager one for every selected example, with the same structure and
+dtypes; a bad record is replaced (batch still b) and counted; a Deferred field without a
+materialise function is refused naming the field; resume is unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CONTEXT, make_tiny_clip, toy_tokenize
+
+from jeststream import JESTLoader
+from jeststream.adapters.deferred_images import (
+    ImageRecord,
+    MaterialiseImage,
+    collate_deferred,
+    deferred_mode,
+    deferred_sample,
+    pil_decode,
+)
+from jeststream.adapters.webdataset import webdataset_loader
+from jeststream.batch import batch_size, concat_batches, index_batch
+from jeststream.deferred import (
+    Deferred,
+    DeferredRecordError,
+    Materializer,
+    SeededTransform,
+    example_seed,
+    materialise_batch,
+    scoring_views,
+)
+
+B = 8
+SIDE = 48  # stored images; the training transform crops to 32 (the tiny CLIP's size)
+N_SHARDS, PER_SHARD = 3, 32
+
+
+def _jpeg(i: int, side: int = SIDE) -> bytes:
+    from PIL import Image
+
+    r = np.random.default_rng(i)
+    small = r.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(small).resize((side, side), Image.BICUBIC), np.float32)
+    pixels = np.clip(smooth + r.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def _write(directory, bad: set[int] = frozenset()) -> list[str]:
+    import webdataset as wds
+
+    urls = []
+    for s in range(N_SHARDS):
+        url = str(directory / f"shard-{s:02d}.tar")
+        with wds.TarWriter(url) as sink:
+            for j in range(PER_SHARD):
+                i = s * PER_SHARD + j
+                data = _jpeg(i, side=SIDE - 8 if i in bad else SIDE)
+                sink.write({"__key__": f"s{i:05d}", "jpg": data, "txt": f"a photo {i}"})
+        urls.append(url)
+    return urls
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return _write(tmp_path_factory.mktemp("deferred"))
+
+
+@pytest.fixture(scope="module")
+def train_transform():
+    import open_clip
+
+    return open_clip.transform.image_transform(32, is_train=True)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return make_tiny_clip(seed=0), make_tiny_clip(seed=1)
+
+
+def _jest(base, models, **kw):
+    learner, reference = models
+    kw.setdefault("seed", 5)
+    return JESTLoader(base, learner, reference, ratio=0.25, n_chunks=2, **kw)
+
+
+def test_seeded_transform_is_the_seeded_eager_transform_in_any_thread(train_transform):
+    """SeededTransform(t)(image, seed) equals t(image) under torch's generator seeded with
+    seed, and is the same from many threads at once (the draws are locked per example)."""
+    import concurrent.futures
+
+    images = [pil_decode(_jpeg(i), "jpg") for i in range(16)]
+    st = SeededTransform(train_transform)
+    assert st._kinds[0] == "rrc"
+    seeds = [example_seed(1, 2, f"k{i}") for i in range(16)]
+    want = []
+    for im, s in zip(images, seeds):
+        torch.set_rng_state(torch.Generator().manual_seed(s).get_state())
+        want.append(train_transform(im))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda a: st(*a), zip(images, seeds)))
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    assert not torch.equal(st(images[0], seeds[0]), st(images[0], seeds[1]))  # it is random
+    # any other transform runs wholly under the lock with torch, random and numpy seeded
+    import random
+
+    def noisy(im):
+        return torch.tensor([random.random(), float(np.random.rand()), float(torch.rand(()))])
+
+    other = SeededTransform(noisy)
+    assert torch.equal(other(None, 3), other(None, 3))
+    assert not torch.equal(other(None, 3), other(None, 4))
+    assert example_seed(1, 2, "k") == example_seed(1, 2, "k") != example_seed(1, 3, "k")
+
+
+def _deferred(n: int, offset: int = 0):
+    materialise = MaterialiseImage(lambda im: None, pil_decode)
+    views = torch.arange(offset, offset + n, dtype=torch.float32).view(n, 1).expand(n, 4)
+    return Deferred(views.clone(), [f"r{offset + i}" for i in range(n)], materialise)
+
+
+def test_batch_module_concatenates_and_indexes_deferred_fields():
+    a = (_deferred(4), [f"t{i}" for i in range(4)], [f"k{i}" for i in range(4)])
+    b = (_deferred(4, 4), [f"t{i}" for i in range(4, 8)], [f"k{i}" for i in range(4, 8)])
+    assert batch_size(a) == 4
+    sb = concat_batches([a, b])
+    assert isinstance(sb[0], Deferred) and len(sb[0]) == 8 and sb[0].view.shape == (8, 4)
+    assert sb[0].records == [f"r{i}" for i in range(8)]
+    sub = index_batch(sb, torch.tensor([6, 1]))
+    assert sub[0].records == ["r6", "r1"] and sub[0].view[:, 0].tolist() == [6.0, 1.0]
+    assert sub[1] == ["t6", "t1"] and sub[2] == ["k6", "k1"]
+    # the scorer sees the view in the field's place; a dict batch works the same
+    views = scoring_views({"image": sb[0], "text": sb[1]})
+    assert torch.equal(views["image"], sb[0].view) and views["text"] is sb[1]
+    with pytest.raises(ValueError, match="disagree"):
+        batch_size((_deferred(4), ["a", "b", "c"]))
+
+
+def test_materializer_replaces_a_failed_record_by_the_next_candidate():
+    def materialise(record):
+        if record == "bad":
+            raise ValueError("corrupt")
+        return torch.tensor([float(record)])
+
+    skipped = []
+    field = Deferred(
+        torch.zeros(6, 2), ["0", "bad", "2", "bad", "4", "5"], materialise,
+        on_error=lambda rec, exc: skipped.append((rec, str(exc))),
+    )
+    with Materializer(2) as m:
+        out = m.gather((field, list("abcdef")), torch.tensor([1, 0, 3]), torch.tensor([5, 3, 4]))
+    # 1 -> 5 (the best candidate), 3 -> 4 (3 was already selected, then failed)
+    assert out.indices.tolist() == [5, 0, 4] and out.replaced == ((1, 5), (3, 4))
+    assert out.batch[0].tolist() == [[5.0], [0.0], [4.0]] and out.batch[1] == ["f", "a", "e"]
+    assert skipped == [("bad", "corrupt"), ("bad", "corrupt")]
+    strict = Deferred(field.view, field.records, materialise)  # no on_error: raise, named
+    with pytest.raises(DeferredRecordError, match=r"batch\[0\].*example 1.*corrupt"):
+        Materializer(0).gather((strict, list("abcdef")), torch.tensor([1]))
+    with pytest.raises(DeferredRecordError, match="no candidate left"):
+        Materializer(0).gather((field, list("abcdef")), torch.tensor([0, 1, 2, 3, 4, 5]))
+
+
+def test_a_deferred_field_without_materialise_is_refused_naming_the_field(models):
+    base = [
+        {"image": Deferred(torch.rand(B, 3, 32, 32), list(range(B))),
+         "text": toy_tokenize([f"c{i}" for i in range(B)])}
+        for _ in range(8)
+    ]
+    with _jest(base, models) as jest, pytest.raises(ValueError, match=r"batch\['image'\].*materialise"):
+        next(iter(jest))
+
+
+@pytest.mark.parametrize("mode", ["encoded", "decoded"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_deferred_pipeline_yields_the_eager_pipelines_tensors(
+    shards, models, train_transform, mode, num_workers
+):
+    """Same selection inputs -> bit-identical training tensors for every selected example, the
+    same structure and dtypes, whatever the selection (eager and deferred score different
+    views, so the selected keys may differ: every yielded key is checked against the eager
+    pipeline's tensor of that key)."""
+    kw = dict(tokenizer=toy_tokenize, transform=train_transform, seed=11, shuffle_shards=True)
+    eager_base = webdataset_loader(shards, B, **kw)
+    eager_base.set_epoch(1)
+    by_key = {}
+    for images, texts, keys in eager_base:  # every example's eager tensor, epoch 1
+        by_key.update({k: (images[i], texts[i]) for i, k in enumerate(keys)})
+    with _jest(webdataset_loader(shards, B, **kw), models) as eager:
+        eager.set_epoch(1)
+        eager_batches = list(eager)
+    resolution = 16 if mode == "encoded" else 32
+    assert deferred_mode(True, resolution, train_transform) == mode
+    base = webdataset_loader(
+        shards, B, num_workers=num_workers, deferred=True, score_resolution=resolution, **kw
+    )
+    with _jest(base, models, score_resolution=resolution) as jest:
+        jest.set_epoch(1)
+        got, replaced = [], []
+        for batch in jest:
+            got.append(batch)
+            replaced.extend(jest.last_info.replaced)
+    assert replaced == []  # no bad record here: nothing was replaced
+    assert len(got) == len(eager_batches) == N_SHARDS * PER_SHARD // (4 * B)
+    for (images, texts, keys), (e_images, e_texts, _) in zip(got, eager_batches):
+        assert type(images) is type(e_images) and images.dtype == e_images.dtype
+        assert images.shape == e_images.shape == (B, 3, 32, 32)
+        assert texts.dtype == e_texts.dtype and texts.shape == (B, TINY_CONTEXT)
+        assert isinstance(keys, list) and len(keys) == B
+        for i, k in enumerate(keys):
+            assert torch.equal(images[i], by_key[k][0]), k
+            assert torch.equal(texts[i], by_key[k][1]), k
+
+
+def test_scoring_views_are_decoded_at_reduced_scale(train_transform):
+    data = _jpeg(3, side=128)
+    view, record = deferred_sample("encoded", 32, seed=1, epoch=0)((data, "jpg", "k", "u"))
+    assert view.shape == (32, 32, 3) and view.dtype == np.uint8
+    assert record.data is data and record.seed == example_seed(1, 0, "k")
+    view2, rec2 = deferred_sample("decoded", 32)((data, "jpg", "k", "u"))
+    assert rec2.data.shape == (128, 128, 3) and rec2.mode == "RGB"
+    assert np.abs(view.astype(int) - view2.astype(int)).mean() < 8  # draft ~ full decode
+    field = collate_deferred([view, view2], [record, rec2], transform=train_transform)
+    assert field.view.shape == (2, 3, 32, 32) and field.view.dtype == torch.float32
+    assert field.view.mean().abs() < 3  # normalised like the training transform
+    out = materialise_batch((field, ["a", "b"]))
+    assert out[0].shape == (2, 3, 32, 32) and out[1] == ["a", "b"]
+
+
+class _RefuseSize:
+    """A training-transform step that refuses images of one size: the scoring view of such an
+    image is made (no transform), its training tensor fails after selection."""
+
+    def __init__(self, side: int) -> None:
+        self.side = side
+
+    def __call__(self, image):
+        if image.size == (self.side, self.side):
+            raise ValueError(f"a {self.side}-px image is not allowed")
+        return image
+
+
+def test_a_bad_record_after_selection_is_replaced_counted_and_the_batch_stays_b(
+    tmp_path, models, train_transform, no_thread_leak
+):
+    from torchvision import transforms
+
+    bad = set(range(0, N_SHARDS * PER_SHARD, 5))
+    urls = _write(tmp_path, bad)
+    strict = transforms.Compose([_RefuseSize(SIDE - 8), *train_transform.transforms])
+    base = webdataset_loader(
+        urls, B, tokenizer=toy_tokenize, transform=strict, deferred="encoded",
+        score_resolution=16,
+    )
+    replaced, yielded = [], []
+    log = tmp_path / "s.jsonl"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _jest(base, models, score_resolution=16, selection_log=log) as jest:
+            for images, _, keys in jest:
+                yielded.extend(keys)
+                assert images.shape == (B, 3, 32, 32) and len(keys) == B == len(set(keys))
+                info = jest.last_info
+                assert int(info.indices.numel()) == B
+                then = dict(info.replaced)  # a replacement that fails is replaced in turn
+                for pos, new in info.replaced:
+                    while new in then:
+                        new = then[new]
+                    assert pos not in info.indices.tolist() and new in info.indices.tolist()
+                    replaced.append(pos)
+                assert not {int(k[1:]) for k in keys} & bad  # no bad example is yielded
+            stats = jest.stats
+    assert replaced, "the fixture should select some bad records"
+    assert base.stats["bad_samples"] == stats["replaced_examples"] == len(replaced)
+    # the materialising threads ran (B > 1 records each step) and were joined by close()
+    assert sum("skipping sample" in str(w.message) for w in caught) == len(replaced)
+    from jeststream.selection_log import read_selection_log
+
+    cols = read_selection_log(log)  # the log marks the replacements as the selected examples
+    assert sorted(k for k, sel in zip(cols["key"], cols["selected"]) if sel) == sorted(yielded)
+
+
+def test_resume_with_deferred_fields_is_unchanged(shards, models, train_transform):
+    def make():
+        base = webdataset_loader(
+            shards, B, tokenizer=toy_tokenize, transform=train_transform, seed=2,
+            shuffle_shards=True, deferred=True, score_resolution=16,
+        )
+        return _jest(base, models, score_resolution=16)
+
+    with make() as jest:
+        full = [(imgs, keys) for imgs, _, keys in jest]
+    with make() as jest:
+        it = iter(jest)
+        next(it)
+        state = jest.state_dict()
+    with make() as jest:
+        jest.load_state_dict(state)
+        rest = [(imgs, keys) for imgs, _, keys in jest]
+    assert len(rest) == len(full) - 1
+    for (a, ka), (b, kb) in zip(full[1:], rest):
+        assert ka == kb and torch.equal(a, b)
+
+
+def test_deferred_needs_a_score_resolution(shards, train_transform):
+    with pytest.raises(ValueError, match="score_resolution"):
+        webdataset_loader(shards, B, transform=train_transform, deferred=True)
+    with pytest.raises(ValueError, match="deferred must be"):
+        webdataset_loader(shards, B, deferred="lazy", score_resolution=16)
+    assert ImageRecord._fields[0] == "data"
+
+
+def test_input_pipeline_benchmark_quick_runs_and_reports_every_figure():
+    """benchmarks/input_pipeline.py --quick (no timing assertions: figures exist and agree)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "input_pipeline.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick", "--workers", "0", "--ratios", "0.5"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    result = json.loads(out)
+    row = result["runs"]["workers=0 ratio=0.5"]
+    assert set(row) == {"uniform", "eager", "deferred_16", "deferred_32"}
+    for r in row.values():
+        assert r["cpu_s_per_batch"] > 0 and r["wall_s_per_batch"] > 0 and r["n"] == 2
+        assert r["x_eager"] == r["cpu_s_per_batch"] / row["eager"]["cpu_s_per_batch"]
+    held = result["super_batch_bytes"]["0.5"]
+    assert held["deferred_16"] < held["eager"]  # encoded bytes + small views < float tensors
+    agree = result["selection_agreement"]["0.5"]
+    for criterion in ("learnability", "hard_learner"):
+        for a in agree[criterion].values():
+            assert 0.0 <= a["differ_share"] <= 1.0 and a["steps"] >= 2
+    assert "deferred_224_le_eager" in result["targets_met"]["workers=0 ratio=0.5"]
+
+
+@pytest.mark.parametrize("column", ["raw", "jpeg_image"])
+def test_streaming_loader_deferred_yields_the_eager_tensors(tmp_path, models, train_transform, column):
+    """streaming_loader(deferred=True): a bytes column gives draft-decoded views and encoded
+    records, a jpeg column (decoded by streaming) uint8 records; every yielded example's
+    training tensor equals the eager loader's, in the same dict structure."""
+    import gc
+
+    from PIL import Image
+    from streaming import MDSWriter
+    from streaming.base.util import clean_stale_shared_memory
+
+    from jeststream.adapters.streaming import streaming_loader
+
+    gc.collect()
+    clean_stale_shared_memory()
+    out = tmp_path / "mds"
+    columns = {"key": "str", "raw": "bytes", "jpeg_image": "jpeg", "text": "str"}
+    with MDSWriter(out=str(out), columns=columns, size_limit=40_000) as writer:
+        for i in range(32):
+            data = _jpeg(i)
+            writer.write({"key": f"m{i:04d}", "raw": data, "jpeg_image": Image.open(io.BytesIO(data)),
+                          "text": f"caption {i}"})
+
+    try:
+        eager = streaming_loader(str(out), B, tokenizer=toy_tokenize, transform=train_transform,
+                                 image_field=column)
+        by_key = {}
+        for batch in eager:
+            by_key.update({k: batch["image"][i] for i, k in enumerate(batch["__key__"])})
+        del eager
+        gc.collect()
+        clean_stale_shared_memory()
+        def deferred():
+            gc.collect()
+            clean_stale_shared_memory()  # a new dataset starts at epoch 0, as the eager one did
+            return streaming_loader(str(out), B, tokenizer=toy_tokenize, transform=train_transform,
+                                    image_field=column, deferred=True, score_resolution=16)
+
+        first = next(iter(deferred()))
+        assert isinstance(first["image"], Deferred) and first["image"].view.shape == (B, 3, 16, 16)
+        kind = type(first["image"].records[0].data)
+        assert kind is (bytes if column == "raw" else torch.Tensor)  # decoded: shared uint8
+        del first
+        base = deferred()
+        with _jest(base, models, score_resolution=16) as jest:
+            n = 0
+            for batch in jest:
+                assert set(batch) == {"image", "text", "__key__"}
+                assert batch["image"].shape == (B, 3, 32, 32) and batch["text"].dtype == torch.long
+                for i, k in enumerate(batch["__key__"]):
+                    assert torch.equal(batch["image"][i], by_key[k]), k
+                n += 1
+        assert n == 32 // (4 * B)
+    finally:
+        gc.collect()
+        clean_stale_shared_memory()
+
+
+def test_jestify_deferred_applies_open_clips_transform_after_selection(shards, models, train_transform):
+    """jestify(deferred=True) rewrites an open_clip_train-shaped wds pipeline (decode("pilrgb"),
+    rename, map_dict(image=preprocess, text=...), to_tuple, batched): the scorer sees views and
+    every yielded image is open_clip's transform of that sample, seeded by (seed, epoch, key)."""
+    import webdataset as wds
+    from open_clip_train.data import DataInfo, SharedEpoch
+
+    from jeststream.adapters.deferred_images import pil_decode_rgb
+    from jeststream.adapters.open_clip import jestify
+
+    epoch = SharedEpoch(epoch=3)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards), wds.tarfile_to_samples(),
+        wds.decode("pilrgb", handler=wds.warn_and_continue),
+        wds.rename(image="jpg;png;jpeg;webp", text="txt"),
+        wds.map_dict(image=train_transform, text=lambda t: toy_tokenize([t])[0]),
+        wds.to_tuple("image", "text", "__key__"),
+        wds.batched(B, partial=False),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=0)
+    loader.num_batches, loader.num_samples = N_SHARDS * PER_SHARD // B, N_SHARDS * PER_SHARD
+    info = DataInfo(dataloader=loader, shared_epoch=epoch)
+    learner, reference = models
+    data = {f"s{i:05d}": _jpeg(i) for i in range(N_SHARDS * PER_SHARD)}
+    seeded = SeededTransform(train_transform)
+    wrapped = jestify(info, learner, reference, 0.25, deferred=True, score_resolution=16, seed=9,
+                      n_chunks=2)
+    n = 0
+    for images, texts, keys in wrapped.dataloader:
+        assert images.shape == (B, 3, 32, 32) and images.dtype == torch.float32
+        assert texts.shape == (B, TINY_CONTEXT)
+        for i, k in enumerate(keys):
+            want = seeded(pil_decode_rgb(data[k], "jpg"), example_seed(9, 3, k))
+            assert torch.equal(images[i], want), k
+        n += 1
+    wrapped.dataloader.close()
+    assert n == N_SHARDS * PER_SHARD // (4 * B)
+    with pytest.raises(ValueError, match="score_resolution"):
+        jestify(info, learner, reference, 0.25, deferred=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deferred_on_an_accelerator_yields_the_eager_tensors_on_its_device(
+    shards, models, train_transform
+):
+    """Views go to the scoring device (pinned), materialised tensors follow them: the yielded
+    images are where the eager pipeline puts them, with the same pixels (background scoring)."""
+    kw = dict(tokenizer=toy_tokenize, transform=train_transform, seed=4)
+    by_key = {}
+    for images, _, keys in webdataset_loader(shards, B, **kw):
+        by_key.update({k: images[i] for i, k in enumerate(keys)})
+    learner, reference = (m.to("cuda") for m in models)
+    base = webdataset_loader(shards, B, deferred=True, score_resolution=16, **kw)
+    with JESTLoader(base, learner, reference, ratio=0.25, n_chunks=2, score_resolution=16,
+                    device="cuda") as jest:
+        for images, texts, keys in jest:
+            assert images.device.type == "cuda" and texts.device.type == "cuda"
+            for i, k in enumerate(keys):
+                assert torch.equal(images[i].cpu(), by_key[k]), k
+    for m in models:
+        m.to("cpu")
