@@ -18,11 +18,11 @@ def test_webdataset_example_trains_two_epochs_and_inspects_its_log(tmp_path):
     # 16 base batches an epoch, none dropped (4 super-batches of 4 use them all)
     assert (
         "epoch 0 done: {'batches': 4, 'fallbacks': 0, 'base_batches': 16, 'dropped_examples': 0, "
-        "'bad_shards': 0}" in out
+        "'replaced_examples': 0, 'bad_shards': 0}" in out
     )
     assert (
         "epoch 1 done: {'batches': 8, 'fallbacks': 0, 'base_batches': 32, 'dropped_examples': 0, "
-        "'bad_shards': 0}" in out
+        "'replaced_examples': 0, 'bad_shards': 0}" in out
     )
     assert "examples seen" in out and log.is_file()
 
