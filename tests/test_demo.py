@@ -240,7 +240,11 @@ def test_jobs_and_threads_must_be_positive():
     with pytest.raises(ValueError, match="--width must be an even number >= 8.*got 7"):
         config_from_args(build_parser().parse_args(["--width", "7"]))
     model = config_from_args(build_parser().parse_args(["--width", "32"])).model
-    assert model.width == model.text_width == model.embed_dim == 32
+    assert model.width == model.embed_dim == 32 and model.text_width == 16
+    model = config_from_args(build_parser().parse_args(["--width", "32", "--text-width", "24"])).model
+    assert model.width == 32 and model.text_width == 24
+    with pytest.raises(ValueError, match="--text-width must be an even number >= 8.*got 6"):
+        config_from_args(build_parser().parse_args(["--text-width", "6"]))
     assert config_from_args(build_parser().parse_args(["--quick"])).jobs == 1
 
 
@@ -331,6 +335,35 @@ def test_scoring_schedules_map_onto_the_loader_options():
         config_from_args(build_parser().parse_args(["--prefetch", "0"]))
 
 
+def test_demo_model_has_clips_cost_structure():
+    """The image tower is at least 70 % of a forward pass in counted FLOPs (ViT-B/16: ~80 % at
+    its full context), on the full context and on the demo's own captions trimmed as the
+    library scores them; the CLI's defaults build that model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from jeststream.demo.data import caption
+    from jeststream.demo.model import ModelConfig, build_model
+    from jeststream.scoring import default_embed
+
+    cfg = ModelConfig()
+    assert config_from_args(build_parser().parse_args([])).model == cfg
+    tok = WordTokenizer(cfg.context_length)
+    texts = tok([caption(i % 10, i % 3) for i in range(16)])
+    images = torch.zeros(16, 3, cfg.image_size, cfg.image_size)
+    model = build_model(cfg, tok.vocab_size, seed=0).eval()
+
+    def counted(fn) -> int:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    image = counted(lambda: model.encode_image(images, normalize=True))
+    text = counted(lambda: model.encode_text(texts, normalize=True))
+    both = counted(lambda: default_embed(model, (images, texts)))
+    assert image / (image + text) >= 0.7
+    assert image / both >= 0.7 and both < image + text  # trimmed captions cost less
+
+
 def test_default_digits_config_keeps_its_fingerprint_fields():
     """Fields added for the pairs task and the softmax learner stay out of the digits
     fingerprints at their defaults, so shards and reference caches written before are found."""
@@ -338,6 +371,10 @@ def test_default_digits_config_keeps_its_fingerprint_fields():
 
     assert "task" not in DataConfig().identity() and "heldout_size" not in DataConfig().identity()
     assert "loss" not in ModelConfig().identity()
+    # the rebalanced model (issue 30) is a new fingerprint: its caches are its own
+    identity = ModelConfig().identity()
+    assert identity["patch_size"] == 4 and identity["text_width"] == 32
+    assert ModelConfig(patch_size=8, text_width=64).identity() != identity
     assert DataConfig(task="pairs").identity()["task"] == "pairs"
     assert ModelConfig(loss="softmax").identity()["loss"] == "softmax"
     with pytest.raises(ValueError, match="task='letters'"):

@@ -44,6 +44,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # that share digits need a wider model and a longer run than digits to be learnt at all.
 PAIRS_MODEL = {"width": 128, "layers": 2}
 PAIRS_STEPS = 2000
+# The text tower's width as a share of --width (ModelConfig's defaults): a narrow text tower
+# gives the demo model CLIP's cost structure (docs/performance.md).
+TEXT_WIDTH_SHARE = 0.5
 
 
 def _pairs_defaults_help() -> str:
@@ -150,8 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--width",
         type=int,
         default=None,
-        help=f"model width: the image and text towers' width and the embedding size (default "
+        help=f"model width: the image tower's width and the embedding size (default "
         f"{r.model.width}; --task pairs: {PAIRS_MODEL['width']})",
+    )
+    t.add_argument(
+        "--text-width",
+        type=int,
+        default=None,
+        help=f"the text tower's width (default: {TEXT_WIDTH_SHARE:g} x --width, "
+        f"{round(TEXT_WIDTH_SHARE * r.model.width)}: the image tower is most of a forward "
+        "pass, as in CLIP)",
     )
     t.add_argument(
         "--layers",
@@ -374,6 +385,13 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--width must be an even number >= 8 (2 attention heads), got {width}")
     if layers < 1:
         raise ValueError(f"--layers must be at least 1, got {layers}")
+    text_width = args.text_width
+    if text_width is None:
+        text_width = round(TEXT_WIDTH_SHARE * width)
+    if text_width < 8 or text_width % 2:
+        raise ValueError(
+            f"--text-width must be an even number >= 8 (2 attention heads), got {text_width}"
+        )
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ValueError(
             f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}"
@@ -411,7 +429,7 @@ def config_from_args(args: argparse.Namespace):
             context_length=data.context_length,
             width=width,
             patch_size=args.patch_size,
-            text_width=width,
+            text_width=text_width,
             embed_dim=width,
             layers=layers,
             text_layers=layers,
