@@ -205,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference training steps on the curated split",
     )
     s.add_argument(
+        "--ref-width",
+        type=int,
+        default=None,
+        help="the reference's width (image tower and embedding; its text tower scaled alike): "
+        "a cheaper reference when narrower (default: the learner's --width)",
+    )
+    s.add_argument(
+        "--prefilter",
+        type=float,
+        default=1.0,
+        help="reference pre-filter: the learner scores only the super-batch's top share q by "
+        "reference score (JESTLoader's prefilter; needs a jeststream whose JESTLoader has it); "
+        "1 = off",
+    )
+    s.add_argument(
         "--static-keep",
         type=float,
         default=r.static_keep,
@@ -396,6 +411,20 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(
             f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}"
         )
+    if args.ref_width is not None and (args.ref_width < 8 or args.ref_width % 2):
+        raise ValueError(
+            f"--ref-width must be an even number >= 8 (2 attention heads), got {args.ref_width}"
+        )
+    if not (math.isfinite(args.prefilter) and 0.0 < args.prefilter <= 1.0):
+        raise ValueError(f"--prefilter must be a share in (0, 1], got {args.prefilter}")
+    if args.prefilter != 1.0:
+        from jeststream.demo.runs import loader_has_prefilter
+
+        if not loader_has_prefilter():
+            raise ValueError(
+                f"--prefilter {args.prefilter}: this jeststream's JESTLoader has no prefilter "
+                "argument yet; leave it at 1"
+            )
     jobs = args.jobs
     if jobs is None:
         jobs = 1 if args.quick else max(1, min(2, os.cpu_count() or 1))
@@ -410,6 +439,8 @@ def config_from_args(args: argparse.Namespace):
         n_chunks=args.n_chunks,
         temperature=args.temperature,
         ref_steps=ref_steps,
+        ref_width=args.ref_width,
+        prefilter=args.prefilter,
         static_keep=args.static_keep,
         seeds=seeds,
         methods=methods,
@@ -577,6 +608,7 @@ def run_comparison(
         load_split,
         measure_flops,
         reference_embeddings,
+        reference_model_config,
         reference_scores,
         run_job,
         subset_shards,
@@ -603,7 +635,7 @@ def run_comparison(
     ref_tag = report.fingerprint(
         {
             "data": cfg.data.identity(),
-            "model": cfg.model.identity(),
+            "model": reference_model_config(cfg).identity(),
             "ref_steps": cfg.ref_steps,
             "lr": cfg.lr,
             "wd": cfg.weight_decay,
@@ -630,7 +662,9 @@ def run_comparison(
         cached_path = None
         if any(m not in REFERENCE_FREE for m in methods):
             reference, _ = load_reference(cfg, tokenizer.vocab_size, ref_cache(seed))
-            references[seed]["train_flops"] = cfg.ref_steps * flops["train_step"]
+            references[seed]["train_flops"] = cfg.ref_steps * flops["reference_train_step"]
+            # the reference cache's one-time forward over the pool
+            references[seed]["pool_forward_flops"] = len(pool["key"]) * flops["per_example_forward"]
             cached = reference_embeddings(reference, pool)
             cached_path = write_reference_cache(
                 reference,
