@@ -163,8 +163,12 @@ def test_quick_run_end_to_end(tmp_path, capsys):
         assert label in out
     # the short table closes the output; no line is a wall of text
     tail = out[out.rindex("method "):]
-    for column in ("final accuracy", "steps to uniform's final", "FLOPs to it", "wall"):
+    for column in ("final accuracy", "steps to uniform's final", "FLOPs to it",
+                   "+ reference training", "wall"):
         assert column in tail.splitlines()[0]
+    assert "Not counted" not in out  # the reference's training is its own column
+    # --details: the steadier measures' table
+    assert "F→80%" in out and "acc@0.5F +ref" in out
     assert max(map(len, out.splitlines())) <= 160
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
@@ -208,6 +212,22 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     # one pass over the pool, paid up front.
     assert by["easy_reference"]["flops_per_step"] == by["uniform"]["flops_per_step"]
     assert by["easy_reference"]["upfront_flops"] > 0
+    # Every FLOP counted: the reference's training on top, for the methods that use it only.
+    ref = results["reference"]["0"]
+    assert ref["train_flops"] == results["config"]["ref_steps"] * results["flops"]["train_step"]
+    assert ref["pool_forward_flops"] == by["easy_reference"]["upfront_flops"]
+    for name, m in methods.items():
+        plain = m["flops_ratio_vs_uniform"]["per_seed"]["0"]
+        counted = m["flops_ratio_vs_uniform_with_reference"]["per_seed"]["0"]
+        if plain is None:
+            assert counted is None, name
+            continue
+        extra = ref["train_flops"] / by["uniform"]["curve"][-1]["flops"]
+        uses = name not in ("uniform", "oracle", "hard_learner")
+        assert by[name]["uses_reference"] == uses
+        assert counted == pytest.approx(plain + (extra if uses else 0.0)), name
+        for key in ("flops_ratio_to_accuracy", "accuracy_at_uniform_flops"):
+            assert set(m[key]) and all("per_seed" in st for st in m[key].values()), name
 
 
 @pytest.mark.slow
@@ -362,6 +382,57 @@ def test_demo_model_has_clips_cost_structure():
     both = counted(lambda: default_embed(model, (images, texts)))
     assert image / (image + text) >= 0.7
     assert image / both >= 0.7 and both < image + text  # trimmed captions cost less
+
+
+def _curve(points, upfront=0.0, per_step=1.0):
+    return [{"step": s, "accuracy": a, "flops": upfront + s * per_step} for s, a in points]
+
+
+def _run(method, seed, points, upfront=0.0, per_step=1.0, uses=None):
+    return {
+        "method": method, "seed": seed, "curve": _curve(points, upfront, per_step),
+        "composition": dict.fromkeys(NOISE_TYPES, 0.2), "wall_s": 1.0,
+        "uses_reference": method != "uniform" if uses is None else uses,
+    }
+
+
+def test_steadier_measures_and_flops_both_ways():
+    """FLOPs to a fixed accuracy and accuracy at shares of uniform's FLOPs, per seed, each also
+    with the reference's training counted; a budget the up-front cost alone exceeds gives none.
+    (The curves are written out so that every figure can be worked by hand.)"""
+    from jeststream.demo import report
+    from jeststream.demo.runs import RunConfig
+
+    cfg = RunConfig(steps=100, seeds=(0, 1), methods=("uniform", "jest"))
+    # uniform: 1 FLOP a step, 100 in all; smoothing = mean of the last 3 evaluations
+    uni = [(0, 0.1), (25, 0.7), (50, 0.7), (75, 0.72), (100, 0.9)]
+    jest = [(0, 0.1), (25, 0.8), (50, 0.8), (75, 0.9), (100, 0.9)]  # 2 FLOPs a step, 10 up front
+    runs = [
+        _run("uniform", 0, uni), _run("jest", 0, jest, upfront=10.0, per_step=2.0),
+        _run("uniform", 1, uni), _run("jest", 1, jest, upfront=10.0, per_step=2.0),
+    ]
+    refs = {0: {"train_flops": 30.0}, 1: {"train_flops": 60.0}}
+    m = report.summarise(cfg, runs, refs, {"train_step": 1.0})["methods"]
+    j = m["jest"]
+    # uniform's final (0.7+0.72+0.9)/3 = 0.773; JEST's smoothed curve reaches it at step 75
+    # ((0.8+0.8+0.9)/3 = 0.833), at 10 + 150 = 160 FLOPs: 1.6 x uniform's 100
+    assert j["flops_ratio_vs_uniform"]["per_seed"] == {"0": pytest.approx(1.6), "1": pytest.approx(1.6)}
+    assert j["flops_ratio_vs_uniform_with_reference"]["per_seed"] == {
+        "0": pytest.approx(1.9), "1": pytest.approx(2.2)}
+    assert m["uniform"]["flops_ratio_vs_uniform_with_reference"]["mean"] == pytest.approx(1.0)
+    # 70 %: JEST's smoothed accuracy first reaches it at step 75 ((0.8+0.8+0.9)/3; at 50 it is
+    # (0.1+0.8+0.8)/3 = 0.567); uniform's at 75 ((0.7+0.7+0.72)/3 = 0.707)
+    assert j["flops_ratio_to_accuracy"]["70%"]["mean"] == pytest.approx(1.6)
+    assert m["uniform"]["flops_ratio_to_accuracy"]["70%"]["mean"] == pytest.approx(0.75)
+    assert j["flops_ratio_to_accuracy_with_reference"]["80%"]["per_seed"]["1"] == pytest.approx(2.2)
+    # accuracy at 0.5 x uniform's FLOPs (50): JEST's last evaluation within it is step 0 (10),
+    # step 25 costs 60; with the reference counted even step 0 is over it in seed 1 (70)
+    assert j["accuracy_at_uniform_flops"]["0.5"]["per_seed"] == {
+        "0": pytest.approx(0.1), "1": pytest.approx(0.1)}
+    assert j["accuracy_at_uniform_flops_with_reference"]["0.5"]["per_seed"] == {
+        "0": pytest.approx(0.1), "1": None}
+    assert m["uniform"]["accuracy_at_uniform_flops"]["0.25"]["mean"] == pytest.approx(0.4)
+    assert m["uniform"]["final_accuracy"]["per_seed"]["1"] == pytest.approx(0.7733, abs=1e-4)
 
 
 def test_default_digits_config_keeps_its_fingerprint_fields():
