@@ -669,3 +669,96 @@ def test_temperature_probe_quick_smoke():
     bad = subprocess.run([sys.executable, str(script), "--steps", "4", "--at", "9"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--at [9]" in bad.stderr
+
+
+def _pays_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _sweep_module()  # pays_for_itself reuses selection_sweep's machinery
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pays_for_itself.py"
+    spec = importlib.util.spec_from_file_location("pays_for_itself", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reference_width_and_prefilter_options():
+    """--ref-width builds (and counts) a narrower reference; --prefilter is refused with a
+    clear message while JESTLoader has no prefilter argument, and passed on once it has."""
+    from jeststream.demo.data import caption
+    from jeststream.demo.model import build_model
+    from jeststream.demo.runs import loader_has_prefilter, measure_flops, reference_model_config
+
+    cfg = config_from_args(build_parser().parse_args(["--ref-width", "32", "--batch-size", "8"]))
+    ref = reference_model_config(cfg)
+    assert (ref.width, ref.embed_dim, ref.text_width) == (32, 32, 16) and cfg.model.width == 64
+    tok = WordTokenizer(cfg.model.context_length)
+    texts = tok([caption(i % 10, 0) for i in range(40)])
+    flops = measure_flops(build_model(cfg.model, tok.vocab_size, seed=0), cfg, tok, texts)
+    assert flops["reference_train_step"] < 0.5 * flops["train_step"]
+    assert flops["reference_forward_super_batch"] < 0.5 * flops["learner_forward_super_batch"]
+    same = config_from_args(build_parser().parse_args([]))
+    assert reference_model_config(same) is same.model
+    with pytest.raises(ValueError, match="--ref-width must be an even number"):
+        config_from_args(build_parser().parse_args(["--ref-width", "7"]))
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(ValueError, match="--prefilter must be a share in"):
+            config_from_args(build_parser().parse_args(["--prefilter", bad]))
+    if loader_has_prefilter():
+        assert config_from_args(build_parser().parse_args(["--prefilter", "0.5"])).prefilter == 0.5
+    else:
+        with pytest.raises(ValueError, match="no prefilter argument yet"):
+            config_from_args(build_parser().parse_args(["--prefilter", "0.5"]))
+
+
+def test_pays_for_itself_plan_keeps_the_held_out_seeds_apart():
+    pays = _pays_module()
+    dev = pays.plan(pays.SEED_SETS["dev"])
+    assert {r.seed for r in dev} == {0, 1, 2, 3, 4}
+    assert not {r.seed for r in dev} & set(pays.SEED_SETS["heldout"])
+    ids = [r.id for r in dev]
+    assert len(ids) == len(set(ids))
+    # the headline comparison first over every seed, then the cheaper baselines, then the rest
+    assert [r.method for r in dev[:15]] == ["uniform"] * 5 + ["jest"] * 5 + ["independent"] * 5
+    assert {r.method for r in dev[15:25]} == {"easy_reference", "static"}
+    assert sum(r.method == "uniform" for r in dev) == 5  # uniform serves every group
+    kept = [r for r in dev if pays.matches(r, pays.parse_filters(["group=lowres", "seed=0"]))]
+    assert [r.id for r in kept] == ["lowres-jest-seed0", "lowres-independent-seed0"]
+    with pytest.raises(ValueError, match="unknown group"):
+        pays.parse_filters(["group=nope"])
+    with pytest.raises(ValueError, match="KEY one of"):
+        pays.parse_filters(["ratio=0.2"])
+
+
+@pytest.mark.slow
+def test_pays_for_itself_writes_each_run_resumes_and_summarises(tmp_path, capsys):
+    pays = _pays_module()
+    common = ["--results", str(tmp_path), "--quick", "--steps", "4", "--only", "seed=0",
+              "--only", "group=base,refw32,prefilter0.4", "--only", "method=uniform,jest"]
+    assert pays.main(["run", *common]) == 0
+    err = capsys.readouterr().err
+    names = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert names == ["base-jest-seed0.json", "base-uniform-seed0.json", "refw32-jest-seed0.json"]
+    from jeststream.demo.runs import loader_has_prefilter
+
+    if not loader_has_prefilter():
+        assert "skipped prefilter0.4 (1 run(s)): JESTLoader has no prefilter argument" in err
+    run = json.loads((tmp_path / "runs" / "refw32-jest-seed0.json").read_text())
+    assert run["config"]["ref_width"] == 32 and run["seed_set"] == "dev"
+    assert run["wall_s"] > 0 and "commit" in run and "code_uncommitted_changes" in run
+    assert run["reference"]["train_flops"] == 12 * run["flops"]["reference_train_step"]
+    assert pays.main(["run", *common]) == 0  # resumes: nothing left to train
+    assert "3 finished (skipped)" in capsys.readouterr().err
+    assert pays.main(["summarise", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== base" in out and "== refw32" in out and "s0 " in out
+    assert "FLOPs to it ÷ uniform's (+ reference training)" in out
+    summary = json.loads((tmp_path / "summary-dev.json").read_text())
+    jest = summary["groups"]["refw32"]["methods"]["jest"]
+    assert set(jest["flops_ratio_vs_uniform_with_reference"]["per_seed"]) == {"0"}
+    # held-out seeds are summarised on their own: none run here
+    assert pays.main(["summarise", "--results", str(tmp_path), "--set", "heldout"]) == 0
+    assert json.loads((tmp_path / "summary-heldout.json").read_text())["groups"] == {}
