@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -258,6 +259,9 @@ def run_sweep(runs: list[Run], args) -> None:
                     "phase_elapsed_s": time.perf_counter() - t0,
                     "finished": _now(),
                     "torch": torch.__version__,
+                    # walls on a shared machine: the 1-minute load average when the run ended
+                    "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                    "cpu_count": os.cpu_count(),
                     "threads": cfg.threads,
                     "jobs": cfg.jobs,
                     **code,
