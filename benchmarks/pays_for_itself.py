@@ -394,6 +394,60 @@ def text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(summary: dict) -> str:
+    """:func:`text` as one markdown table per group (written beside the runs)."""
+    lines = [
+        f"# Issue 30 sweep, seed set {summary['seed_set']} (seeds {summary['seeds']})",
+        "",
+        "Written by `python benchmarks/pays_for_itself.py summarise`. FLOPs ÷ uniform's = as a "
+        "share of uniform's whole-run FLOPs in the same seed; (+ ref.) also counts the "
+        "reference's training; — = not reached (or, at equal FLOPs, the up-front cost alone "
+        "is over the budget). Accuracies are trailing means of 3 evaluations, every 50 steps.",
+    ]
+    for group, s in summary["groups"].items():
+        seeds = [str(x) for x in s["config"]["seeds"]]
+        lines += ["", f"## {group}", "", f"commits: {', '.join(c[:8] for c in s['commits'])}"]
+        ref = s.get("reference") or {}
+        if ref:
+            budget = s["flops"]["train_step"] * s["config"]["steps"]
+            cost = next(iter(ref.values())).get("train_flops", 0) / budget
+            lines.append(
+                f"reference ({s['config']['ref_steps']} steps, width "
+                f"{s['config'].get('ref_width') or s['config']['model']['width']}): held-out "
+                "accuracy " + ", ".join(f"{100 * v['accuracy']:.1f} %" for v in ref.values())
+                + f" (seeds {', '.join(ref)}); training {cost:.2f} × uniform's whole run"
+            )
+        lines += [
+            "",
+            "| method | measure | mean ± std | " + " | ".join(f"seed {x}" for x in seeds) + " |",
+            "|---|---|---|" + "---|" * len(seeds),
+        ]
+        for method, m in s["methods"].items():
+            rows = [(k, label, m[k]) for k, label in MEASURES if k in m]
+            for thr, st in m.get("flops_ratio_to_accuracy", {}).items():
+                rows.append(("", f"FLOPs to {thr} ÷ uniform's", st))
+            for thr, st in m.get("flops_ratio_to_accuracy_with_reference", {}).items():
+                rows.append(("", f"FLOPs to {thr} ÷ uniform's (+ ref.)", st))
+            for frac, st in m.get("accuracy_at_uniform_flops", {}).items():
+                rows.append(("", f"accuracy at {frac} × uniform's FLOPs", st))
+            for frac, st in m.get("accuracy_at_uniform_flops_with_reference", {}).items():
+                rows.append(("", f"accuracy at {frac} × uniform's FLOPs (+ ref.)", st))
+            for key, label, st in rows:
+                pct = key == "final_accuracy" or label.startswith("accuracy")
+                scale, digits = (100.0, 1) if pct else (1.0, 3)
+                per = st.get("per_seed", {})
+                cells = [_cell(per.get(x), scale, digits) for x in seeds]
+                lines.append(
+                    f"| {method} | {label} | {_mean_std(st, scale, digits)} | "
+                    + " | ".join(cells) + " |"
+                )
+        walls = s.get("wall_s_per_run", {})
+        if walls:
+            lines += ["", "training wall per run (s, shared 2-core machine, one run at a time): "
+                      + ", ".join(f"{k} {v:.0f}" for k, v in walls.items())]
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -428,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "summarise":
             summary = summarise(args.results, args.set)
             write_json(args.results / f"summary-{args.set}.json", summary)
+            (args.results / f"summary-{args.set}.md").write_text(markdown(summary))
             print(text(summary))
             return 0
         runs = [r for r in plan(SEED_SETS[args.set]) if matches(r, filters)]

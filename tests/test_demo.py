@@ -756,6 +756,8 @@ def test_pays_for_itself_writes_each_run_resumes_and_summarises(tmp_path, capsys
     out = capsys.readouterr().out
     assert "== base" in out and "== refw32" in out and "s0 " in out
     assert "FLOPs to it ÷ uniform's (+ reference training)" in out
+    md = (tmp_path / "summary-dev.md").read_text()
+    assert "## refw32" in md and "| jest | FLOPs to it ÷ uniform's (+ reference training) |" in md
     summary = json.loads((tmp_path / "summary-dev.json").read_text())
     jest = summary["groups"]["refw32"]["methods"]["jest"]
     assert set(jest["flops_ratio_vs_uniform_with_reference"]["per_seed"]) == {"0"}
