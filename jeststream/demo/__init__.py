@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--full",
         action="store_true",
-        help="the full comparison: every method, seeds 0 1 2, the default steps (19 min "
-        "on 2 CPU cores with --jobs 2; --scale, --methods or --seeds shorten it)",
+        help="the full comparison: every method, seeds 0 1 2, the default steps (about half "
+        "an hour on 2 CPU cores with --jobs 2, from the rebalanced model's single-run times; "
+        "--scale, --methods or --seeds shorten it)",
     )
     p.add_argument(
         "--task",
