@@ -196,7 +196,7 @@ def group_name(group: tuple) -> str:
     return f"{task}-{loss}-{ratio}{temperature_tag(temperature)}"
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)  # a killed sweep leaves no half-written run behind
@@ -256,7 +256,7 @@ def run_sweep(runs: list[Run], args) -> None:
         def on_run(result: dict, partial: dict, by_key=by_key, cfg=cfg, t0=t0) -> None:
             run = by_key[(result["seed"], result["method"])]
             ref = partial["reference"].get(str(run.seed))
-            _write_json(
+            write_json(
                 _run_file(args.results, run),
                 {
                     "id": run.id,
@@ -292,7 +292,7 @@ def run_sweep(runs: list[Run], args) -> None:
     invocation["ended"] = _now()
     log = args.results / "invocations.json"
     past = json.loads(log.read_text()) if log.exists() else []
-    _write_json(log, [*past, invocation])
+    write_json(log, [*past, invocation])
 
 
 def _now() -> str:

@@ -163,8 +163,12 @@ def test_quick_run_end_to_end(tmp_path, capsys):
         assert label in out
     # the short table closes the output; no line is a wall of text
     tail = out[out.rindex("method "):]
-    for column in ("final accuracy", "steps to uniform's final", "FLOPs to it", "wall"):
+    for column in ("final accuracy", "steps to uniform's final", "FLOPs to it",
+                   "+ reference training", "wall"):
         assert column in tail.splitlines()[0]
+    assert "Not counted" not in out  # the reference's training is its own column
+    # --details: the steadier measures' table
+    assert "F→80%" in out and "acc@0.5F +ref" in out
     assert max(map(len, out.splitlines())) <= 160
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
@@ -208,6 +212,22 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     # one pass over the pool, paid up front.
     assert by["easy_reference"]["flops_per_step"] == by["uniform"]["flops_per_step"]
     assert by["easy_reference"]["upfront_flops"] > 0
+    # Every FLOP counted: the reference's training on top, for the methods that use it only.
+    ref = results["reference"]["0"]
+    assert ref["train_flops"] == results["config"]["ref_steps"] * results["flops"]["train_step"]
+    assert ref["pool_forward_flops"] == by["easy_reference"]["upfront_flops"]
+    for name, m in methods.items():
+        plain = m["flops_ratio_vs_uniform"]["per_seed"]["0"]
+        counted = m["flops_ratio_vs_uniform_with_reference"]["per_seed"]["0"]
+        if plain is None:
+            assert counted is None, name
+            continue
+        extra = ref["train_flops"] / by["uniform"]["curve"][-1]["flops"]
+        uses = name not in ("uniform", "oracle", "hard_learner")
+        assert by[name]["uses_reference"] == uses
+        assert counted == pytest.approx(plain + (extra if uses else 0.0)), name
+        for key in ("flops_ratio_to_accuracy", "accuracy_at_uniform_flops"):
+            assert set(m[key]) and all("per_seed" in st for st in m[key].values()), name
 
 
 @pytest.mark.slow
@@ -240,7 +260,11 @@ def test_jobs_and_threads_must_be_positive():
     with pytest.raises(ValueError, match="--width must be an even number >= 8.*got 7"):
         config_from_args(build_parser().parse_args(["--width", "7"]))
     model = config_from_args(build_parser().parse_args(["--width", "32"])).model
-    assert model.width == model.text_width == model.embed_dim == 32
+    assert model.width == model.embed_dim == 32 and model.text_width == 16
+    model = config_from_args(build_parser().parse_args(["--width", "32", "--text-width", "24"])).model
+    assert model.width == 32 and model.text_width == 24
+    with pytest.raises(ValueError, match="--text-width must be an even number >= 8.*got 6"):
+        config_from_args(build_parser().parse_args(["--text-width", "6"]))
     assert config_from_args(build_parser().parse_args(["--quick"])).jobs == 1
 
 
@@ -346,6 +370,86 @@ def test_scoring_schedules_map_onto_the_loader_options():
         config_from_args(build_parser().parse_args(["--prefetch", "0"]))
 
 
+def test_demo_model_has_clips_cost_structure():
+    """The image tower is at least 70 % of a forward pass in counted FLOPs (ViT-B/16: ~80 % at
+    its full context), on the full context and on the demo's own captions trimmed as the
+    library scores them; the CLI's defaults build that model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from jeststream.demo.data import caption
+    from jeststream.demo.model import ModelConfig, build_model
+    from jeststream.scoring import default_embed
+
+    cfg = ModelConfig()
+    assert config_from_args(build_parser().parse_args([])).model == cfg
+    tok = WordTokenizer(cfg.context_length)
+    texts = tok([caption(i % 10, i % 3) for i in range(16)])
+    images = torch.zeros(16, 3, cfg.image_size, cfg.image_size)
+    model = build_model(cfg, tok.vocab_size, seed=0).eval()
+
+    def counted(fn) -> int:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    image = counted(lambda: model.encode_image(images, normalize=True))
+    text = counted(lambda: model.encode_text(texts, normalize=True))
+    both = counted(lambda: default_embed(model, (images, texts)))
+    assert image / (image + text) >= 0.7
+    assert image / both >= 0.7 and both < image + text  # trimmed captions cost less
+
+
+def _curve(points, upfront=0.0, per_step=1.0):
+    return [{"step": s, "accuracy": a, "flops": upfront + s * per_step} for s, a in points]
+
+
+def _run(method, seed, points, upfront=0.0, per_step=1.0, uses=None):
+    return {
+        "method": method, "seed": seed, "curve": _curve(points, upfront, per_step),
+        "composition": dict.fromkeys(NOISE_TYPES, 0.2), "wall_s": 1.0,
+        "uses_reference": method != "uniform" if uses is None else uses,
+    }
+
+
+def test_steadier_measures_and_flops_both_ways():
+    """FLOPs to a fixed accuracy and accuracy at shares of uniform's FLOPs, per seed, each also
+    with the reference's training counted; a budget the up-front cost alone exceeds gives none.
+    (The curves are written out so that every figure can be worked by hand.)"""
+    from jeststream.demo import report
+    from jeststream.demo.runs import RunConfig
+
+    cfg = RunConfig(steps=100, seeds=(0, 1), methods=("uniform", "jest"))
+    # uniform: 1 FLOP a step, 100 in all; smoothing = mean of the last 3 evaluations
+    uni = [(0, 0.1), (25, 0.7), (50, 0.7), (75, 0.72), (100, 0.9)]
+    jest = [(0, 0.1), (25, 0.8), (50, 0.8), (75, 0.9), (100, 0.9)]  # 2 FLOPs a step, 10 up front
+    runs = [
+        _run("uniform", 0, uni), _run("jest", 0, jest, upfront=10.0, per_step=2.0),
+        _run("uniform", 1, uni), _run("jest", 1, jest, upfront=10.0, per_step=2.0),
+    ]
+    refs = {0: {"train_flops": 30.0}, 1: {"train_flops": 60.0}}
+    m = report.summarise(cfg, runs, refs, {"train_step": 1.0})["methods"]
+    j = m["jest"]
+    # uniform's final (0.7+0.72+0.9)/3 = 0.773; JEST's smoothed curve reaches it at step 75
+    # ((0.8+0.8+0.9)/3 = 0.833), at 10 + 150 = 160 FLOPs: 1.6 x uniform's 100
+    assert j["flops_ratio_vs_uniform"]["per_seed"] == {"0": pytest.approx(1.6), "1": pytest.approx(1.6)}
+    assert j["flops_ratio_vs_uniform_with_reference"]["per_seed"] == {
+        "0": pytest.approx(1.9), "1": pytest.approx(2.2)}
+    assert m["uniform"]["flops_ratio_vs_uniform_with_reference"]["mean"] == pytest.approx(1.0)
+    # 70 %: JEST's smoothed accuracy first reaches it at step 75 ((0.8+0.8+0.9)/3; at 50 it is
+    # (0.1+0.8+0.8)/3 = 0.567); uniform's at 75 ((0.7+0.7+0.72)/3 = 0.707)
+    assert j["flops_ratio_to_accuracy"]["70%"]["mean"] == pytest.approx(1.6)
+    assert m["uniform"]["flops_ratio_to_accuracy"]["70%"]["mean"] == pytest.approx(0.75)
+    assert j["flops_ratio_to_accuracy_with_reference"]["80%"]["per_seed"]["1"] == pytest.approx(2.2)
+    # accuracy at 0.5 x uniform's FLOPs (50): JEST's last evaluation within it is step 0 (10),
+    # step 25 costs 60; with the reference counted even step 0 is over it in seed 1 (70)
+    assert j["accuracy_at_uniform_flops"]["0.5"]["per_seed"] == {
+        "0": pytest.approx(0.1), "1": pytest.approx(0.1)}
+    assert j["accuracy_at_uniform_flops_with_reference"]["0.5"]["per_seed"] == {
+        "0": pytest.approx(0.1), "1": None}
+    assert m["uniform"]["accuracy_at_uniform_flops"]["0.25"]["mean"] == pytest.approx(0.4)
+    assert m["uniform"]["final_accuracy"]["per_seed"]["1"] == pytest.approx(0.7733, abs=1e-4)
+
+
 def test_default_digits_config_keeps_its_fingerprint_fields():
     """Fields added for the pairs task and the softmax learner stay out of the digits
     fingerprints at their defaults, so shards and reference caches written before are found."""
@@ -353,6 +457,10 @@ def test_default_digits_config_keeps_its_fingerprint_fields():
 
     assert "task" not in DataConfig().identity() and "heldout_size" not in DataConfig().identity()
     assert "loss" not in ModelConfig().identity()
+    # the rebalanced model (issue 30) is a new fingerprint: its caches are its own
+    identity = ModelConfig().identity()
+    assert identity["patch_size"] == 4 and identity["text_width"] == 32
+    assert ModelConfig(patch_size=8, text_width=64).identity() != identity
     assert DataConfig(task="pairs").identity()["task"] == "pairs"
     assert ModelConfig(loss="softmax").identity()["loss"] == "softmax"
     with pytest.raises(ValueError, match="task='letters'"):
@@ -576,3 +684,98 @@ def test_temperature_probe_quick_smoke():
     bad = subprocess.run([sys.executable, str(script), "--steps", "4", "--at", "9"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--at [9]" in bad.stderr
+
+
+def _pays_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _sweep_module()  # pays_for_itself reuses selection_sweep's machinery
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pays_for_itself.py"
+    spec = importlib.util.spec_from_file_location("pays_for_itself", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reference_width_and_prefilter_options():
+    """--ref-width builds (and counts) a narrower reference; --prefilter is refused with a
+    clear message while JESTLoader has no prefilter argument, and passed on once it has."""
+    from jeststream.demo.data import caption
+    from jeststream.demo.model import build_model
+    from jeststream.demo.runs import loader_has_prefilter, measure_flops, reference_model_config
+
+    cfg = config_from_args(build_parser().parse_args(["--ref-width", "32", "--batch-size", "8"]))
+    ref = reference_model_config(cfg)
+    assert (ref.width, ref.embed_dim, ref.text_width) == (32, 32, 16) and cfg.model.width == 64
+    tok = WordTokenizer(cfg.model.context_length)
+    texts = tok([caption(i % 10, 0) for i in range(40)])
+    flops = measure_flops(build_model(cfg.model, tok.vocab_size, seed=0), cfg, tok, texts)
+    assert flops["reference_train_step"] < 0.5 * flops["train_step"]
+    assert flops["reference_forward_super_batch"] < 0.5 * flops["learner_forward_super_batch"]
+    same = config_from_args(build_parser().parse_args([]))
+    assert reference_model_config(same) is same.model
+    with pytest.raises(ValueError, match="--ref-width must be an even number"):
+        config_from_args(build_parser().parse_args(["--ref-width", "7"]))
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(ValueError, match="--prefilter must be a share in"):
+            config_from_args(build_parser().parse_args(["--prefilter", bad]))
+    if loader_has_prefilter():
+        assert config_from_args(build_parser().parse_args(["--prefilter", "0.5"])).prefilter == 0.5
+    else:
+        with pytest.raises(ValueError, match="no prefilter argument yet"):
+            config_from_args(build_parser().parse_args(["--prefilter", "0.5"]))
+
+
+def test_pays_for_itself_plan_keeps_the_held_out_seeds_apart():
+    pays = _pays_module()
+    dev = pays.plan(pays.SEED_SETS["dev"])
+    assert {r.seed for r in dev} == {0, 1, 2, 3, 4}
+    assert not {r.seed for r in dev} & set(pays.SEED_SETS["heldout"])
+    ids = [r.id for r in dev]
+    assert len(ids) == len(set(ids))
+    # the headline comparison first over every seed, then the cheaper baselines, then the rest
+    assert [r.method for r in dev[:15]] == ["uniform"] * 5 + ["jest"] * 5 + ["independent"] * 5
+    assert {r.method for r in dev[15:25]} == {"easy_reference", "static"}
+    assert sum(r.method == "uniform" for r in dev) == 5  # uniform serves every group
+    kept = [r for r in dev if pays.matches(r, pays.parse_filters(["group=lowres", "seed=0"]))]
+    assert [r.id for r in kept] == ["lowres-jest-seed0", "lowres-independent-seed0"]
+    with pytest.raises(ValueError, match="unknown group"):
+        pays.parse_filters(["group=nope"])
+    with pytest.raises(ValueError, match="KEY one of"):
+        pays.parse_filters(["ratio=0.2"])
+
+
+@pytest.mark.slow
+def test_pays_for_itself_writes_each_run_resumes_and_summarises(tmp_path, capsys):
+    pays = _pays_module()
+    common = ["--results", str(tmp_path), "--quick", "--steps", "4", "--only", "seed=0",
+              "--only", "group=base,refw32,prefilter0.4", "--only", "method=uniform,jest"]
+    assert pays.main(["run", *common]) == 0
+    err = capsys.readouterr().err
+    names = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert names == ["base-jest-seed0.json", "base-uniform-seed0.json", "refw32-jest-seed0.json"]
+    from jeststream.demo.runs import loader_has_prefilter
+
+    if not loader_has_prefilter():
+        assert "skipped prefilter0.4 (1 run(s)): JESTLoader has no prefilter argument" in err
+    run = json.loads((tmp_path / "runs" / "refw32-jest-seed0.json").read_text())
+    assert run["config"]["ref_width"] == 32 and run["seed_set"] == "dev"
+    assert run["wall_s"] > 0 and "commit" in run and "code_uncommitted_changes" in run
+    assert run["reference"]["train_flops"] == 12 * run["flops"]["reference_train_step"]
+    assert pays.main(["run", *common]) == 0  # resumes: nothing left to train
+    assert "3 finished (skipped)" in capsys.readouterr().err
+    assert pays.main(["summarise", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== base" in out and "== refw32" in out and "s0 " in out
+    assert "FLOPs to it ÷ uniform's (+ reference training)" in out
+    md = (tmp_path / "summary-dev.md").read_text()
+    assert "## refw32" in md and "| jest | FLOPs to it ÷ uniform's (+ reference training) |" in md
+    summary = json.loads((tmp_path / "summary-dev.json").read_text())
+    jest = summary["groups"]["refw32"]["methods"]["jest"]
+    assert set(jest["flops_ratio_vs_uniform_with_reference"]["per_seed"]) == {"0"}
+    # held-out seeds are summarised on their own: none run here
+    assert pays.main(["summarise", "--results", str(tmp_path), "--set", "heldout"]) == 0
+    assert json.loads((tmp_path / "summary-heldout.json").read_text())["groups"] == {}

@@ -160,12 +160,22 @@ def test_scoring_cost_benchmark_quick_prints_json():
         [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=240,
         check=True,
     ).stdout
-    models = json.loads(out)["models"]
-    assert set(models) == {"demo", "demo_patch4"}
+    got = json.loads(out)
+    models = got["models"]
+    assert set(models) == {"demo", "demo_old_patch8"}
+    # the rebalanced demo model has CLIP's cost structure; the old one did not
+    assert models["demo"]["jest_step_vs_uniform_step"]["image_share_of_forward"] >= 0.7
+    assert models["demo_old_patch8"]["jest_step_vs_uniform_step"]["image_share_of_forward"] < 0.3
+    assert "arithmetic" in got["prefilter_note"].lower()
     for m in models.values():
         g, r = m["gflops_per_example"], m["jest_step_vs_uniform_step"]
         assert g["text_forward_captions_trimmed"] < g["text_forward_captions_untrimmed"]
         assert g["image_forward_half_resolution"] < g["image_forward"]
         assert r["cached_scoring_share_of_full_scoring"] == 0.5
         assert r["full_scoring"] > r["cached_reference"] > r["cached_reference_half_resolution_trimmed"] > 1
+        # the reference pre-filter (q = 0.5) halves the learner's scoring share of a step
+        low = r["cached_reference_half_resolution_trimmed"]
+        assert r["cached_reference_half_resolution_trimmed_prefilter0.5"] == pytest.approx(
+            1 + (low - 1) / 2
+        )
         assert m["wall"]["train_step_s"] > 0

@@ -44,6 +44,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # that share digits need a wider model and a longer run than digits to be learnt at all.
 PAIRS_MODEL = {"width": 128, "layers": 2}
 PAIRS_STEPS = 2000
+# The text tower's width as a share of --width (ModelConfig's defaults): a narrow text tower
+# gives the demo model CLIP's cost structure (docs/performance.md).
+TEXT_WIDTH_SHARE = 0.5
 
 
 def _pairs_defaults_help() -> str:
@@ -81,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--full",
         action="store_true",
-        help="the full comparison: every method, seeds 0 1 2, the default steps (19 min "
-        "on 2 CPU cores with --jobs 2; --scale, --methods or --seeds shorten it)",
+        help="the full comparison: every method, seeds 0 1 2, the default steps (about half "
+        "an hour on 2 CPU cores with --jobs 2, from the rebalanced model's single-run times; "
+        "--scale, --methods or --seeds shorten it)",
     )
     p.add_argument(
         "--task",
@@ -150,8 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--width",
         type=int,
         default=None,
-        help=f"model width: the image and text towers' width and the embedding size (default "
+        help=f"model width: the image tower's width and the embedding size (default "
         f"{r.model.width}; --task pairs: {PAIRS_MODEL['width']})",
+    )
+    t.add_argument(
+        "--text-width",
+        type=int,
+        default=None,
+        help=f"the text tower's width (default: {TEXT_WIDTH_SHARE:g} x --width, "
+        f"{round(TEXT_WIDTH_SHARE * r.model.width)}: the image tower is most of a forward "
+        "pass, as in CLIP)",
     )
     t.add_argument(
         "--layers",
@@ -192,6 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=r.ref_steps,
         help="reference training steps on the curated split",
+    )
+    s.add_argument(
+        "--ref-width",
+        type=int,
+        default=None,
+        help="the reference's width (image tower and embedding; its text tower scaled alike): "
+        "a cheaper reference when narrower (default: the learner's --width)",
+    )
+    s.add_argument(
+        "--prefilter",
+        type=float,
+        default=1.0,
+        help="reference pre-filter: the learner scores only the super-batch's top share q by "
+        "reference score (JESTLoader's prefilter; needs a jeststream whose JESTLoader has it); "
+        "1 = off",
     )
     s.add_argument(
         "--static-keep",
@@ -374,10 +401,31 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--width must be an even number >= 8 (2 attention heads), got {width}")
     if layers < 1:
         raise ValueError(f"--layers must be at least 1, got {layers}")
+    text_width = args.text_width
+    if text_width is None:
+        text_width = round(TEXT_WIDTH_SHARE * width)
+    if text_width < 8 or text_width % 2:
+        raise ValueError(
+            f"--text-width must be an even number >= 8 (2 attention heads), got {text_width}"
+        )
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ValueError(
             f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}"
         )
+    if args.ref_width is not None and (args.ref_width < 8 or args.ref_width % 2):
+        raise ValueError(
+            f"--ref-width must be an even number >= 8 (2 attention heads), got {args.ref_width}"
+        )
+    if not (math.isfinite(args.prefilter) and 0.0 < args.prefilter <= 1.0):
+        raise ValueError(f"--prefilter must be a share in (0, 1], got {args.prefilter}")
+    if args.prefilter != 1.0:
+        from jeststream.demo.runs import loader_has_prefilter
+
+        if not loader_has_prefilter():
+            raise ValueError(
+                f"--prefilter {args.prefilter}: this jeststream's JESTLoader has no prefilter "
+                "argument yet; leave it at 1"
+            )
     jobs = args.jobs
     if jobs is None:
         jobs = 1 if args.quick else max(1, min(2, os.cpu_count() or 1))
@@ -392,6 +440,8 @@ def config_from_args(args: argparse.Namespace):
         n_chunks=args.n_chunks,
         temperature=args.temperature,
         ref_steps=ref_steps,
+        ref_width=args.ref_width,
+        prefilter=args.prefilter,
         static_keep=args.static_keep,
         seeds=seeds,
         methods=methods,
@@ -411,7 +461,7 @@ def config_from_args(args: argparse.Namespace):
             context_length=data.context_length,
             width=width,
             patch_size=args.patch_size,
-            text_width=width,
+            text_width=text_width,
             embed_dim=width,
             layers=layers,
             text_layers=layers,
@@ -559,6 +609,7 @@ def run_comparison(
         load_split,
         measure_flops,
         reference_embeddings,
+        reference_model_config,
         reference_scores,
         run_job,
         subset_shards,
@@ -585,7 +636,7 @@ def run_comparison(
     ref_tag = report.fingerprint(
         {
             "data": cfg.data.identity(),
-            "model": cfg.model.identity(),
+            "model": reference_model_config(cfg).identity(),
             "ref_steps": cfg.ref_steps,
             "lr": cfg.lr,
             "wd": cfg.weight_decay,
@@ -612,7 +663,9 @@ def run_comparison(
         cached_path = None
         if any(m not in REFERENCE_FREE for m in methods):
             reference, _ = load_reference(cfg, tokenizer.vocab_size, ref_cache(seed))
-            references[seed]["train_flops"] = cfg.ref_steps * flops["train_step"]
+            references[seed]["train_flops"] = cfg.ref_steps * flops["reference_train_step"]
+            # the reference cache's one-time forward over the pool
+            references[seed]["pool_forward_flops"] = len(pool["key"]) * flops["per_example_forward"]
             cached = reference_embeddings(reference, pool)
             cached_path = write_reference_cache(
                 reference,

@@ -15,6 +15,12 @@ from jeststream.demo.model import RETRIEVAL
 # An accuracy is read as the mean of this many consecutive evaluations, so that one lucky
 # evaluation neither sets the target nor reaches it.
 SMOOTH = 3
+# Steadier measures than steps to uniform's final accuracy (a moving target while uniform still
+# climbs): FLOPs to reach these fixed accuracies, and accuracy at these shares of uniform's FLOPs.
+FIXED_ACCURACIES = (0.7, 0.8)
+UNIFORM_FLOPS_SHARES = (0.25, 0.5)
+# Methods that use no reference, for results written before runs recorded "uses_reference".
+REFERENCE_FREE = ("uniform", "oracle", "hard_learner")
 DRAWS = (
     "selected",
     "independent",
@@ -55,18 +61,43 @@ def _first_reach(curve: list[dict], target: float) -> int | None:
     return None
 
 
-def _stats(values: list[float | None]) -> dict:
+def _stats(values: list[float | None], seeds: list[int] | None = None) -> dict:
+    """mean, std, min, max over the values that are not None (n of them, of all); with
+    ``seeds`` (one per value) also every value by seed, None included."""
     got = [v for v in values if v is not None]
-    if not got:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "of": len(values)}
-    return {
-        "mean": statistics.fmean(got),
-        "std": statistics.stdev(got) if len(got) > 1 else 0.0,
-        "min": min(got),
-        "max": max(got),
-        "n": len(got),
-        "of": len(values),
-    }
+    out: dict = {"mean": None, "std": None, "min": None, "max": None, "n": 0, "of": len(values)}
+    if got:
+        out = {
+            "mean": statistics.fmean(got),
+            "std": statistics.stdev(got) if len(got) > 1 else 0.0,
+            "min": min(got),
+            "max": max(got),
+            "n": len(got),
+            "of": len(values),
+        }
+    if seeds is not None:
+        out["per_seed"] = {str(s): v for s, v in zip(seeds, values)}
+    return out
+
+
+def _last_within(curve: list[dict], budget: float, extra: float = 0.0) -> int | None:
+    """Index of the last evaluation whose FLOPs (plus `extra`) are within `budget`; None when
+    even the first is over it."""
+    i = None
+    for j, c in enumerate(curve):
+        if c["flops"] + extra <= budget * (1 + 1e-9):
+            i = j
+    return i
+
+
+def reference_flops(run: dict, references: dict) -> float:
+    """FLOPs of training the reference `run` used (0 for a method that uses none): what counting
+    every FLOP adds to the run's curve, which already has its scoring forwards and the
+    reference's one pass over the pool."""
+    if not run.get("uses_reference", run["method"] not in REFERENCE_FREE):
+        return 0.0
+    ref = references.get(run["seed"]) or references.get(str(run["seed"])) or {}
+    return float(ref.get("train_flops") or 0.0)
 
 
 def summarise(cfg, runs: list[dict], references: dict, flops: dict) -> dict:
@@ -74,9 +105,16 @@ def summarise(cfg, runs: list[dict], references: dict, flops: dict) -> dict:
 
     Target: uniform's final accuracy (smoothed over its last evaluations) in the same seed.
     steps_to_target: first evaluation whose smoothed accuracy reaches it; the ratio divides by
-    uniform's full budget (`steps`), the comparison the paper makes. FLOPs count the training
-    steps plus every scoring forward (and static filtering's one pass over the pool), not the
-    reference's own training, which is reported separately.
+    uniform's full budget (`steps`), the comparison the paper makes. FLOPs are counted two ways:
+    the training steps plus every scoring forward (and the reference's one pass over the pool,
+    for its cache or static filtering), and ``..._with_reference`` adding the reference's own
+    training (:func:`reference_flops`).
+
+    Steadier measures: FLOPs to reach each of FIXED_ACCURACIES (smoothed), as a share of
+    uniform's whole-run FLOPs in the same seed; and the smoothed accuracy at each of
+    UNIFORM_FLOPS_SHARES of uniform's FLOPs (the last evaluation within that budget; None when
+    the up-front cost alone exceeds it). Those and the headline ratios keep their per-seed
+    values (``per_seed``).
     """
     chance = 1 / n_classes(cfg.data.task)
     by_seed: dict[int, dict[str, dict]] = {}
@@ -89,12 +127,17 @@ def summarise(cfg, runs: list[dict], references: dict, flops: dict) -> dict:
     for method in methods:
         acc_at = {s: [] for s in fixed}
         final, steps_to, ratio, flops_to, flops_ratio, wall = [], [], [], [], [], []
+        final_seeds, ref_seeds, flops_ratio_ref = [], [], []
+        to_acc = {t: [] for t in FIXED_ACCURACIES}
+        to_acc_ref = {t: [] for t in FIXED_ACCURACIES}
+        at_share = {f: [] for f in UNIFORM_FLOPS_SHARES}
+        at_share_ref = {f: [] for f in UNIFORM_FLOPS_SHARES}
         retrieval = {k: [] for k in RETRIEVAL}
         vs_uniform = []  # steps to uniform's final accuracy ÷ uniform's own steps to it
         draws = {d: [] for d in DRAWS}
         draws_std = {d: [] for d in DRAWS}
         comp = {t: [] for t in NOISE_TYPES}
-        for per in by_seed.values():
+        for seed, per in by_seed.items():
             r = per.get(method)
             if r is None:
                 continue
@@ -102,6 +145,7 @@ def summarise(cfg, runs: list[dict], references: dict, flops: dict) -> dict:
             for s in fixed:
                 acc_at[s].append(_at_step(curve, s))
             final.append(_smoothed(curve, len(curve) - 1))
+            final_seeds.append(seed)
             for k in RETRIEVAL:
                 retrieval[k].append(curve[-1].get(k))
             bl = r.get("batch_learnability")
@@ -116,24 +160,53 @@ def summarise(cfg, runs: list[dict], references: dict, flops: dict) -> dict:
                 continue
             target = _smoothed(uni["curve"], len(uni["curve"]) - 1)
             uni_flops = uni["curve"][-1]["flops"]
+            extra = reference_flops(r, references)
             i = _first_reach(curve, target)
+            ref_seeds.append(seed)
             steps_to.append(curve[i]["step"] if i is not None else None)
             ratio.append(curve[i]["step"] / cfg.steps if i is not None else None)
             flops_to.append(curve[i]["flops"] if i is not None else None)
             flops_ratio.append(curve[i]["flops"] / uni_flops if i is not None else None)
+            flops_ratio_ref.append(
+                (curve[i]["flops"] + extra) / uni_flops if i is not None else None
+            )
+            for t in FIXED_ACCURACIES:
+                k = _first_reach(curve, t)
+                to_acc[t].append(curve[k]["flops"] / uni_flops if k is not None else None)
+                to_acc_ref[t].append(
+                    (curve[k]["flops"] + extra) / uni_flops if k is not None else None
+                )
+            for f in UNIFORM_FLOPS_SHARES:
+                k = _last_within(curve, f * uni_flops)
+                at_share[f].append(_smoothed(curve, k) if k is not None else None)
+                k = _last_within(curve, f * uni_flops, extra)
+                at_share_ref[f].append(_smoothed(curve, k) if k is not None else None)
             u = _first_reach(uni["curve"], target)
             vs_uniform.append(
                 curve[i]["step"] / uni["curve"][u]["step"] if i is not None and u else None
             )
         summary[method] = {
             "accuracy_at_step": {str(s): _stats(v) for s, v in acc_at.items()},
-            "final_accuracy": _stats(final),
+            "final_accuracy": _stats(final, final_seeds),
             "final_retrieval": {k: _stats(v) for k, v in retrieval.items()},
             "steps_to_uniform_final": _stats(steps_to),
-            "steps_ratio_vs_uniform_budget": _stats(ratio),
+            "steps_ratio_vs_uniform_budget": _stats(ratio, ref_seeds),
             "steps_ratio_vs_uniform_reach": _stats(vs_uniform),
             "flops_to_uniform_final": _stats(flops_to),
-            "flops_ratio_vs_uniform": _stats(flops_ratio),
+            "flops_ratio_vs_uniform": _stats(flops_ratio, ref_seeds),
+            "flops_ratio_vs_uniform_with_reference": _stats(flops_ratio_ref, ref_seeds),
+            "flops_ratio_to_accuracy": {
+                _pct(t): _stats(v, ref_seeds) for t, v in to_acc.items()
+            },
+            "flops_ratio_to_accuracy_with_reference": {
+                _pct(t): _stats(v, ref_seeds) for t, v in to_acc_ref.items()
+            },
+            "accuracy_at_uniform_flops": {
+                f"{f:g}": _stats(v, ref_seeds) for f, v in at_share.items()
+            },
+            "accuracy_at_uniform_flops_with_reference": {
+                f"{f:g}": _stats(v, ref_seeds) for f, v in at_share_ref.items()
+            },
             "wall_s": _stats(wall),
             "composition": {t: _stats(v) for t, v in comp.items()},
         }
@@ -185,6 +258,10 @@ def summarise(cfg, runs: list[dict], references: dict, flops: dict) -> dict:
         "methods": summary,
         "runs": runs,
     }
+
+
+def _pct(t: float) -> str:
+    return f"{100 * t:g}%"
 
 
 def _fmt(st: dict, scale: float = 1.0, digits: int = 3, pct: bool = False) -> str:
@@ -264,6 +341,7 @@ def table(results: dict) -> str:
             + [_fmt(m["composition"][t], 100, pct=True) for t in NOISE_TYPES]
         )
     out += _grid(rows)
+    out += _steadier(methods)
     measured = {k: m["batch_learnability"] for k, m in methods.items() if "batch_learnability" in m}
     if measured:
         out += [
@@ -295,21 +373,64 @@ def table(results: dict) -> str:
     return "\n".join(out)
 
 
+def _steadier(methods: dict) -> list[str]:
+    """The --details table of the steadier measures: FLOPs to fixed accuracies and accuracy at
+    shares of uniform's FLOPs, each also with the reference's training counted."""
+    first = next(iter(methods.values()))
+    if "flops_ratio_to_accuracy" not in first:
+        return []  # results written before these measures
+    accs, shares = list(first["flops_ratio_to_accuracy"]), list(first["accuracy_at_uniform_flops"])
+    rows = [
+        ["method"]
+        + [f"F→{a}" for a in accs]
+        + [f"F→{a} +ref" for a in accs]
+        + [f"acc@{f}F" for f in shares]
+        + [f"acc@{f}F +ref" for f in shares]
+    ]
+    for method, m in methods.items():
+        rows.append(
+            [method]
+            + [_fmt(m["flops_ratio_to_accuracy"][a], digits=2) for a in accs]
+            + [_fmt(m["flops_ratio_to_accuracy_with_reference"][a], digits=2) for a in accs]
+            + [_fmt(m["accuracy_at_uniform_flops"][f], 100, pct=True) for f in shares]
+            + [
+                _fmt(m["accuracy_at_uniform_flops_with_reference"][f], 100, pct=True)
+                for f in shares
+            ]
+        )
+    return [
+        "",
+        *_wrap(
+            "steadier measures: F→N% = FLOPs to reach N% accuracy ÷ uniform's whole-run FLOPs; "
+            "acc@xF = accuracy at x × uniform's whole-run FLOPs (never: the up-front cost alone "
+            "is over it); +ref = also counting the reference's training. Per-seed values are in "
+            "results.json"
+        ),
+        *_grid(rows),
+    ]
+
+
 def summary(results: dict) -> str:
     """The short table ``jeststream demo`` ends with: per method its final accuracy, the steps
-    and FLOPs it took to reach uniform's final accuracy as shares of uniform's whole run, and
-    its wall time (mean ± std over seeds when there are several)."""
+    and FLOPs it took to reach uniform's final accuracy as shares of uniform's whole run (FLOPs
+    two ways: without and with training the reference), and its wall time (mean ± std over
+    seeds when there are several)."""
     cfg, methods = results["config"], results["methods"]
     task = cfg["data"].get("task", "digits")
     seeds = cfg["seeds"]
-    rows = [["method", "final accuracy", "steps to uniform's final", "FLOPs to it", "wall"]]
+    rows = [
+        ["method", "final accuracy", "steps to uniform's final", "FLOPs to it",
+         "+ reference training", "wall"]
+    ]
     for method, m in methods.items():
+        with_ref = m.get("flops_ratio_vs_uniform_with_reference")
         rows.append(
             [
                 method,
                 _fmt(m["final_accuracy"], 100, pct=True),
                 _ratio(m["steps_ratio_vs_uniform_budget"]),
                 _ratio(m["flops_ratio_vs_uniform"]),
+                "-" if with_ref is None else _ratio(with_ref),
                 _fmt(m["wall_s"], digits=0) + " s",
             ]
         )
@@ -326,16 +447,17 @@ def summary(results: dict) -> str:
             "",
             f"Steps and FLOPs to reach uniform's final accuracy "
             f"({100 * uni['final_accuracy']['mean']:.1f} %),",
-            "as a share of uniform's whole run (never: not reached). FLOPs count training and "
-            "scoring forwards.",
+            "as a share of uniform's whole run (never: not reached). FLOPs count training, "
+            "scoring forwards",
+            "and the reference's one pass over the pool; + reference training: also training "
+            "the reference",
         ]
         ref_flops = [v.get("train_flops") for v in results.get("reference", {}).values()]
         budget = results["flops"]["train_step"] * cfg["steps"]
         if ref_flops and ref_flops[0]:
             out.append(
-                "Not counted: training the reference once "
-                f"({ref_flops[0] / budget:.2f} × uniform's whole run; shared by every run that "
-                "uses it)."
+                f"({ref_flops[0] / budget:.2f} × uniform's whole run, once; a reference can be "
+                "shared by many runs)."
             )
     return "\n".join(out)
 

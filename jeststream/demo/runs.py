@@ -27,7 +27,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,12 @@ class RunConfig:
     n_chunks: int = 16
     temperature: float = 1.0  # JESTLoader's sampling temperature (0: greedy)
     ref_steps: int = 1500
+    # the reference's width (image tower and embedding; its text tower scaled as the learner's):
+    # None = the learner's. A narrower reference is a cheaper one (issue 30's budget sweep)
+    ref_width: int | None = None
+    # Reference pre-filter: keep the super-batch's top share by reference score before the
+    # learner scores it (JESTLoader's ``prefilter``); 1 = off. Needs a JESTLoader that has it.
+    prefilter: float = 1.0
     static_keep: float = 0.3
     seeds: tuple[int, ...] = (0,)
     methods: tuple[str, ...] = ("uniform", "jest", "independent")
@@ -269,9 +275,19 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def reference_model_config(cfg: RunConfig) -> ModelConfig:
+    """The reference's architecture: the learner's, or at ``cfg.ref_width`` (image tower width
+    and embedding size; the text tower keeps the learner's text/image width proportion)."""
+    if cfg.ref_width is None or cfg.ref_width == cfg.model.width:
+        return cfg.model
+    w = cfg.ref_width
+    text = max(8, 2 * round(w * cfg.model.text_width / cfg.model.width / 2))
+    return replace(cfg.model, width=w, embed_dim=w, text_width=text)
+
+
 def load_reference(cfg: RunConfig, vocab_size: int, cache: Path) -> tuple[torch.nn.Module, dict]:
     """The reference saved by :func:`train_reference` at `cache`, frozen, and its eval."""
-    model = build_model(cfg.model, vocab_size, seed=0)  # every weight comes from the file
+    model = build_model(reference_model_config(cfg), vocab_size, seed=0)  # every weight comes from the file
     blob = torch.load(cache, map_location="cpu", weights_only=True)
     model.load_state_dict(blob["state_dict"])
     model.eval().requires_grad_(False)
@@ -290,7 +306,7 @@ def train_reference(
     """Train (or load from `cache`) the reference on the curated split; return it frozen."""
     if cache is not None and cache.exists():
         return load_reference(cfg, tokenizer.vocab_size, cache)
-    model = build_model(cfg.model, tokenizer.vocab_size, seed=10_000 + seed)
+    model = build_model(reference_model_config(cfg), tokenizer.vocab_size, seed=10_000 + seed)
     model.train()
     opt, sched = make_optimizer(model, cfg, cfg.ref_steps)
     loss_fn = contrastive_loss(cfg.model.loss)
@@ -385,7 +401,8 @@ def measure_flops(
 
     The scoring forwards are the library's (``default_embed``: exactly trimmed captions, and for
     the learner the ``score_resolution`` images), on ``texts`` (the pool's own tokenized
-    captions; zeros when None), so the count is what the runs compute.
+    captions; zeros when None), so the count is what the runs compute. The reference's forward
+    and training step are counted on its own architecture (:func:`reference_model_config`).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -415,10 +432,18 @@ def measure_flops(
             contrastive_loss(cfg.model.loss)(model, *inputs(b), encode_image=mixed).backward()
         model.zero_grad(set_to_none=True)
         train_mixed = counter.get_total_flops()
+    ref_model, ref_train = model, train
+    if reference_model_config(cfg) != cfg.model:
+        ref_model = build_model(reference_model_config(cfg), tokenizer.vocab_size, seed=0)
+        ref_model.train()
+        with FlopCounterMode(display=False) as counter:
+            contrastive_loss(cfg.model.loss)(ref_model, *inputs(b)).backward()
+        ref_train = counter.get_total_flops()
+        ref_model.eval()
     model.eval()
     x, t = inputs(big)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        default_embed(model, (x, t))
+        default_embed(ref_model, (x, t))
     reference = counter.get_total_flops()
     if cfg.score_resolution is not None:
         x = resize_images(x, cfg.score_resolution)
@@ -429,10 +454,28 @@ def measure_flops(
         "train_step": train,
         # a selecting method's step with train_low_res_share of it at score_resolution
         "train_step_mixed": train_mixed,
+        "reference_train_step": ref_train,
         "reference_forward_super_batch": reference,
         "learner_forward_super_batch": learner,
         "per_example_forward": reference / big,
     }
+
+
+def loader_has_prefilter() -> bool:
+    """Whether this jeststream's JESTLoader takes ``prefilter=`` (issue 30's reference
+    pre-filter)."""
+    import inspect
+
+    from jeststream.loader import JESTLoader
+
+    return "prefilter" in inspect.signature(JESTLoader).parameters
+
+
+def uses_reference(method: str) -> bool:
+    """Whether `method` needs the trained reference (and so, counted in full, its training)."""
+    if method == "static":
+        return True
+    return method in LOADER_METHODS and LOADER_METHODS[method][0] != "hard_learner"
 
 
 def mixed_resolution_encoder(cfg: RunConfig, generator: torch.Generator) -> Callable:
@@ -493,7 +536,7 @@ def run_method(
     encode_image = None
     if selecting:
         criterion, n_chunks = LOADER_METHODS[method]
-        uses_reference = criterion != "hard_learner"
+        scores_reference = criterion != "hard_learner"
         # scoring forwards per super-batch: the learner snapshot (JESTLoader skips it for
         # easy_reference, which gives the learner no weight) and the reference (none when its
         # embeddings come from the cache, paid for up front)
@@ -503,13 +546,24 @@ def run_method(
                 encode_image = mixed_resolution_encoder(
                     cfg, torch.Generator().manual_seed(7919 + seed)
                 )
-            per_step += flops["learner_forward_super_batch"]
-        scorer = reference if uses_reference else None
-        if uses_reference and reference_cache is not None:
+            # the reference pre-filter keeps ceil(q B) examples for the learner's forward
+            # (its FLOPs are linear in the examples, up to the trimmed captions' lengths)
+            kept = max(cfg.batch_size, math.ceil(cfg.prefilter * cfg.batch_size * n))
+            per_step += flops["learner_forward_super_batch"] * kept / (cfg.batch_size * n)
+        scorer = reference if scores_reference else None
+        if scores_reference and reference_cache is not None:
             scorer = reference_cache
             upfront_flops += len(reference_cache) * flops["per_example_forward"]
-        elif uses_reference:
+        elif scores_reference:
             per_step += flops["reference_forward_super_batch"]
+        extra = {}
+        if cfg.prefilter != 1.0:
+            if not loader_has_prefilter():
+                raise ValueError(
+                    f"prefilter={cfg.prefilter} needs JESTLoader(prefilter=...), which this "
+                    "version of jeststream does not have; leave it at 1"
+                )
+            extra["prefilter"] = cfg.prefilter
         loader = JESTLoader(
             base,
             learner,
@@ -526,6 +580,7 @@ def run_method(
             score_transform=model_input,
             score_resolution=cfg.score_resolution,
             selection_log=selection_log,
+            **extra,
         )
     else:
         loader = base
@@ -591,6 +646,7 @@ def run_method(
         "wall_s": time.perf_counter() - t0 - eval_s,
         "flops_per_step": per_step,
         "upfront_flops": upfront_flops,
+        "uses_reference": uses_reference(method),
     }
     if measuring:
         out["batch_learnability"] = summarise_draws(
