@@ -756,17 +756,22 @@ def test_pays_for_itself_writes_each_run_resumes_and_summarises(tmp_path, capsys
     assert pays.main(["run", *common]) == 0
     err = capsys.readouterr().err
     names = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
-    assert names == ["base-jest-seed0.json", "base-uniform-seed0.json", "refw32-jest-seed0.json"]
     from jeststream.demo.runs import loader_has_prefilter
 
-    if not loader_has_prefilter():
+    expected = ["base-jest-seed0.json", "base-uniform-seed0.json", "refw32-jest-seed0.json"]
+    if loader_has_prefilter():  # the slot runs once the loader has the argument
+        expected.insert(2, "prefilter0.4-jest-seed0.json")
+        run = json.loads((tmp_path / "runs" / "prefilter0.4-jest-seed0.json").read_text())
+        assert run["config"]["prefilter"] == 0.4
+    else:
         assert "skipped prefilter0.4 (1 run(s)): JESTLoader has no prefilter argument" in err
+    assert names == expected
     run = json.loads((tmp_path / "runs" / "refw32-jest-seed0.json").read_text())
     assert run["config"]["ref_width"] == 32 and run["seed_set"] == "dev"
     assert run["wall_s"] > 0 and "commit" in run and "code_uncommitted_changes" in run
     assert run["reference"]["train_flops"] == 12 * run["flops"]["reference_train_step"]
     assert pays.main(["run", *common]) == 0  # resumes: nothing left to train
-    assert "3 finished (skipped)" in capsys.readouterr().err
+    assert f"{len(expected)} finished (skipped)" in capsys.readouterr().err
     assert pays.main(["summarise", "--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "== base" in out and "== refw32" in out and "s0 " in out
