@@ -142,18 +142,21 @@ def free_embed(model: FreeLearner, batch):
     return Embeddings(img, txt, torch.tensor(10.0), torch.tensor(-10.0))
 
 
-def tiny_vit(dim: int) -> nn.Module:
+def tiny_vit(dim: int, *, quick: bool = False) -> nn.Module:
+    """A small open_clip SigLIP: a 224-px, 2-layer ViT (16-px patches); ``quick``: a 32-px,
+    1-layer CLIP (8-px patches) for the smoke run."""
     import open_clip
 
+    side, layers, patch = (32, 1, 8) if quick else (224, 2, 16)
+    siglip = {} if quick else {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return open_clip.model.CLIP(
             embed_dim=dim,
-            vision_cfg={"image_size": 224, "layers": 2, "width": 64, "patch_size": 16},
+            vision_cfg={"image_size": side, "layers": layers, "width": 64, "patch_size": patch},
             text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
-                      "layers": 2},
-            init_logit_scale=math.log(10.0),
-            init_logit_bias=-10.0,
+                      "layers": layers},
+            **siglip,
         )
 
 
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({f"workers={w} ratio={ratio}": {
                 k: round(v["x_eager"], 3) for k, v in row.items()}}), file=sys.stderr)
     result["super_batch_bytes"] = {str(r): super_batch_bytes(cfg, r, kinds[1:]) for r in a.ratios}
-    cfg["vit"] = tiny_vit(dim) if not a.quick else _quick_vit(dim)
+    cfg["vit"] = tiny_vit(dim, quick=a.quick)
     result["selection_agreement"] = {
         str(r): agreement(cfg, r, steps=max(2, 2 * steps)) for r in a.ratios
     }
@@ -325,19 +328,6 @@ def main(argv: list[str] | None = None) -> None:
     result["targets_met"] = targets
     print(json.dumps(result, indent=1))
     tmp.cleanup()
-
-
-def _quick_vit(dim: int) -> nn.Module:
-    import open_clip
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return open_clip.model.CLIP(
-            embed_dim=dim,
-            vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
-            text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
-                      "layers": 1},
-        )
 
 
 if __name__ == "__main__":
