@@ -35,6 +35,7 @@ from jeststream.deferred import (
     SeededTransform,
     example_seed,
     materialise_batch,
+    no_random_draws,
     scoring_views,
 )
 
@@ -121,6 +122,37 @@ def test_seeded_transform_is_the_seeded_eager_transform_in_any_thread(train_tran
     assert torch.equal(other(None, 3), other(None, 3))
     assert not torch.equal(other(None, 3), other(None, 4))
     assert example_seed(1, 2, "k") == example_seed(1, 2, "k") != example_seed(1, 3, "k")
+
+
+def test_a_transform_marked_no_random_draws_runs_without_touching_the_generators(monkeypatch):
+    """A marked plain function runs as it is: no lock, no state swap of torch's, Python's or
+    numpy's generators (the swap is what a JEST base loader would pay 1/ratio times per trained
+    example); an unmarked one still gets them all seeded. Bad marks are refused."""
+    import random
+
+    def to_array(im):
+        return np.asarray(im, dtype=np.uint8)
+
+    assert no_random_draws(to_array) is to_array
+    st = SeededTransform(to_array)
+    assert st._kinds == ["free"] and not st._draws
+    swaps = []
+    for name, mod in (("getstate", random), ("get_state", np.random)):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name: swaps.append(_n) or _r(*a))
+    image = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert np.array_equal(st(image, 123), image)
+    assert swaps == []
+
+    def unmarked(im):
+        return np.asarray(im, dtype=np.uint8)
+
+    assert np.array_equal(SeededTransform(unmarked)(image, 123), image)
+    assert swaps  # the unmarked one swaps every stream in and out
+    with pytest.raises(TypeError, match="callable"):
+        no_random_draws(3)
+    with pytest.raises(TypeError, match="wrap it in a function"):
+        no_random_draws(len)
 
 
 def _deferred(n: int, offset: int = 0):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jeststream.deferred import no_random_draws
 from jeststream.demo.data import NOISE_TYPES, DataConfig, WordTokenizer, to_model_input
 from jeststream.demo.model import RETRIEVAL, ModelConfig, build_model, contrastive_loss, evaluate
 from jeststream.losses import Embeddings
@@ -240,6 +241,7 @@ class StreamLoader:
             epoch += 1
 
 
+@no_random_draws  # the base loader runs it on 1/ratio examples per trained one: no RNG swap
 def _image_transform(image) -> torch.Tensor:
     """PIL grey-level image -> uint8 numpy [S,S], as stored.
 
