@@ -463,7 +463,7 @@ def markdown(summary: dict) -> str:
         "run's super-batches, averaged over seeds; selected − independent is the paired "
         "difference per super-batch (its spread is free of the trend over training that "
         "dominates the spread of each draw's own values). Every run scores with the lag-2 "
-        "schedule (`jeststream demo --scoring lagged`: super-batch t scored by the learner "
+        "schedule (`benchmarks/demo_harness.py --scoring lagged`: super-batch t scored by the learner "
         "snapshot after step t − 2), the same for both samplers; the demo's default scores "
         "with the current learner, which needs fewer steps (`docs/performance.md`).",
         "",
