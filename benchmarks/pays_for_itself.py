@@ -138,7 +138,7 @@ def demo_argv(group: str, methods, seeds, args) -> list[str]:
 
 
 def config_of(group: str, args):
-    from jeststream.demo import build_parser, config_from_args
+    from demo_harness import build_parser, config_from_args
 
     argv = demo_argv(group, ["jest"], [0], args)
     if "--prefilter" in argv and not prefilter_available():
@@ -213,8 +213,7 @@ def commit_file(path: Path, message: str, tries: int = 5) -> bool:
 
 def run_sweep(runs: list[Run], args) -> None:
     import torch
-
-    from jeststream.demo import build_parser, config_from_args, run_comparison
+    from demo_harness import build_parser, config_from_args, run_comparison
 
     done, todo = status(runs, args)
     print(f"{len(done)} finished (skipped), {len(todo)} to run", file=sys.stderr)

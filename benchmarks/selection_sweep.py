@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 DIGITS_RATIOS = (0.5, 0.2, 0.1)
 SOFTMAX_RATIO = 0.2
 DIGITS_STEPS = 2000  # the full comparison's budget: uniform near its plateau
@@ -160,7 +162,7 @@ def demo_argv(run_group: tuple, methods: list[str], seeds: list[int], args) -> l
 
 
 def config_of(run_group: tuple, args):
-    from jeststream.demo import build_parser, config_from_args
+    from demo_harness import build_parser, config_from_args
 
     return config_from_args(build_parser().parse_args(demo_argv(run_group, ["uniform"], [0], args)))
 
@@ -236,8 +238,7 @@ def status(runs: list[Run], args) -> tuple[list[Run], list[Run]]:
 
 def run_sweep(runs: list[Run], args) -> None:
     import torch
-
-    from jeststream.demo import build_parser, config_from_args, run_comparison
+    from demo_harness import build_parser, config_from_args, run_comparison
 
     done, todo = status(runs, args)
     print(f"{len(done)} finished (skipped), {len(todo)} to run", file=sys.stderr)
@@ -462,7 +463,7 @@ def markdown(summary: dict) -> str:
         "run's super-batches, averaged over seeds; selected − independent is the paired "
         "difference per super-batch (its spread is free of the trend over training that "
         "dominates the spread of each draw's own values). Every run scores with the lag-2 "
-        "schedule (`jeststream demo --scoring lagged`: super-batch t scored by the learner "
+        "schedule (`benchmarks/demo_harness.py --scoring lagged`: super-batch t scored by the learner "
         "snapshot after step t − 2), the same for both samplers; the demo's default scores "
         "with the current learner, which needs fewer steps (`docs/performance.md`).",
         "",
