@@ -22,7 +22,8 @@ pays-for-itself sweep's ``lowres`` group). At R = 16 the two scoring views are i
 construction (tests/test_deferred_learning.py checks it). Both JEST runs of a seed see the same
 super-batches and sampling draws, so their selections differ only through the views' scores and,
 after the first difference, through the learners drifting apart: the per-step share of selected
-examples that differ is read from the two runs' selection logs.
+examples that differ is read from the two runs' selection logs. The views' effect alone, without
+the drift, is measured after the runs with one frozen trained model (:func:`view_agreement`).
 
 Resumable: each run's result goes to its own JSON file under ``--results``/runs as soon as it
 ends, with the git commit, its wall time and configuration; a later invocation skips runs whose
@@ -159,6 +160,44 @@ class Setup:
         )
 
 
+def view_agreement(setup: Setup, seed: int, resolution: int, steps: int = 50) -> dict:
+    """The views' effect alone, at a trained model: JEST over the eager and the deferred base
+    loader (the same super-batches and sampling draws) with one frozen learner snapshot -- the
+    seed's reference, which has the learner's architecture and is trained (on the curated
+    split) -- scoring at ``resolution``; per criterion, the share of the selected examples that
+    differ, over ``steps`` steps. Learnability looks the reference's own term up in the cache
+    (full-resolution pixels), so only the learner term sees the views; hard_learner scores the
+    learner term alone."""
+    import copy
+
+    import numpy as np
+
+    from jeststream.demo.runs import StreamLoader, model_input, view_model_input
+    from jeststream.loader import JESTLoader
+
+    reference, cache, _ = setup.reference(seed)
+    learner = copy.deepcopy(reference)
+    cfg = setup.cfg
+    n = round(1 / cfg.ratio)
+    out = {}
+    for criterion in ("learnability", "hard_learner"):
+        picks = {}
+        for deferred in (False, True):
+            view = {"deferred": True, "score_resolution": resolution} if deferred else {}
+            base = StreamLoader(setup.pool_shards, cfg.batch_size, steps * n, setup.tokenizer,
+                                seed=seed, **view)
+            with JESTLoader(
+                base, learner, cache if criterion == "learnability" else None, ratio=cfg.ratio,
+                n_chunks=cfg.n_chunks, temperature=cfg.temperature, loss=cfg.model.loss,
+                criterion=criterion, scoring="sync", seed=seed, score_resolution=resolution,
+                score_transform=view_model_input if deferred else model_input,
+            ) as jest:
+                picks[deferred] = [set(keys) for _, _, keys in jest]
+        diff = [len(b - a) / len(b) for a, b in zip(picks[False], picks[True])]
+        out[criterion] = {"differ_share": float(np.mean(diff)), "steps": len(diff)}
+    return out
+
+
 def config(args):
     from jeststream.demo.runs import RunConfig
 
@@ -254,9 +293,10 @@ def run_all(args) -> None:
                                      "pass the same options or a new --results directory")
                 continue
             todo.append((seed, variant, path))
-    print(f"{len(args.seeds) * len(VARIANTS) - len(todo)} finished, {len(todo)} to run",
-          file=sys.stderr)
-    if not todo:
+    agree = [s for s in args.seeds if not (runs_dir / f"agreement-seed{s}.json").exists()]
+    print(f"{len(args.seeds) * len(VARIANTS) - len(todo)} finished, {len(todo)} to run; "
+          f"view agreement to measure for seeds {agree}", file=sys.stderr)
+    if not todo and not agree:
         return
     code = code_state()
     t0 = time.perf_counter()
@@ -286,6 +326,16 @@ def run_all(args) -> None:
         write_json(path, out)
         acc = result["curve"][-1]["accuracy"]
         print(f"done {path.stem}: accuracy {acc:.3f}, {result['wall_s']:.0f}s", file=sys.stderr)
+    for seed in agree:  # after the runs: they are the headline
+        t1 = time.perf_counter()
+        res = {r: view_agreement(setup, seed, r, args.agreement_steps)
+               for r in sorted({cfg.score_resolution, cfg.data.image_size})}
+        write_json(runs_dir / f"agreement-seed{seed}.json", {
+            "seed": seed, "settings": key, "steps": args.agreement_steps,
+            "by_resolution": {str(r): v for r, v in res.items()},
+            "wall_s": time.perf_counter() - t1, **code,
+        })
+        print(f"done agreement-seed{seed}: {json.dumps(res)}", file=sys.stderr)
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -304,7 +354,10 @@ def summarise(results: Path) -> dict:
     from jeststream.demo.model import ModelConfig
     from jeststream.demo.runs import RunConfig
 
-    files = [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
+    paths = sorted((results / "runs").glob("*.json"))
+    files = [json.loads(p.read_text()) for p in paths if not p.name.startswith("agreement-")]
+    agreement = {json.loads(p.read_text())["seed"]: json.loads(p.read_text())
+                 for p in paths if p.name.startswith("agreement-")}
     if not files:
         raise SystemExit(f"no runs under {results / 'runs'}")
     d = files[0]["config"]
@@ -328,6 +381,14 @@ def summarise(results: Path) -> dict:
             for k in ("first_step", "first_50_steps", "whole_run")
         } if diffs else {},
         "selection_difference_per_seed": diffs,
+        # the views alone, at one frozen trained model (view_agreement)
+        "view_agreement": {
+            f"{crit} at {res} px": _mean_std(
+                [agreement[x]["by_resolution"][res][crit]["differ_share"] for x in sorted(agreement)]
+            )
+            for res in (next(iter(agreement.values()))["by_resolution"] if agreement else {})
+            for crit in ("learnability", "hard_learner")
+        },
         "wall_s": {f["id"]: f["wall_s"] for f in files},
         "commits": sorted({f.get("commit") or "?" for f in files}),
     }
@@ -364,6 +425,9 @@ def markdown(s: dict) -> str:
     for k, st in s["selection_difference"].items():
         lines.append(row(f"selected examples that differ, {k.replace('_', ' ')} (%)", st,
                          100.0, 1))
+    for k, st in s.get("view_agreement", {}).items():
+        lines.append(row(f"selected examples that differ, frozen trained model, {k} (%)", st,
+                         100.0, 1))
     lines += ["", "training wall per run (s, shared 2-core machine, one run at a time): "
               + ", ".join(f"{k} {v:.0f}" for k, v in s["wall_s"].items())]
     return "\n".join(lines) + "\n"
@@ -379,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score-resolution", type=int, default=8,
                    help="side of the learner's scoring view (default 8: half the demo's 16)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the pool")
+    p.add_argument("--agreement-steps", type=int, default=50,
+                   help="steps of the frozen-model view agreement per seed")
     p.add_argument("--quick", action="store_true", help="smoke test: a tiny pool, a few steps")
     args = p.parse_args(argv)
     if args.command == "summarise":
