@@ -111,9 +111,12 @@ class RunConfig:
 
 
 def _decode_sample(sample: dict) -> tuple[torch.Tensor, str, str]:
-    from jeststream.adapters.webdataset import decode_image
+    from jeststream.adapters.webdataset import IMAGE_EXTS, decode_image, first_field
 
-    with decode_image(sample["pgm"], "pgm") as im:
+    found = first_field(sample, IMAGE_EXTS)  # the demo writes pgm; a JPEG copy holds jpg
+    if found is None:
+        raise KeyError(f"sample {sample['__key__']!r} has no image field of {IMAGE_EXTS}")
+    with decode_image(found[1], found[0]) as im:
         image = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     return image, sample["txt"].decode(), sample["__key__"]
 
@@ -202,6 +205,7 @@ class StreamLoader:
         tokenizer: WordTokenizer,
         seed: int,
         passes: int = 16,
+        **loader_kwargs: Any,
     ) -> None:
         from jeststream.adapters.webdataset import webdataset_loader
 
@@ -219,6 +223,7 @@ class StreamLoader:
             transform=_image_transform,
             shuffle_shards=True,
             seed=seed,
+            **loader_kwargs,  # e.g. deferred=True, score_resolution=R
         )
         self.batch_size = batch_size
         self.num_batches = num_batches
@@ -259,6 +264,16 @@ def model_input(batch: tuple) -> tuple:
     """A base batch (uint8 images, tokens, keys) with the images as the model's float input."""
     images, *rest = batch
     return (to_model_input(images), *rest)
+
+
+def view_model_input(batch: tuple) -> tuple:
+    """A deferred base batch's scoring view (images: float [N, 3, R, R] in [0, 1], the
+    adapter's view of a grey image without a ``Normalize``) as the model's float input: back to
+    the uint8 pixels, then :func:`model_input`'s conversion, so that at the full resolution the
+    learner scores exactly what it scores in the eager batch."""
+    images, *rest = batch
+    pixels = images[:, 0].mul(255.0).round_().to(torch.uint8)  # x / 255 -> x exactly
+    return (to_model_input(pixels), *rest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,8 +523,14 @@ def run_method(
     progress: Callable | None = None,
     reference_cache: Any = None,
     selection_log: str | os.PathLike | None = None,
+    deferred: bool = False,
 ) -> dict:
     """Train one learner with `method`; return its curve, composition and costs.
+
+    ``deferred``: the base loader defers decoding (``webdataset_loader(deferred=True,
+    score_resolution=cfg.score_resolution or the image size)``): the learner scores views
+    decoded at that scale (JPEG: DCT-scaled), and only the selected examples are decoded in
+    full. For the methods that select (JESTLoader) only.
 
     ``selection_log``: a path for the JEST loader's per-example selection log (the demo's
     ``selection_report.html`` is drawn from it); ignored by methods without a loader.
@@ -531,8 +552,13 @@ def run_method(
         selecting and cfg.batch_learnability and LOADER_METHODS[method][0] == "learnability"
     )
     loss_fn = contrastive_loss(cfg.model.loss)
+    if deferred and not selecting:
+        raise ValueError(f"deferred=True needs a method that selects {tuple(LOADER_METHODS)}, "
+                         f"not {method!r} (it reads every example it trains on)")
+    view = {"deferred": True, "score_resolution": cfg.score_resolution or cfg.data.image_size}
     base = StreamLoader(
-        train_shards, cfg.batch_size, cfg.steps * (n if selecting else 1), tokenizer, seed=seed
+        train_shards, cfg.batch_size, cfg.steps * (n if selecting else 1), tokenizer, seed=seed,
+        **(view if deferred else {}),
     )
     per_step = flops["train_step"]
     encode_image = None
@@ -579,7 +605,7 @@ def run_method(
             scoring="lagged" if cfg.deterministic else "latest" if cfg.async_scoring else "sync",
             prefetch=cfg.prefetch,
             seed=seed,
-            score_transform=model_input,
+            score_transform=view_model_input if deferred else model_input,
             score_resolution=cfg.score_resolution,
             selection_log=selection_log,
             **extra,
