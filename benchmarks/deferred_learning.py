@@ -92,7 +92,9 @@ class Setup:
         from jeststream.demo import report
         from jeststream.demo.data import WordTokenizer, prepare_shards
         from jeststream.demo.model import build_model
-        from jeststream.demo.runs import load_split, measure_flops, reference_model_config
+        from jeststream.demo.reference import reference_model_config
+        from jeststream.demo.runs import measure_flops
+        from jeststream.demo.shards import load_split
 
         self.cfg, self.work = cfg, work
         shards = prepare_shards(cfg.data, work / "data")
@@ -119,12 +121,12 @@ class Setup:
     def reference(self, seed: int) -> tuple:
         """(frozen reference, ReferenceCache of the JPEG pool, reference info) for ``seed``."""
         if seed not in self.references:
-            from jeststream.demo.runs import (
-                load_split,
+            from jeststream.demo.reference import (
                 reference_embeddings,
                 train_reference,
                 write_reference_cache,
             )
+            from jeststream.demo.shards import load_split
             from jeststream.reference_cache import ReferenceCache
 
             cfg = self.cfg
@@ -172,7 +174,7 @@ def view_agreement(setup: Setup, seed: int, resolution: int, steps: int = 50) ->
 
     import numpy as np
 
-    from jeststream.demo.runs import StreamLoader, model_input, view_model_input
+    from jeststream.demo.shards import StreamLoader, model_input, view_model_input
     from jeststream.loader import JESTLoader
 
     reference, cache, _ = setup.reference(seed)

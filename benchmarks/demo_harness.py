@@ -417,14 +417,6 @@ def config_from_args(args: argparse.Namespace):
         )
     if not (math.isfinite(args.prefilter) and 0.0 < args.prefilter <= 1.0):
         raise ValueError(f"--prefilter must be a share in (0, 1], got {args.prefilter}")
-    if args.prefilter != 1.0:
-        from jeststream.demo.runs import loader_has_prefilter
-
-        if not loader_has_prefilter():
-            raise ValueError(
-                f"--prefilter {args.prefilter}: this jeststream's JESTLoader has no prefilter "
-                "argument yet; leave it at 1"
-            )
     jobs = args.jobs
     if jobs is None:
         jobs = default_jobs(args.quick)

@@ -14,8 +14,7 @@ its own. Groups (each run trains the demo's default model, 2,000 steps, synchron
   ref250/ref500 jest and easy_reference with a reference trained 250 / 500 steps (not 1,500)
   refw32        jest with a reference half as wide (--ref-width 32)
   prefilter0.6/prefilter0.4
-                jest with the reference pre-filter (JESTLoader prefilter=q; q = 1 is base):
-                skipped, with a message, while JESTLoader has no ``prefilter`` argument
+                jest with the reference pre-filter (JESTLoader prefilter=q; q = 1 is base)
 
 Uniform runs once per seed (base) and serves every group. ``run`` goes phase by phase, in
 order: base's uniform and jest over every seed, then independent, then easy_reference and
@@ -114,12 +113,6 @@ def matches(run: Run, filters: dict[str, set[str]]) -> bool:
     return all(str(getattr(run, k)) in v for k, v in filters.items())
 
 
-def prefilter_available() -> bool:
-    from jeststream.demo.runs import loader_has_prefilter
-
-    return loader_has_prefilter()
-
-
 def demo_argv(group: str, methods, seeds, args) -> list[str]:
     """The `jeststream demo` options of `group`'s runs."""
     argv = [
@@ -141,12 +134,6 @@ def config_of(group: str, args):
     from demo_harness import build_parser, config_from_args
 
     argv = demo_argv(group, ["jest"], [0], args)
-    if "--prefilter" in argv and not prefilter_available():
-        # the settings a prefilter run will have, without the loader check
-        i = argv.index("--prefilter")
-        q = float(argv[i + 1])
-        cfg = config_from_args(build_parser().parse_args(argv[:i] + argv[i + 2 :]))
-        return dataclasses.replace(cfg, prefilter=q)
     return config_from_args(build_parser().parse_args(argv))
 
 
@@ -225,13 +212,6 @@ def run_sweep(runs: list[Run], args) -> None:
     for group, methods in PHASES:
         members = [r for r in todo if r.group == group and r.method in methods]
         if not members:
-            continue
-        if group.startswith("prefilter") and not prefilter_available():
-            print(
-                f"skipped {group} ({len(members)} run(s)): JESTLoader has no prefilter argument "
-                "yet; they run once it has",
-                file=sys.stderr,
-            )
             continue
         methods = list(dict.fromkeys(r.method for r in members))
         seeds = sorted({r.seed for r in members})

@@ -290,6 +290,8 @@ def _materialise_one(
     for path, f in fields:
         try:
             t = f.materialise(f.records[i])
+            if isinstance(t, np.ndarray) and not t.flags.writeable:
+                t = t.copy()  # e.g. np.frombuffer's view: torch warns on a read-only array
             out.append(t if isinstance(t, torch.Tensor) else torch.as_tensor(t))
         except Exception as exc:  # noqa: BLE001 -- a bad record goes to the field's policy
             return None, (path, f, exc)

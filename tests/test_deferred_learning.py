@@ -13,7 +13,8 @@ import torch
 
 from jeststream.deferred import Deferred, scoring_views
 from jeststream.demo.data import DataConfig
-from jeststream.demo.runs import RunConfig, StreamLoader, model_input, view_model_input
+from jeststream.demo.runs import RunConfig
+from jeststream.demo.shards import StreamLoader, model_input, view_model_input
 
 
 def _script():
@@ -39,7 +40,7 @@ def test_jpeg_copy_of_the_pool(setup):
     PGM ones (JPEG is lossy), read back by the demo's load_split."""
     import webdataset as wds
 
-    from jeststream.demo.runs import load_split
+    from jeststream.demo.shards import load_split
 
     assert all(Path(p).parent.name.startswith("jpeg-q90-") for p in setup.pool_shards)
     first = next(iter(wds.DataPipeline(wds.SimpleShardList(setup.pool_shards),

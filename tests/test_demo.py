@@ -143,14 +143,9 @@ def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_p
     from jeststream import ReferenceCache
     from jeststream.demo.data import prepare_shards
     from jeststream.demo.model import ModelConfig, build_model
-    from jeststream.demo.runs import (
-        RunConfig,
-        StreamLoader,
-        load_split,
-        model_input,
-        reference_embeddings,
-        write_reference_cache,
-    )
+    from jeststream.demo.reference import reference_embeddings, write_reference_cache
+    from jeststream.demo.runs import RunConfig
+    from jeststream.demo.shards import StreamLoader, load_split, model_input
     from jeststream.scoring import default_embed
 
     data = DataConfig(pool_size=600, curated_size=64, duplicate_sources=4)
@@ -733,11 +728,12 @@ def _pays_module():
 
 
 def test_reference_width_and_prefilter_options():
-    """--ref-width builds (and counts) a narrower reference; --prefilter is refused with a
-    clear message while JESTLoader has no prefilter argument, and passed on once it has."""
+    """--ref-width builds (and counts) a narrower reference; --prefilter takes a share in (0, 1]
+    and is passed on."""
     from jeststream.demo.data import caption
     from jeststream.demo.model import build_model
-    from jeststream.demo.runs import loader_has_prefilter, measure_flops, reference_model_config
+    from jeststream.demo.reference import reference_model_config
+    from jeststream.demo.runs import measure_flops
 
     cfg = harness.config_from_args(harness.build_parser().parse_args(["--ref-width", "32", "--batch-size", "8"]))
     ref = reference_model_config(cfg)
@@ -754,11 +750,7 @@ def test_reference_width_and_prefilter_options():
     for bad in ("0", "1.5", "nan"):
         with pytest.raises(ValueError, match="--prefilter must be a share in"):
             harness.config_from_args(harness.build_parser().parse_args(["--prefilter", bad]))
-    if loader_has_prefilter():
-        assert harness.config_from_args(harness.build_parser().parse_args(["--prefilter", "0.5"])).prefilter == 0.5
-    else:
-        with pytest.raises(ValueError, match="no prefilter argument yet"):
-            harness.config_from_args(harness.build_parser().parse_args(["--prefilter", "0.5"]))
+    assert harness.config_from_args(harness.build_parser().parse_args(["--prefilter", "0.5"])).prefilter == 0.5
 
 
 def test_pays_for_itself_plan_keeps_the_held_out_seeds_apart():
@@ -786,17 +778,16 @@ def test_pays_for_itself_writes_each_run_resumes_and_summarises(tmp_path, capsys
     common = ["--results", str(tmp_path), "--quick", "--steps", "4", "--only", "seed=0",
               "--only", "group=base,refw32,prefilter0.4", "--only", "method=uniform,jest"]
     assert pays.main(["run", *common]) == 0
-    err = capsys.readouterr().err
+    capsys.readouterr()
     names = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
-    from jeststream.demo.runs import loader_has_prefilter
-
-    expected = ["base-jest-seed0.json", "base-uniform-seed0.json", "refw32-jest-seed0.json"]
-    if loader_has_prefilter():  # the slot runs once the loader has the argument
-        expected.insert(2, "prefilter0.4-jest-seed0.json")
-        run = json.loads((tmp_path / "runs" / "prefilter0.4-jest-seed0.json").read_text())
-        assert run["config"]["prefilter"] == 0.4
-    else:
-        assert "skipped prefilter0.4 (1 run(s)): JESTLoader has no prefilter argument" in err
+    expected = [
+        "base-jest-seed0.json",
+        "base-uniform-seed0.json",
+        "prefilter0.4-jest-seed0.json",
+        "refw32-jest-seed0.json",
+    ]
+    run = json.loads((tmp_path / "runs" / "prefilter0.4-jest-seed0.json").read_text())
+    assert run["config"]["prefilter"] == 0.4
     assert names == expected
     run = json.loads((tmp_path / "runs" / "refw32-jest-seed0.json").read_text())
     assert run["config"]["ref_width"] == 32 and run["seed_set"] == "dev"

@@ -67,7 +67,8 @@ def timed_reference(
 ) -> dict:
     """Train one reference into its cache file (a job: plain data in, the splits read from
     their shards); its held-out eval and wall."""
-    from jeststream.demo.runs import load_split, train_reference
+    from jeststream.demo.reference import train_reference
+    from jeststream.demo.shards import load_split
 
     t0 = time.perf_counter()
     curated = load_split(curated_shards, tokenizer, cfg.data.image_size)
@@ -112,14 +113,14 @@ class Comparison:
         reference needs it trained (in the cache). The arguments are plain data and file
         paths: no tensor crosses a process boundary (torch shares tensors through file
         descriptors, which a terminated worker leaves half-sent)."""
-        from jeststream.demo.runs import (
+        from jeststream.demo.reference import (
             load_reference,
             reference_embeddings,
             reference_scores,
-            run_job,
-            subset_shards,
             write_reference_cache,
         )
+        from jeststream.demo.runs import run_job
+        from jeststream.demo.shards import subset_shards
 
         cfg, pool, flops, shards = self.cfg, self.pool, self.flops, self.shards
         data_dir = Path(shards["pool"][0]).parent
@@ -185,7 +186,9 @@ class Comparison:
         from jeststream.demo import report
         from jeststream.demo.data import WordTokenizer, prepare_shards
         from jeststream.demo.model import build_model
-        from jeststream.demo.runs import load_split, measure_flops, reference_model_config
+        from jeststream.demo.reference import reference_model_config
+        from jeststream.demo.runs import measure_flops
+        from jeststream.demo.shards import load_split
 
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
