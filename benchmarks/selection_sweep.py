@@ -140,6 +140,9 @@ def demo_argv(run_group: tuple, methods: list[str], seeds: list[int], args) -> l
         # the schedule every run of the sweep was measured with: the snapshot after step
         # t - 2 scores super-batch t (the demo's default until it became synchronous)
         "--scoring", "lagged",
+        # the model every run was measured with: the demo's before issue 30 rebalanced it
+        # (8x8 patches, the text tower as wide as the image tower)
+        "--patch-size", "8", "--text-width", "64" if task == "digits" else "128",
     ]
     steps = args.steps
     if args.quick:
@@ -168,7 +171,10 @@ def config_of(run_group: tuple, args):
 
 
 # settings added after runs were written, at the value those runs had
-LATER_SETTINGS = {"temperature": 1.0, "train_low_res_share": 0.0, "prefetch": 2}
+LATER_SETTINGS = {
+    "temperature": 1.0, "train_low_res_share": 0.0, "prefetch": 2, "prefilter": 1.0,
+    "ref_width": None,
+}
 
 
 def settings_key(cfg) -> dict:
