@@ -6,10 +6,11 @@ decoded at the scoring resolution with JPEG draft scaling); optionally ``view_tr
 batched ``view -> scorer input`` applied once per super-batch (e.g. uint8 -> normalised float:
 the view stays 4x smaller through collation, concatenation and holding); ``records``, one per
 example (encoded bytes, or decoded uint8 awaiting augmentation); ``materialise``, ``record ->
-that example's training tensor``. :mod:`jeststream.batch` concatenates and indexes it like a per-example field, the
-scorer sees the view (:func:`scoring_views`), and after selection :class:`Materializer` turns the
-selected records into the training tensor on a thread pool (PIL and torch release the GIL) --
-the yielded batch has the structure, dtypes and device the eager pipeline gives.
+that example's training tensor``. :mod:`jeststream.batch` concatenates and indexes it like a
+per-example field, the scorer sees the view (:func:`scoring_views`), and after selection
+:class:`Materializer` turns the selected records into the training tensor on a thread pool (PIL
+and torch release the GIL) -- the yielded batch has the structure, dtypes and device the eager
+pipeline gives.
 
 Invariants:
 
