@@ -411,7 +411,8 @@ def test_deferred_needs_a_score_resolution(shards, train_transform):
 
 
 def test_input_pipeline_benchmark_quick_runs_and_reports_every_figure():
-    """benchmarks/input_pipeline.py --quick (no timing assertions: figures exist and agree)."""
+    """benchmarks/input_pipeline.py --quick --repeats 3 (no timing assertions: figures exist
+    and agree)."""
     import json
     import subprocess
     import sys
@@ -419,11 +420,16 @@ def test_input_pipeline_benchmark_quick_runs_and_reports_every_figure():
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "input_pipeline.py"
     out = subprocess.run(
-        [sys.executable, str(script), "--quick", "--workers", "0", "--ratios", "0.5"],
+        [sys.executable, str(script), "--quick", "--workers", "0", "--ratios", "0.5",
+         "--repeats", "3"],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout
     result = json.loads(out)
     row = result["runs"]["workers=0 ratio=0.5"]
+    assert result["config"]["repeats"] == 3
+    for r in row.values():  # each figure: the median of the interleaved runs, kept beside it
+        runs = r["cpu_s_per_batch_runs"]
+        assert len(runs) == 3 and r["cpu_s_per_batch"] == sorted(runs)[1]
     assert set(row) == {"uniform", "eager", "deferred_16", "deferred_32"}
     for r in row.values():
         assert r["cpu_s_per_batch"] > 0 and r["wall_s_per_batch"] > 0 and r["n"] == 2
