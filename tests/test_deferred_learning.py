@@ -4,12 +4,11 @@ deferred decoding. Tiny: a 200-example pool, b = 8, a few steps (no learning ass
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import benchmark_module
 
 from jeststream.deferred import Deferred, scoring_views
 from jeststream.demo.data import DataConfig
@@ -18,12 +17,7 @@ from jeststream.demo.shards import StreamLoader, model_input, view_model_input
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "deferred_learning.py"
-    spec = importlib.util.spec_from_file_location("deferred_learning", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("deferred_learning")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import benchmark_module
 
 from jeststream.demo import build_parser, config_from_args, main
 from jeststream.demo.data import (
@@ -20,20 +21,7 @@ from jeststream.demo.data import (
     build_splits,
 )
 
-
-def _benchmark(name: str):
-    """A benchmarks/ script as a module (benchmarks/ on sys.path, as when run as a script)."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module(name)
-
-
-harness = _benchmark("demo_harness")
+harness = benchmark_module("demo_harness")
 
 
 @pytest.fixture(scope="module")
@@ -591,16 +579,7 @@ def test_pairs_and_softmax_options():
 
 
 def _sweep_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_sweep.py"
-    spec = importlib.util.spec_from_file_location("selection_sweep", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("selection_sweep")
 
 
 def test_sweep_plan_and_filters():
@@ -714,17 +693,7 @@ def test_temperature_probe_quick_smoke():
 
 
 def _pays_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    _sweep_module()  # pays_for_itself reuses selection_sweep's machinery
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pays_for_itself.py"
-    spec = importlib.util.spec_from_file_location("pays_for_itself", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("pays_for_itself")
 
 
 def test_reference_width_and_prefilter_options():
