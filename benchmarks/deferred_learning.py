@@ -41,10 +41,13 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import code_state, write_json  # noqa: E402
 
 VARIANTS = ("uniform", "jest-eager", "jest-deferred")
 RESULTS = Path("docs/experiments/deferred_learning")
@@ -217,27 +220,6 @@ def settings_key(cfg) -> dict:
     for k in ("methods", "seeds", "jobs", "threads", "preset"):
         d.pop(k)
     return json.loads(json.dumps(d))
-
-
-def code_state() -> dict:
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    dirty = git("status", "--porcelain", "--", "jeststream", "adapters", "benchmarks")
-    return {"commit": git("rev-parse", "HEAD") or None, "code_uncommitted_changes": bool(dirty)}
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def selected_per_step(log: Path) -> dict[int, set[str]]:

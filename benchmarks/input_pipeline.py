@@ -50,6 +50,10 @@ import numpy as np
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import code_state  # noqa: E402
+
 WORDS = (
     "a photo of the small red dog on grass near a wooden house in summer light with trees "
     "blue sky old car city street people walking bridge river mountain snow beach sunset"
@@ -294,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         cfg["tokenizer"] = lambda texts: torch.zeros(len(texts), 77, dtype=torch.long)
     result = {
+        "code": code_state(),
         "config": {"b": b, "steps": steps, "image_side": side, "train_side": train,
                    "jpeg_kb": {"mean": float(np.mean(sizes)) / 1e3,
                                "min": min(sizes) / 1e3, "max": max(sizes) / 1e3},
@@ -303,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     low, full = f"deferred_{train // 2}", f"deferred_{train}"
     kinds = ["uniform", "eager", low, full]
+    for kind in kinds:  # unmeasured: first-call costs (lazy imports, the tokenizer's word
+        # cache, PIL's plugins) would otherwise land on whichever pipeline runs first
+        run(cfg, kind=kind, ratio=a.ratios[0], num_workers=0, steps=1)
     for w in a.workers:
         for ratio in a.ratios:
             reps = {kind: [] for kind in kinds}

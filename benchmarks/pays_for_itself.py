@@ -48,7 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from selection_sweep import settings_key, write_json  # noqa: E402
+from provenance import code_state, write_json  # noqa: E402
+from selection_sweep import settings_key  # noqa: E402
 
 SEED_SETS = {"dev": (0, 1, 2, 3, 4), "heldout": (5, 6, 7)}
 STEPS = 2000
@@ -161,22 +162,6 @@ def status(runs: list[Run], args) -> tuple[list[Run], list[Run]]:
             )
         done.append(run)
     return done, todo
-
-
-def code_state() -> dict:
-    """The git commit the code runs from, and whether the code differs from it."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *a], cwd=root, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    dirty = git("status", "--porcelain", "--", "jeststream", "benchmarks", "pyproject.toml")
-    return {"commit": git("rev-parse", "HEAD") or None, "code_uncommitted_changes": bool(dirty)}
 
 
 def commit_file(path: Path, message: str, tries: int = 5) -> bool:

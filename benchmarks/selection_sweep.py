@@ -35,12 +35,13 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import write_json  # noqa: E402
 
 DIGITS_RATIOS = (0.5, 0.2, 0.1)
 SOFTMAX_RATIO = 0.2
@@ -202,12 +203,6 @@ def group_name(group: tuple) -> str:
     """The group's work directory name (the temperature only when it is not 1)."""
     task, loss, ratio, temperature = group
     return f"{task}-{loss}-{ratio}{temperature_tag(temperature)}"
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)  # a killed sweep leaves no half-written run behind
 
 
 def _run_file(results: Path, run: Run) -> Path:

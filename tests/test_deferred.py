@@ -427,6 +427,7 @@ def test_input_pipeline_benchmark_quick_runs_and_reports_every_figure():
     result = json.loads(out)
     row = result["runs"]["workers=0 ratio=0.5"]
     assert result["config"]["repeats"] == 3
+    assert set(result["code"]) == {"commit", "code_uncommitted_changes"}  # where figures came from
     for r in row.values():  # each figure: the median of the interleaved runs, kept beside it
         runs = r["cpu_s_per_batch_runs"]
         assert len(runs) == 3 and r["cpu_s_per_batch"] == sorted(runs)[1]
