@@ -1,13 +1,15 @@
 """Does JEST pay for itself? Issue 30's resumable sweep over the demo (rebalanced model).
 
-    python benchmarks/pays_for_itself.py run       [--set dev|heldout] [--only KEY=V[,V]]...
+    python benchmarks/pays_for_itself.py run       [--set dev|heldout|heldout2] [--only KEY=V[,V]]...
                                                    [--steps N] [--jobs N] [--commit] [--quick]
     python benchmarks/pays_for_itself.py list      [same options]   # the plan and what is done
-    python benchmarks/pays_for_itself.py summarise [--set dev|heldout] [--results DIR]
+    python benchmarks/pays_for_itself.py summarise [--set SET] [--results DIR]
 
 Seed sets: ``dev`` (seeds 0-4) chooses the configuration; ``heldout`` (seeds 5-7) is run only
 by an explicit ``--set heldout``, once, after the configuration is chosen, and summarised on
-its own. Groups (each run trains the demo's default model, 2,000 steps, synchronous scoring):
+its own; ``heldout2`` (seeds 8-10), never looked at before, is for a configuration chosen on
+the dev seeds after ``heldout`` had been seen (each held-out set confirms one choice).
+Groups (each run trains the demo's default model, 2,000 steps, synchronous scoring):
 
   base          uniform, jest, independent, easy_reference, static (the demo's defaults)
   lowres        jest, independent scoring the learner at 8 px (--score-resolution 8)
@@ -15,6 +17,8 @@ its own. Groups (each run trains the demo's default model, 2,000 steps, synchron
   refw32        jest with a reference half as wide (--ref-width 32)
   prefilter0.6/prefilter0.4
                 jest with the reference pre-filter (JESTLoader prefilter=q; q = 1 is base)
+  prefilter0.4-lowres
+                jest with both levers on the learner's scoring: prefilter 0.4 and 8-px scoring
 
 Uniform runs once per seed (base) and serves every group. ``run`` goes phase by phase, in
 order: base's uniform and jest over every seed, then independent, then easy_reference and
@@ -51,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import code_state, write_json  # noqa: E402
 from selection_sweep import settings_key  # noqa: E402
 
-SEED_SETS = {"dev": (0, 1, 2, 3, 4), "heldout": (5, 6, 7)}
+SEED_SETS = {"dev": (0, 1, 2, 3, 4), "heldout": (5, 6, 7), "heldout2": (8, 9, 10)}
 STEPS = 2000
 # group -> (extra `jeststream demo` options, methods); uniform only in base, shared by all
 GROUPS = {
@@ -62,6 +66,7 @@ GROUPS = {
     "refw32": (["--ref-width", "32"], ("jest",)),
     "prefilter0.6": (["--prefilter", "0.6"], ("jest",)),
     "prefilter0.4": (["--prefilter", "0.4"], ("jest",)),
+    "prefilter0.4-lowres": (["--prefilter", "0.4", "--score-resolution", "8"], ("jest",)),
 }
 # the order `run` goes in: (group, methods) phases
 PHASES = (
@@ -74,6 +79,7 @@ PHASES = (
     ("refw32", GROUPS["refw32"][1]),
     ("prefilter0.6", GROUPS["prefilter0.6"][1]),
     ("prefilter0.4", GROUPS["prefilter0.4"][1]),
+    ("prefilter0.4-lowres", GROUPS["prefilter0.4-lowres"][1]),
 )
 KEYS = ("group", "method", "seed")
 # settings added after runs were written, at the value those runs had
@@ -423,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--set", choices=tuple(SEED_SETS), default="dev",
-        help="dev: seeds 0-4; heldout: seeds 5-7, only once the configuration is chosen",
+        help="dev: seeds 0-4; heldout: seeds 5-7, only once the configuration is chosen; "
+             "heldout2: seeds 8-10, for a configuration chosen after heldout was seen",
     )
     p.add_argument("--only", action="append", default=[], metavar="KEY=V[,V]")
     p.add_argument("--steps", type=int, default=None, help=f"learner steps (default {STEPS})")
