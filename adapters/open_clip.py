@@ -32,6 +32,7 @@ from jeststream.snapshot import unwrap_model
 __all__ = [
     "OpenCLIPJESTLoader",
     "carry_webdataset_keys",
+    "checkpoint_architecture",
     "defer_webdataset_images",
     "check_compatible",
     "embed",
@@ -422,8 +423,9 @@ def read_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tenso
     return out
 
 
-def _arch_from_params_txt(checkpoint: Path) -> str | None:
-    """The ``model:`` line of the params.txt open_clip_train writes next to its checkpoints/."""
+def checkpoint_architecture(checkpoint: Path) -> str | None:
+    """The architecture of an open_clip_train checkpoint file: the ``model:`` line of the
+    params.txt open_clip_train writes next to its ``checkpoints/``; None without one."""
     params = checkpoint.resolve().parent.parent / "params.txt"
     if not params.is_file():
         return None
@@ -462,7 +464,7 @@ def load_reference(
     spec = os.fspath(name_or_path)
     path = Path(spec)
     if path.is_file():
-        arch = model or _arch_from_params_txt(path)
+        arch = model or checkpoint_architecture(path)
         if arch is None:
             raise ValueError(
                 f"{spec} is a checkpoint file; name its architecture (--jest-reference-model / "

@@ -101,12 +101,12 @@ def load_reference_and_preprocessing(
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from jeststream.adapters.open_clip import _arch_from_params_txt, load_reference
+    from jeststream.adapters.open_clip import checkpoint_architecture, load_reference
     from jeststream.reference_cache import reference_fingerprint
 
     arch = _register_config(model)
     if Path(reference).is_file():
-        arch = arch or _arch_from_params_txt(Path(reference))
+        arch = arch or checkpoint_architecture(Path(reference))
         tokenizer_name = arch
     else:
         tokenizer_name = reference  # a released name, hf-hub:..., local-dir:...

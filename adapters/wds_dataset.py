@@ -111,6 +111,9 @@ class _Pipeline(IterableDataset):
         self.seed = seed
         self.epoch = 0
         self.counter = counter
+        # the tar reader, (shards, handler) -> raw sample dicts: the checked ustar reader; a
+        # caller may set another before iterating (benchmarks/pipeline.py compares one)
+        self.read_samples: Callable[..., Iterator[dict[str, Any]]] = checked_tarfile_samples
 
     def shard_order(self) -> list[str]:
         urls = list(self.urls)
@@ -196,7 +199,7 @@ class _Pipeline(IterableDataset):
     def _raw_samples(
         self, shards: Sequence[str], reported: set[str] | None, buffer_seed: str
     ) -> Iterator[dict[str, Any]]:
-        raws = checked_tarfile_samples(shards, ReportOnce(self.counter, reported))
+        raws = self.read_samples(shards, ReportOnce(self.counter, reported))
         if self.shuffle_buffer <= 1:
             return raws
         import webdataset as wds

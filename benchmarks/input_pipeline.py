@@ -30,6 +30,7 @@ the stricter figure).
 
     python benchmarks/input_pipeline.py            # b=64, 3 yielded batches per run
     python benchmarks/input_pipeline.py --quick    # a smoke test (b=8, tiny images)
+    python benchmarks/input_pipeline.py --steps 12 --repeats 3   # medians of interleaved runs
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import code_state  # noqa: E402
 
 WORDS = (
     "a photo of the small red dog on grass near a wooden house in summer light with trees "
@@ -262,6 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="*", default=[0, 2])
     p.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.1])
     p.add_argument("--materialise-workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of every pipeline, interleaved (uniform, eager, deferred, ...; "
+                        "again): each figure is the median, the runs are kept beside it")
+    p.add_argument("--no-agreement", action="store_true",
+                   help="skip the selection-agreement measurement (the slow part)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -288,20 +298,33 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         cfg["tokenizer"] = lambda texts: torch.zeros(len(texts), 77, dtype=torch.long)
     result = {
+        "code": code_state(),
         "config": {"b": b, "steps": steps, "image_side": side, "train_side": train,
                    "jpeg_kb": {"mean": float(np.mean(sizes)) / 1e3,
                                "min": min(sizes) / 1e3, "max": max(sizes) / 1e3},
                    "torch_threads": 1, "materialise_workers": a.materialise_workers,
-                   "workers": a.workers, "ratios": a.ratios},
+                   "workers": a.workers, "ratios": a.ratios, "repeats": a.repeats},
         "runs": {},
     }
     low, full = f"deferred_{train // 2}", f"deferred_{train}"
     kinds = ["uniform", "eager", low, full]
+    for kind in kinds:  # unmeasured: first-call costs (lazy imports, the tokenizer's word
+        # cache, PIL's plugins) would otherwise land on whichever pipeline runs first
+        run(cfg, kind=kind, ratio=a.ratios[0], num_workers=0, steps=1)
     for w in a.workers:
         for ratio in a.ratios:
+            reps = {kind: [] for kind in kinds}
+            for _ in range(max(1, a.repeats)):  # interleaved: load drifts hit every pipeline
+                for kind in kinds:
+                    reps[kind].append(run(cfg, kind=kind, ratio=ratio, num_workers=w, steps=steps))
             row = {}
-            for kind in kinds:
-                row[kind] = run(cfg, kind=kind, ratio=ratio, num_workers=w, steps=steps)
+            for kind, rs in reps.items():
+                row[kind] = {
+                    "cpu_s_per_batch": float(np.median([r["cpu_s_per_batch"] for r in rs])),
+                    "wall_s_per_batch": float(np.median([r["wall_s_per_batch"] for r in rs])),
+                    "n": rs[0]["n"],
+                    "cpu_s_per_batch_runs": [r["cpu_s_per_batch"] for r in rs],
+                }
             for r in row.values():
                 r["x_uniform"] = r["cpu_s_per_batch"] / row["uniform"]["cpu_s_per_batch"]
                 r["x_eager"] = r["cpu_s_per_batch"] / row["eager"]["cpu_s_per_batch"]
@@ -311,9 +334,10 @@ def main(argv: list[str] | None = None) -> None:
                 k: round(v["x_eager"], 3) for k, v in row.items()}}), file=sys.stderr)
     result["super_batch_bytes"] = {str(r): super_batch_bytes(cfg, r, kinds[1:]) for r in a.ratios}
     cfg["vit"] = tiny_vit(dim, quick=a.quick)
-    result["selection_agreement"] = {
-        str(r): agreement(cfg, r, steps=max(2, 2 * steps)) for r in a.ratios
-    }
+    if not a.no_agreement:
+        result["selection_agreement"] = {
+            str(r): agreement(cfg, r, steps=max(2, 2 * steps)) for r in a.ratios
+        }
     targets = {}
     for key, row in result["runs"].items():
         ratio = float(key.split("ratio=")[1])

@@ -1,8 +1,8 @@
 """Learning-efficiency benchmark: the demo's full comparison (every method, three seeds).
 
-    python benchmarks/learning.py [jeststream demo options...]
+    python benchmarks/learning.py [benchmarks/demo_harness.py options...]
 
-Same as ``jeststream demo --full``: trains the same tiny open_clip SigLIP model with uniform
+Same as ``python benchmarks/demo_harness.py --full``: trains the same tiny open_clip SigLIP model with uniform
 sampling, JEST, independent learnability / hard-learner / easy-reference sampling, static
 filtering and the clean-only oracle on the embedded noisy digits set; prints the table, then
 the headline figures as JSON (steps and FLOPs ratios to reach uniform's final held-out accuracy,
@@ -24,7 +24,9 @@ import json
 import sys
 from pathlib import Path
 
-from jeststream.demo import build_parser, main
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from demo_harness import build_parser, main  # noqa: E402
 
 
 def run(argv: list[str]) -> int:

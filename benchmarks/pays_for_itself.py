@@ -1,21 +1,24 @@
 """Does JEST pay for itself? Issue 30's resumable sweep over the demo (rebalanced model).
 
-    python benchmarks/pays_for_itself.py run       [--set dev|heldout] [--only KEY=V[,V]]...
+    python benchmarks/pays_for_itself.py run       [--set dev|heldout|heldout2] [--only KEY=V[,V]]...
                                                    [--steps N] [--jobs N] [--commit] [--quick]
     python benchmarks/pays_for_itself.py list      [same options]   # the plan and what is done
-    python benchmarks/pays_for_itself.py summarise [--set dev|heldout] [--results DIR]
+    python benchmarks/pays_for_itself.py summarise [--set SET] [--results DIR]
 
 Seed sets: ``dev`` (seeds 0-4) chooses the configuration; ``heldout`` (seeds 5-7) is run only
 by an explicit ``--set heldout``, once, after the configuration is chosen, and summarised on
-its own. Groups (each run trains the demo's default model, 2,000 steps, synchronous scoring):
+its own; ``heldout2`` (seeds 8-10), never looked at before, is for a configuration chosen on
+the dev seeds after ``heldout`` had been seen (each held-out set confirms one choice).
+Groups (each run trains the demo's default model, 2,000 steps, synchronous scoring):
 
   base          uniform, jest, independent, easy_reference, static (the demo's defaults)
   lowres        jest, independent scoring the learner at 8 px (--score-resolution 8)
   ref250/ref500 jest and easy_reference with a reference trained 250 / 500 steps (not 1,500)
   refw32        jest with a reference half as wide (--ref-width 32)
   prefilter0.6/prefilter0.4
-                jest with the reference pre-filter (JESTLoader prefilter=q; q = 1 is base):
-                skipped, with a message, while JESTLoader has no ``prefilter`` argument
+                jest with the reference pre-filter (JESTLoader prefilter=q; q = 1 is base)
+  prefilter0.4-lowres
+                jest with both levers on the learner's scoring: prefilter 0.4 and 8-px scoring
 
 Uniform runs once per seed (base) and serves every group. ``run`` goes phase by phase, in
 order: base's uniform and jest over every seed, then independent, then easy_reference and
@@ -49,9 +52,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from selection_sweep import settings_key, write_json  # noqa: E402
+from provenance import code_state, write_json  # noqa: E402
+from selection_sweep import settings_key  # noqa: E402
 
-SEED_SETS = {"dev": (0, 1, 2, 3, 4), "heldout": (5, 6, 7)}
+SEED_SETS = {"dev": (0, 1, 2, 3, 4), "heldout": (5, 6, 7), "heldout2": (8, 9, 10)}
 STEPS = 2000
 # group -> (extra `jeststream demo` options, methods); uniform only in base, shared by all
 GROUPS = {
@@ -62,6 +66,7 @@ GROUPS = {
     "refw32": (["--ref-width", "32"], ("jest",)),
     "prefilter0.6": (["--prefilter", "0.6"], ("jest",)),
     "prefilter0.4": (["--prefilter", "0.4"], ("jest",)),
+    "prefilter0.4-lowres": (["--prefilter", "0.4", "--score-resolution", "8"], ("jest",)),
 }
 # the order `run` goes in: (group, methods) phases
 PHASES = (
@@ -74,6 +79,7 @@ PHASES = (
     ("refw32", GROUPS["refw32"][1]),
     ("prefilter0.6", GROUPS["prefilter0.6"][1]),
     ("prefilter0.4", GROUPS["prefilter0.4"][1]),
+    ("prefilter0.4-lowres", GROUPS["prefilter0.4-lowres"][1]),
 )
 KEYS = ("group", "method", "seed")
 # settings added after runs were written, at the value those runs had
@@ -114,12 +120,6 @@ def matches(run: Run, filters: dict[str, set[str]]) -> bool:
     return all(str(getattr(run, k)) in v for k, v in filters.items())
 
 
-def prefilter_available() -> bool:
-    from jeststream.demo.runs import loader_has_prefilter
-
-    return loader_has_prefilter()
-
-
 def demo_argv(group: str, methods, seeds, args) -> list[str]:
     """The `jeststream demo` options of `group`'s runs."""
     argv = [
@@ -138,15 +138,9 @@ def demo_argv(group: str, methods, seeds, args) -> list[str]:
 
 
 def config_of(group: str, args):
-    from jeststream.demo import build_parser, config_from_args
+    from demo_harness import build_parser, config_from_args
 
     argv = demo_argv(group, ["jest"], [0], args)
-    if "--prefilter" in argv and not prefilter_available():
-        # the settings a prefilter run will have, without the loader check
-        i = argv.index("--prefilter")
-        q = float(argv[i + 1])
-        cfg = config_from_args(build_parser().parse_args(argv[:i] + argv[i + 2 :]))
-        return dataclasses.replace(cfg, prefilter=q)
     return config_from_args(build_parser().parse_args(argv))
 
 
@@ -176,22 +170,6 @@ def status(runs: list[Run], args) -> tuple[list[Run], list[Run]]:
     return done, todo
 
 
-def code_state() -> dict:
-    """The git commit the code runs from, and whether the code differs from it."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *a], cwd=root, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    dirty = git("status", "--porcelain", "--", "jeststream", "benchmarks", "pyproject.toml")
-    return {"commit": git("rev-parse", "HEAD") or None, "code_uncommitted_changes": bool(dirty)}
-
-
 def commit_file(path: Path, message: str, tries: int = 5) -> bool:
     """Commit just `path` (others' staged work is left staged); retried while another git
     command holds the index."""
@@ -213,8 +191,7 @@ def commit_file(path: Path, message: str, tries: int = 5) -> bool:
 
 def run_sweep(runs: list[Run], args) -> None:
     import torch
-
-    from jeststream.demo import build_parser, config_from_args, run_comparison
+    from demo_harness import build_parser, config_from_args, run_comparison
 
     done, todo = status(runs, args)
     print(f"{len(done)} finished (skipped), {len(todo)} to run", file=sys.stderr)
@@ -226,13 +203,6 @@ def run_sweep(runs: list[Run], args) -> None:
     for group, methods in PHASES:
         members = [r for r in todo if r.group == group and r.method in methods]
         if not members:
-            continue
-        if group.startswith("prefilter") and not prefilter_available():
-            print(
-                f"skipped {group} ({len(members)} run(s)): JESTLoader has no prefilter argument "
-                "yet; they run once it has",
-                file=sys.stderr,
-            )
             continue
         methods = list(dict.fromkeys(r.method for r in members))
         seeds = sorted({r.seed for r in members})
@@ -459,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--set", choices=tuple(SEED_SETS), default="dev",
-        help="dev: seeds 0-4; heldout: seeds 5-7, only once the configuration is chosen",
+        help="dev: seeds 0-4; heldout: seeds 5-7, only once the configuration is chosen; "
+             "heldout2: seeds 8-10, for a configuration chosen after heldout was seen",
     )
     p.add_argument("--only", action="append", default=[], metavar="KEY=V[,V]")
     p.add_argument("--steps", type=int, default=None, help=f"learner steps (default {STEPS})")

@@ -147,8 +147,10 @@ def _ratios(c: dict, ratio: float) -> dict:
 PREFILTER_NOTE = (
     f"..._prefilter{PREFILTER:g}: computed from the counted tower costs, the learner's scoring "
     f"forward (half resolution, trimmed captions) on {PREFILTER:g} of the super-batch; the "
-    "cached reference's scores that rank it cost nothing. Arithmetic, not a count of a loader "
-    "run: JESTLoader has no prefilter argument yet"
+    "cached reference's scores that rank it cost nothing. Arithmetic on the counted towers: "
+    "JESTLoader(prefilter=q)'s learner forward sees exactly ceil(q B) examples "
+    "(tests/test_prefilter.py), so it differs from a loader run's count only by which "
+    "captions (and so which trimmed lengths) are kept"
 )
 
 

@@ -37,7 +37,7 @@ import time
 import torch
 
 from jeststream.losses import Embeddings, sigmoid_pair_losses
-from jeststream.selection import _draw, chunk_sizes, joint_sample_from_embeddings
+from jeststream.selection import chunk_sizes, gumbel_top_k, joint_sample_from_embeddings
 
 METHODS = ("embeddings", "lower_bound", "naive")
 
@@ -98,7 +98,7 @@ def run_naive(learner, reference, k, n_chunks, seed):
                 diag + (scores * is_sampled[:, None]).sum(0) + (scores * is_sampled[None, :]).sum(1)
             )
         logits = torch.where(is_sampled.bool(), -math.inf, logits)
-        new = _draw(logits, c, 1.0, g)
+        new = gumbel_top_k(logits, c, 1.0, g)
         is_sampled[new] = 1.0
         drawn.append(new)
     return torch.cat(drawn)

@@ -35,10 +35,13 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import write_json  # noqa: E402
 
 DIGITS_RATIOS = (0.5, 0.2, 0.1)
 SOFTMAX_RATIO = 0.2
@@ -138,6 +141,9 @@ def demo_argv(run_group: tuple, methods: list[str], seeds: list[int], args) -> l
         # the schedule every run of the sweep was measured with: the snapshot after step
         # t - 2 scores super-batch t (the demo's default until it became synchronous)
         "--scoring", "lagged",
+        # the model every run was measured with: the demo's before issue 30 rebalanced it
+        # (8x8 patches, the text tower as wide as the image tower)
+        "--patch-size", "8", "--text-width", "64" if task == "digits" else "128",
     ]
     steps = args.steps
     if args.quick:
@@ -160,13 +166,16 @@ def demo_argv(run_group: tuple, methods: list[str], seeds: list[int], args) -> l
 
 
 def config_of(run_group: tuple, args):
-    from jeststream.demo import build_parser, config_from_args
+    from demo_harness import build_parser, config_from_args
 
     return config_from_args(build_parser().parse_args(demo_argv(run_group, ["uniform"], [0], args)))
 
 
 # settings added after runs were written, at the value those runs had
-LATER_SETTINGS = {"temperature": 1.0, "train_low_res_share": 0.0, "prefetch": 2}
+LATER_SETTINGS = {
+    "temperature": 1.0, "train_low_res_share": 0.0, "prefetch": 2, "prefilter": 1.0,
+    "ref_width": None,
+}
 
 
 def settings_key(cfg) -> dict:
@@ -194,12 +203,6 @@ def group_name(group: tuple) -> str:
     """The group's work directory name (the temperature only when it is not 1)."""
     task, loss, ratio, temperature = group
     return f"{task}-{loss}-{ratio}{temperature_tag(temperature)}"
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)  # a killed sweep leaves no half-written run behind
 
 
 def _run_file(results: Path, run: Run) -> Path:
@@ -236,8 +239,7 @@ def status(runs: list[Run], args) -> tuple[list[Run], list[Run]]:
 
 def run_sweep(runs: list[Run], args) -> None:
     import torch
-
-    from jeststream.demo import build_parser, config_from_args, run_comparison
+    from demo_harness import build_parser, config_from_args, run_comparison
 
     done, todo = status(runs, args)
     print(f"{len(done)} finished (skipped), {len(todo)} to run", file=sys.stderr)
@@ -462,7 +464,7 @@ def markdown(summary: dict) -> str:
         "run's super-batches, averaged over seeds; selected − independent is the paired "
         "difference per super-batch (its spread is free of the trend over training that "
         "dominates the spread of each draw's own values). Every run scores with the lag-2 "
-        "schedule (`jeststream demo --scoring lagged`: super-batch t scored by the learner "
+        "schedule (`benchmarks/demo_harness.py --scoring lagged`: super-batch t scored by the learner "
         "snapshot after step t − 2), the same for both samplers; the demo's default scores "
         "with the current learner, which needs fewer steps (`docs/performance.md`).",
         "",

@@ -31,11 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_harness
+
 
 def capture(loss: str, steps: int, at: list[int], out: Path, quick: bool = False) -> dict[int, dict]:
     """Embeddings the loader's sampler got at the steps ``at`` (1-based) of a demo JEST run,
     through the loader's public hook (:func:`jeststream.loader.register_selection_hook`)."""
-    from jeststream.demo import main as demo_main
+    from demo_harness import main as demo_main
+
     from jeststream.loader import register_selection_hook
 
     kept: dict[int, dict] = {}

@@ -1,13 +1,16 @@
 """Deferred batch fields: score a cheap view of every example, prepare only the selected ones.
 
 A :class:`Deferred` field stands where a batch would hold its training tensor (e.g. the images)
-and carries three things: ``view``, the tensor ``[B, ...]`` the scorer sees (e.g. images decoded
-at the scoring resolution with JPEG draft scaling); ``records``, one per example (encoded bytes,
-or decoded uint8 awaiting augmentation); ``materialise``, ``record -> that example's training
-tensor``. :mod:`jeststream.batch` concatenates and indexes it like a per-example field, the
-scorer sees the view (:func:`scoring_views`), and after selection :class:`Materializer` turns the
-selected records into the training tensor on a thread pool (PIL and torch release the GIL) --
-the yielded batch has the structure, dtypes and device the eager pipeline gives.
+and carries: ``view``, a tensor ``[B, ...]`` from which the scorer's input is made (e.g. images
+decoded at the scoring resolution with JPEG draft scaling); optionally ``view_transform``, the
+batched ``view -> scorer input`` applied once per super-batch (e.g. uint8 -> normalised float:
+the view stays 4x smaller through collation, concatenation and holding); ``records``, one per
+example (encoded bytes, or decoded uint8 awaiting augmentation); ``materialise``, ``record ->
+that example's training tensor``. :mod:`jeststream.batch` concatenates and indexes it like a
+per-example field, the scorer sees the view (:func:`scoring_views`), and after selection
+:class:`Materializer` turns the selected records into the training tensor on a thread pool (PIL
+and torch release the GIL) -- the yielded batch has the structure, dtypes and device the eager
+pipeline gives.
 
 Invariants:
 
@@ -67,17 +70,23 @@ class Deferred(PerExampleField):
     """A batch field whose training tensor is made after selection (module docstring).
 
     Args:
-        view: tensor ``[B, ...]``, what the scorer sees in place of this field.
+        view: tensor ``[B, ...]``, what the scorer sees in place of this field (through
+            ``view_transform`` when given).
         records: B per-example records, whatever ``materialise`` takes.
         materialise: ``record -> tensor`` (one example; the results are stacked into
             ``[b, ...]`` on the view's device). Must be picklable to cross DataLoader workers.
         on_error: ``(record, exception) -> None`` called when ``materialise`` fails: return to
             skip the example (after warning and counting it), or raise. None: raise.
+        view_transform: ``view [B, ...] -> scorer input [B, ...]``, applied by
+            :meth:`scored_view` (:func:`scoring_views`) to the whole super-batch's view, on the
+            view's device; row-wise (row i of the result depends on row i of the view only).
+            None: the scorer sees ``view`` itself. Picklable, like ``materialise``.
 
-    Concatenating base batches keeps the first one's ``materialise`` and ``on_error``.
+    Concatenating base batches keeps the first one's ``materialise``, ``on_error`` and
+    ``view_transform``.
     """
 
-    __slots__ = ("view", "records", "materialise", "on_error")
+    __slots__ = ("view", "records", "materialise", "on_error", "view_transform")
 
     def __init__(
         self,
@@ -85,6 +94,7 @@ class Deferred(PerExampleField):
         records: Sequence[Any],
         materialise: Callable[[Any], torch.Tensor] | None = None,
         on_error: OnError | None = None,
+        view_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(view, torch.Tensor) or view.ndim < 1:
             raise TypeError(
@@ -98,10 +108,16 @@ class Deferred(PerExampleField):
             )
         if materialise is not None and not callable(materialise):
             raise TypeError(f"Deferred materialise must be callable record -> tensor, got {materialise!r}")
+        if view_transform is not None and not callable(view_transform):
+            raise TypeError(
+                f"Deferred view_transform must be callable view -> scorer input, got "
+                f"{view_transform!r}"
+            )
         self.view = view
         self.records = list(records)
         self.materialise = materialise
         self.on_error = on_error
+        self.view_transform = view_transform
 
     def __len__(self) -> int:
         return len(self.records)
@@ -111,10 +127,17 @@ class Deferred(PerExampleField):
         return f"Deferred(view={tuple(self.view.shape)} {self.view.dtype}, {len(self)} records, materialise={fn})"
 
     def __reduce__(self):
-        return (Deferred, (self.view, self.records, self.materialise, self.on_error))
+        return (
+            Deferred,
+            (self.view, self.records, self.materialise, self.on_error, self.view_transform),
+        )
 
     def _with(self, view: torch.Tensor, records: list) -> Deferred:
-        return Deferred(view, records, self.materialise, self.on_error)
+        return Deferred(view, records, self.materialise, self.on_error, self.view_transform)
+
+    def scored_view(self) -> torch.Tensor:
+        """What the scorer sees: ``view_transform(view)``, or ``view`` without one."""
+        return self.view if self.view_transform is None else self.view_transform(self.view)
 
     def concat(self, others: Sequence[Any]) -> Deferred:
         views = [self.view, *(o.view for o in others)]
@@ -149,15 +172,16 @@ def _no_materialise(path: str) -> ValueError:
 
 
 def scoring_views(batch: Any) -> Any:
-    """``batch`` with every Deferred field replaced by its view (what scoring sees); refuses a
-    field without ``materialise`` (ValueError naming it)."""
+    """``batch`` with every Deferred field replaced by its scorer input
+    (:meth:`Deferred.scored_view`); refuses a field without ``materialise`` (ValueError naming
+    it)."""
 
     def view(f: PerExampleField, path: str) -> Any:
         if not isinstance(f, Deferred):
             return f
         if f.materialise is None:
             raise _no_materialise(path)
-        return f.view
+        return f.scored_view()
 
     return replace_fields(batch, view)
 
@@ -290,6 +314,8 @@ def _materialise_one(
     for path, f in fields:
         try:
             t = f.materialise(f.records[i])
+            if isinstance(t, np.ndarray) and not t.flags.writeable:
+                t = t.copy()  # e.g. np.frombuffer's view: torch warns on a read-only array
             out.append(t if isinstance(t, torch.Tensor) else torch.as_tensor(t))
         except Exception as exc:  # noqa: BLE001 -- a bad record goes to the field's policy
             return None, (path, f, exc)
@@ -320,7 +346,7 @@ def materialise_batch(batch: Any, workers: int = 0) -> Any:
 
     def strict(f: PerExampleField, path: str) -> PerExampleField:
         if isinstance(f, Deferred):
-            return Deferred(f.view, f.records, f.materialise, None)
+            return Deferred(f.view, f.records, f.materialise, None, f.view_transform)
         return f
 
     with Materializer(workers) as m:

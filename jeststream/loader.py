@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from jeststream.deferred import Materializer
 from jeststream.distributed import Coordinator, check_not_sharded, check_resume, resolve_mode
 from jeststream.loader_args import (
     SCORING,
+    check_distributed_options,
     check_models,
     check_options,
     model_loss,
@@ -37,12 +37,13 @@ from jeststream.loader_args import (
     resolve_scoring,
     resolve_selection_log,
 )
+from jeststream.loader_log import LoaderLog, run_config
 from jeststream.loader_pass import JESTIterator
 from jeststream.loader_state import Cursor, check_state, epoch_seed, make_state
 from jeststream.losses import criterion_weights
 from jeststream.reference_cache import ReferenceCache
 from jeststream.scoring import EmbedFn, Scorer
-from jeststream.selection_log import SelectionLog, write_run_config
+from jeststream.selection_log import SelectionLog
 from jeststream.snapshot import (
     LearnerSnapshot,
     scheduled_step,
@@ -204,21 +205,12 @@ class JESTLoader:
         n = resolve_ratio(ratio)
         loss, loss_fallback = model_loss(loss, learner, reference)
         spec = SelectionSpec(loss, criterion, n_chunks, temperature, on_bad_scores, prefilter)
-        if reference is None and criterion != "hard_learner":
-            raise ValueError(
-                f"reference=None only works with criterion='hard_learner', got {criterion!r}; "
-                "pass the frozen reference model"
-            )
-        if reference is None and spec.prefilter < 1:
-            raise ValueError(
-                f"prefilter={prefilter!r} ranks each super-batch by the reference's score, but "
-                "reference=None; pass a reference (or a ReferenceCache), or prefilter=1"
-            )
         check_options(
-            timeout=timeout, refresh_every=refresh_every, prefetch=prefetch, seed=seed,
-            key_fn=key_fn,
+            reference=reference, spec=spec, timeout=timeout, refresh_every=refresh_every,
+            prefetch=prefetch, seed=seed, key_fn=key_fn, return_info=return_info,
         )
         dist_mode = resolve_mode(distributed, process_group)
+        check_distributed_options(dist_mode, batch_learnability)
         check_not_sharded(learner)
 
         self.base_loader = base_loader
@@ -233,13 +225,6 @@ class JESTLoader:
         )
         self.seed = seed
         self.drop_last = bool(drop_last)
-        if return_info:
-            warnings.warn(
-                "JESTLoader(return_info=True) is deprecated; read loader.last_info after each "
-                "batch instead",
-                DeprecationWarning,
-                stacklevel=2,
-            )
         self.return_info = bool(return_info)
         self.key_fn = key_fn
         self.batch_learnability = bool(batch_learnability)
@@ -278,17 +263,7 @@ class JESTLoader:
         self._active: weakref.ref[JESTIterator] | None = None
         # A path is opened at the first yielded batch (overwriting, or appending after
         # load_state_dict()); a SelectionLog the caller opened keeps its own mode
-        self._log, self._log_path, self._log_mode = resolve_selection_log(
-            selection_log, selection_log_mode
-        )
-        self._log_append = self._log_mode == "a"
-        self._log_config_due = self._log is not None  # its run config is not written yet
-        if dist_mode == "global" and self.batch_learnability:
-            raise ValueError(
-                "batch_learnability=True measures draws from one super-batch, but "
-                "distributed='global' selects from the super-batches of all ranks; pass "
-                "distributed='local' to measure per rank, or leave batch_learnability off"
-            )
+        self._log = LoaderLog(*resolve_selection_log(selection_log, selection_log_mode))
         if dist_mode is not None:  # last: its process group is made only for a built loader
             self._dist = Coordinator(dist_mode, process_group, self.timeout)
             # per rank from the start (a single process keeps `seed`)
@@ -484,19 +459,7 @@ class JESTLoader:
         if self._closed:
             raise RuntimeError("this JESTLoader was closed; build a new one to iterate again")
         self._close_active("a new iter(loader)")
-        cursor = self._cursor
-        if cursor.resume is not None:
-            # A pass left early (break, or an iterator dropped before its first batch after a
-            # restore) consumed generator draws for super-batches it scored ahead and never
-            # yielded: the next pass starts from the last yielded (or restored) boundary.
-            self._generator.set_state(cursor.resume["generator"])
-            if cursor.restored and cursor.restore_drawn and cursor.resume["base"] is not None:
-                # an iterator since the restore drew base batches it never yielded: restore
-                # the base to the boundary again, as load_state_dict() left it
-                self.base_loader.load_state_dict(cursor.resume["base"])
-        self._apply_pending_seed()
-        cursor.restore_drawn = cursor.restored
-        it = JESTIterator(self)
+        it = JESTIterator.start(self)
         self._active = weakref.ref(it)
         return it
 
@@ -531,50 +494,12 @@ class JESTLoader:
             self._generator.manual_seed(self._epoch_generator_seed(self._cursor.pending_epoch))
             self._cursor.pending_epoch = None
 
-    def _run_config(self, b: int | None) -> dict[str, Any]:
-        """The selection settings recorded beside the selection log (``LOG.run.json``), which
-        ``jeststream report`` shows."""
-        return {
-            "ratio": self.ratio,
-            "n": self.n,
-            "batch_size": b,
-            "n_chunks": self._spec.chunks(b),
-            "criterion": self._spec.criterion,
-            "loss": self._spec.loss,
-            "temperature": self._spec.temperature,
-            "prefilter": self._spec.prefilter,
-            "refresh_every": self.refresh_every,
-            "scoring": self.scoring,
-            "deterministic": self.deterministic,
-            "seed": self.seed,
-            "distributed": None if self._dist is None else self._dist.mode,
-            "rank": 0 if self._dist is None else self._dist.rank,
-            "world_size": 1 if self._dist is None else self._dist.world_size,
-        }
-
     def _on_yield(self, item: Item, info: SelectionInfo) -> None:
         """Log the yielded batch, then commit it to the cursor (the consumer's thread)."""
         # Everything that can fail comes first: a failing next() leaves the state at the last
         # yielded batch, so a restore (or the caller's retry from a checkpoint) loses nothing.
         b = self._cursor.b if self._cursor.b is not None else item.drawn.b
-        if self._log_path is not None and self._log is None:
-            self._log = SelectionLog(
-                self._log_path,
-                mode="a" if self._log_append else "w",
-                run_config=self._run_config(b),
-            )
-        elif self._log_config_due:
-            write_run_config(self._log.path, self._run_config(b))
-            self._log_config_due = False
-        if self._log is not None:
-            self._log.write(
-                keys=item.keys,
-                epoch=info.epoch,
-                step=info.step,
-                scores=item.all_scores,
-                selected=item.selected,
-                batch_learnability=info.batch_learnability,
-            )
+        self._log.write(item, info, lambda: run_config(self, b))
         self._cursor.commit_yield(
             info.step, item.resume, info.fallback, item.drawn, len(info.replaced)
         )
@@ -586,9 +511,7 @@ class JESTLoader:
             return
         self._closed = True
         self._close_active()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._log.close()
         if self._dist is not None:
             self._dist.close()
         self._materializer.close()
@@ -637,8 +560,7 @@ class JESTLoader:
                 differs: every pass starts by copying the live learner.
         """
         cursor = self._cursor
-        if self._log is not None:
-            self._log.flush()
+        self._log.flush()
         if cursor.resume is not None:
             state = cursor.checkpoint()
         else:
@@ -679,6 +601,6 @@ class JESTLoader:
             self.base_loader.load_state_dict(state["base"])
         self._generator.set_state(state["generator"])
         self._cursor.restore(state)
-        self._log_append = self._log_mode != "w"
+        self._log.restored()
         if self._cursor.loaded_snapshot is None:
             self._snapshot.reset_steps(self._cursor.step)

@@ -24,6 +24,7 @@ from jeststream.selection_log import SelectionLog
 
 __all__ = [
     "SCORING",
+    "check_distributed_options",
     "check_models",
     "check_options",
     "model_loss",
@@ -187,9 +188,21 @@ def model_loss(loss: str | None, learner: nn.Module, reference: Any) -> tuple[st
 
 
 def check_options(
-    *, timeout: Any, refresh_every: Any, prefetch: Any, seed: Any, key_fn: Any
+    *, reference: Any, spec: Any, timeout: Any, refresh_every: Any, prefetch: Any, seed: Any,
+    key_fn: Any, return_info: Any = False,
 ) -> None:
-    """The loader's plain options, each against its documented domain."""
+    """The loader's plain options, each against its documented domain (``spec``: its
+    SelectionSpec); ``return_info`` warns that it is deprecated."""
+    if reference is None and spec.criterion != "hard_learner":
+        raise ValueError(
+            f"reference=None only works with criterion='hard_learner', got {spec.criterion!r}; "
+            "pass the frozen reference model"
+        )
+    if reference is None and spec.prefilter < 1:
+        raise ValueError(
+            f"prefilter={spec.prefilter!r} ranks each super-batch by the reference's score, but "
+            "reference=None; pass a reference (or a ReferenceCache), or prefilter=1"
+        )
     if timeout is not None and (
         isinstance(timeout, bool)
         or not isinstance(timeout, numbers.Real)
@@ -207,3 +220,20 @@ def check_options(
         raise ValueError(f"seed must be an int, got {seed!r}")
     if key_fn is not None and not callable(key_fn):
         raise TypeError(f"key_fn must be callable batch -> list[str], got {key_fn!r}")
+    if return_info:
+        warnings.warn(
+            "JESTLoader(return_info=True) is deprecated; read loader.last_info after each "
+            "batch instead",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
+
+def check_distributed_options(mode: str | None, batch_learnability: Any) -> None:
+    """Options that the distributed ``mode`` (resolved) rules out."""
+    if mode == "global" and batch_learnability:
+        raise ValueError(
+            "batch_learnability=True measures draws from one super-batch, but "
+            "distributed='global' selects from the super-batches of all ranks; pass "
+            "distributed='local' to measure per rank, or leave batch_learnability off"
+        )

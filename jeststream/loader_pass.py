@@ -29,6 +29,24 @@ logger = logging.getLogger("jeststream.loader")  # the loader's messages, as bef
 class JESTIterator:
     """One pass (epoch) over a JESTLoader. Dropping it (``break`` + GC) stops its producer."""
 
+    @classmethod
+    def start(cls, loader: JESTLoader) -> JESTIterator:
+        """A new pass from the last yielded (or restored) boundary (the loader ended the pass
+        before it)."""
+        cursor = loader._cursor
+        if cursor.resume is not None:
+            # A pass left early (break, or an iterator dropped before its first batch after a
+            # restore) consumed generator draws for super-batches it scored ahead and never
+            # yielded: the next pass starts from the last yielded (or restored) boundary.
+            loader._generator.set_state(cursor.resume["generator"])
+            if cursor.restored and cursor.restore_drawn and cursor.resume["base"] is not None:
+                # an iterator since the restore drew base batches it never yielded: restore
+                # the base to the boundary again, as load_state_dict() left it
+                loader.base_loader.load_state_dict(cursor.resume["base"])
+        loader._apply_pending_seed()
+        cursor.restore_drawn = cursor.restored
+        return cls(loader)
+
     def __init__(self, loader: JESTLoader) -> None:
         self._loader = loader
         cursor = loader._cursor

@@ -54,6 +54,7 @@ __all__ = [
     "blocked_joint_sample",
     "chunk_sizes",
     "example_scores",
+    "gumbel_top_k",
     "independent_sample",
     "joint_sample",
     "joint_sample_from_embeddings",
@@ -178,7 +179,9 @@ def chunk_sizes(k: int, n_chunks: int) -> list[int]:
     return [base + 1] * extra + [base] * (n_chunks - extra)
 
 
-def _draw(logits: Tensor, c: int, temperature: float, generator: torch.Generator | None) -> Tensor:
+def gumbel_top_k(
+    logits: Tensor, c: int, temperature: float, generator: torch.Generator | None
+) -> Tensor:
     """c distinct indices, in draw order, ∝ exp(logits / temperature) without replacement.
 
     Gumbel-top-c: argsort of logits/T + Gumbel noise is a sample of sequential draws without
@@ -228,7 +231,7 @@ class Block:
         self.drawn: list[Tensor] = []
 
     def draw(self, j: int) -> Tensor:
-        new = _draw(
+        new = gumbel_top_k(
             self.logits.masked_fill(self.selected, -math.inf),
             self.sizes[j],
             self.temperature,
@@ -651,7 +654,7 @@ def independent_sample(
     scores = example_scores(learner, reference, loss=loss, criterion=criterion)
     k = _check_k(k, scores.shape[0])
     temperature = _check_temperature(temperature)
-    return _draw(scores, k, temperature, generator)
+    return gumbel_top_k(scores, k, temperature, generator)
 
 
 def topk_sample(

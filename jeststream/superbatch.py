@@ -500,7 +500,7 @@ class Producer:
         del base_batches
         size = _batch_size(super_batch)
         k = max(1, min(size, math.floor(size / ld.n + 0.5)))
-        want_keys = ld._log_path is not None or ld._scorer.needs_keys
+        want_keys = ld._log.enabled or ld._scorer.needs_keys
         keys = find_keys(super_batch, ld.key_fn, size=size) if want_keys else None
         keep = None
         if self.spec.prefilter < 1:  # the learner scores the reference's top share only

@@ -257,3 +257,13 @@ def openclip_train_argv(
 
 def log_of(tmp: Path, name: str) -> str:
     return (tmp / "logs" / name / "out.log").read_text()
+
+
+def benchmark_module(name: str):
+    """A benchmarks/ script as a module (benchmarks/ on sys.path, as when run as a script)."""
+    import importlib
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)

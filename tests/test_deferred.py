@@ -202,6 +202,63 @@ def test_materializer_replaces_a_failed_record_by_the_next_candidate():
         Materializer(0).gather((field, list("abcdef")), torch.tensor([0, 1, 2, 3, 4, 5]))
 
 
+def _float_views(views, normalise):
+    """The float scorer input as collate_deferred made it per base batch before views stayed
+    uint8 (the reference the uint8 views must reproduce bit for bit)."""
+    pixels = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2)
+    arr = torch.empty(pixels.shape, dtype=torch.float32)
+    arr.copy_(pixels)
+    if normalise is None:
+        return arr.mul_(1.0 / 255.0)
+    mean = torch.tensor(normalise[0], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(normalise[1], dtype=torch.float32).view(1, -1, 1, 1)
+    return arr.mul_(1.0 / (255.0 * std)).add_(-mean / std)
+
+
+@pytest.mark.parametrize("normalise", [None, "transform", ((0.5, 0.4, 0.3), (0.2, 0.3, 0.7))])
+def test_uint8_views_give_the_scorer_the_float_views_bit_for_bit(train_transform, normalise):
+    """Views stay uint8 through collation, concatenation, indexing, pickling and device moves;
+    the scorer's float input, made once per super-batch, equals per-base-batch conversion."""
+    import pickle
+
+    from jeststream.adapters.deferred_images import NormaliseView, normalisation
+
+    norm = normalisation(train_transform) if normalise == "transform" else normalise
+    rng = np.random.default_rng(0)
+    batches, views_all = [], []
+    for j in range(4):
+        views = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(B)]
+        records = [ImageRecord(b"x", "jpg", None, f"k{j}-{i}", "u", i) for i in range(B)]
+        kw = {"transform": train_transform} if normalise == "transform" else {"normalise": norm}
+        field = collate_deferred(views, records, **kw)
+        field.materialise = MaterialiseImage(train_transform, pil_decode)  # as the adapters do
+        assert field.view.dtype == torch.uint8 and isinstance(field.view_transform, NormaliseView)
+        batches.append((field, [f"t{j}-{i}" for i in range(B)]))
+        views_all.append(views)
+    expected = torch.cat([_float_views(v, norm) for v in views_all])
+    sb = concat_batches(batches)
+    assert sb[0].view.dtype == torch.uint8 and sb[0].view.shape == (4 * B, 16, 16, 3)
+    assert torch.equal(scoring_views(sb)[0], expected)  # bit-identical, not merely close
+    moved = pickle.loads(pickle.dumps(sb[0]))  # crosses DataLoader workers
+    assert moved.view_transform.normalise == (None if norm is None else tuple(map(tuple, norm)))
+    assert torch.equal(moved.scored_view(), expected)
+    # a device move (here: a copy) and indexing keep the conversion
+    copied = sb[0].map_tensors(lambda t: t.clone())
+    assert torch.equal(copied.scored_view(), expected)
+    idx = torch.tensor([5, 0, 31])
+    assert torch.equal(index_batch(sb, idx)[0].scored_view(), expected[idx])
+    assert sb[0].index(idx).view.dtype == torch.uint8
+    # a float view without a conversion (a user's own Deferred) is scored as it is
+    plain = Deferred(expected, sb[0].records, sb[0].materialise)
+    assert scoring_views((plain,))[0] is expected
+    with pytest.raises(ValueError, match="uint8 views"):
+        NormaliseView(norm)(expected)
+    with pytest.raises(ValueError, match="non-zero std"):
+        NormaliseView(((0.5,), (0.0,)))
+    with pytest.raises(TypeError, match="view_transform must be callable"):
+        Deferred(expected, sb[0].records, view_transform=3)
+
+
 def test_a_deferred_field_without_materialise_is_refused_naming_the_field(models):
     base = [
         {"image": Deferred(torch.rand(B, 3, 32, 32), list(range(B))),
@@ -262,8 +319,10 @@ def test_scoring_views_are_decoded_at_reduced_scale(train_transform):
     assert rec2.data.shape == (128, 128, 3) and rec2.mode == "RGB"
     assert np.abs(view.astype(int) - view2.astype(int)).mean() < 8  # draft ~ full decode
     field = collate_deferred([view, view2], [record, rec2], transform=train_transform)
-    assert field.view.shape == (2, 3, 32, 32) and field.view.dtype == torch.float32
-    assert field.view.mean().abs() < 3  # normalised like the training transform
+    assert field.view.shape == (2, 32, 32, 3) and field.view.dtype == torch.uint8  # held small
+    scored = field.scored_view()
+    assert scored.shape == (2, 3, 32, 32) and scored.dtype == torch.float32
+    assert scored.mean().abs() < 3  # normalised like the training transform
     out = materialise_batch((field, ["a", "b"]))
     assert out[0].shape == (2, 3, 32, 32) and out[1] == ["a", "b"]
 
@@ -352,7 +411,8 @@ def test_deferred_needs_a_score_resolution(shards, train_transform):
 
 
 def test_input_pipeline_benchmark_quick_runs_and_reports_every_figure():
-    """benchmarks/input_pipeline.py --quick (no timing assertions: figures exist and agree)."""
+    """benchmarks/input_pipeline.py --quick --repeats 3 (no timing assertions: figures exist
+    and agree)."""
     import json
     import subprocess
     import sys
@@ -360,11 +420,17 @@ def test_input_pipeline_benchmark_quick_runs_and_reports_every_figure():
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "input_pipeline.py"
     out = subprocess.run(
-        [sys.executable, str(script), "--quick", "--workers", "0", "--ratios", "0.5"],
+        [sys.executable, str(script), "--quick", "--workers", "0", "--ratios", "0.5",
+         "--repeats", "3"],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout
     result = json.loads(out)
     row = result["runs"]["workers=0 ratio=0.5"]
+    assert result["config"]["repeats"] == 3
+    assert set(result["code"]) == {"commit", "code_uncommitted_changes"}  # where figures came from
+    for r in row.values():  # each figure: the median of the interleaved runs, kept beside it
+        runs = r["cpu_s_per_batch_runs"]
+        assert len(runs) == 3 and r["cpu_s_per_batch"] == sorted(runs)[1]
     assert set(row) == {"uniform", "eager", "deferred_16", "deferred_32"}
     for r in row.values():
         assert r["cpu_s_per_batch"] > 0 and r["wall_s_per_batch"] > 0 and r["n"] == 2
@@ -417,7 +483,8 @@ def test_streaming_loader_deferred_yields_the_eager_tensors(tmp_path, models, tr
                                     image_field=column, deferred=True, score_resolution=16)
 
         first = next(iter(deferred()))
-        assert isinstance(first["image"], Deferred) and first["image"].view.shape == (B, 3, 16, 16)
+        assert isinstance(first["image"], Deferred) and first["image"].view.shape == (B, 16, 16, 3)
+        assert first["image"].scored_view().shape == (B, 3, 16, 16)
         kind = type(first["image"].records[0].data)
         assert kind is (bytes if column == "raw" else torch.Tensor)  # decoded: shared uint8
         del first

@@ -1,4 +1,8 @@
-"""The embedded demo: data set properties, CLI knobs, and a --quick end-to-end smoke run."""
+"""The embedded demo: data set properties, CLI knobs, and a --quick end-to-end smoke run.
+
+``jeststream demo`` (jeststream.demo) has the user's knobs; the research knobs are
+benchmarks/demo_harness.py's (``harness``), which runs through the library's Comparison.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import benchmark_module
 
 from jeststream.demo import build_parser, config_from_args, main
 from jeststream.demo.data import (
@@ -15,6 +20,8 @@ from jeststream.demo.data import (
     WordTokenizer,
     build_splits,
 )
+
+harness = benchmark_module("demo_harness")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,15 @@ def test_help_documents_the_knobs(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for knob in (
+    user = ("--ratio", "--steps", "--ref-steps", "--seeds", "--out", "--quick", "--methods",
+            "--jobs", "--details", "--no-progress")
+    for knob in user:
+        assert knob in text
+    with pytest.raises(SystemExit) as exc:
+        harness.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for knob in (*user,
         "--mismatched",
         "--wrong-class",
         "--garbage",
@@ -104,7 +119,7 @@ def test_unknown_method_is_an_error():
 
 
 def test_full_preset_runs_every_method_over_three_seeds():
-    cfg = config_from_args(build_parser().parse_args(["--full"]))
+    cfg = harness.config_from_args(harness.build_parser().parse_args(["--full"]))
     assert len(cfg.seeds) == 3 and "static" in cfg.methods and "independent" in cfg.methods
 
 
@@ -116,14 +131,9 @@ def test_cached_reference_embeddings_match_the_reference_on_loader_batches(tmp_p
     from jeststream import ReferenceCache
     from jeststream.demo.data import prepare_shards
     from jeststream.demo.model import ModelConfig, build_model
-    from jeststream.demo.runs import (
-        RunConfig,
-        StreamLoader,
-        load_split,
-        model_input,
-        reference_embeddings,
-        write_reference_cache,
-    )
+    from jeststream.demo.reference import reference_embeddings, write_reference_cache
+    from jeststream.demo.runs import RunConfig
+    from jeststream.demo.shards import StreamLoader, load_split, model_input
     from jeststream.scoring import default_embed
 
     data = DataConfig(pool_size=600, curated_size=64, duplicate_sources=4)
@@ -257,14 +267,23 @@ def test_jobs_and_threads_must_be_positive():
     for bad in (["--jobs", "0"], ["--threads", "0"]):
         with pytest.raises(ValueError, match="at least 1"):
             config_from_args(build_parser().parse_args(bad))
+        with pytest.raises(ValueError, match="at least 1"):
+            harness.config_from_args(harness.build_parser().parse_args(bad))
+    for bad in (["--steps", "0"], ["--ref-steps", "0"]):
+        with pytest.raises(ValueError, match=f"{bad[0]} must be at least 1, got 0"):
+            config_from_args(build_parser().parse_args(bad))
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(ValueError, match=f"--ratio must be a share in .* got {bad}"):
+            config_from_args(build_parser().parse_args(["--ratio", bad]))
+    parse = harness.build_parser().parse_args
     with pytest.raises(ValueError, match="--width must be an even number >= 8.*got 7"):
-        config_from_args(build_parser().parse_args(["--width", "7"]))
-    model = config_from_args(build_parser().parse_args(["--width", "32"])).model
+        harness.config_from_args(parse(["--width", "7"]))
+    model = harness.config_from_args(parse(["--width", "32"])).model
     assert model.width == model.embed_dim == 32 and model.text_width == 16
-    model = config_from_args(build_parser().parse_args(["--width", "32", "--text-width", "24"])).model
+    model = harness.config_from_args(parse(["--width", "32", "--text-width", "24"])).model
     assert model.width == 32 and model.text_width == 24
     with pytest.raises(ValueError, match="--text-width must be an even number >= 8.*got 6"):
-        config_from_args(build_parser().parse_args(["--text-width", "6"]))
+        harness.config_from_args(parse(["--text-width", "6"]))
     assert config_from_args(build_parser().parse_args(["--quick"])).jobs == 1
 
 
@@ -276,33 +295,29 @@ def test_a_failing_parallel_run_raises_and_leaves_no_worker(tmp_path):
     import threading
     from multiprocessing.connection import wait as wait_for_exit
 
+    from jeststream.demo import run_comparison
+
     args = [
         "--pool-size", "600", "--curated-size", "64", "--steps", "3", "--ref-steps", "2",
         "--eval-every", "1", "--batch-size", "64", "--methods", "uniform,jest",
-        "--n-chunks", "1000", "--jobs", "2", "--no-progress", "--out", str(tmp_path),
+        "--n-chunks", "1000", "--jobs", "2",
     ]
+    cfg = harness.config_from_args(harness.build_parser().parse_args(args))
     # Children another test left winding down (a DataLoader's workers awaiting collection)
     # are not this run's: only what the comparison itself started must be gone.
     before = {p.pid for p in mp.active_children()}
+    threads_before = set(threading.enumerate())
     with pytest.raises(ValueError, match="n_chunks=1000 exceeds the batch size b=64"):
-        main(args)
+        run_comparison(cfg, tmp_path, progress=False)
     # A worker is left if it still runs: its sentinel (closed when it exits) is not ready.
-    # active_children() alone can list a worker that has exited: the executor's manager thread
-    # and the failure path both reap the workers, and when the manager's waitpid wins, the
-    # other's fails with ECHILD, which multiprocessing reads as "still running" until the
-    # manager thread records the exit code (seen under load: a dead SpawnProcess listed).
     left = [
         (p.name, p.pid)
         for p in mp.active_children()
         if p.pid not in before and not wait_for_exit([p.sentinel], timeout=0)
     ]
     assert left == []
-    # ...nor the executor's manager thread (CPython < 3.9 named it QueueManagerThread)
-    assert not [
-        t.name
-        for t in threading.enumerate()
-        if type(t).__name__ == "_ExecutorManagerThread" or "QueueManagerThread" in t.name
-    ]
+    # ...nor a thread of the runner's
+    assert [t.name for t in threading.enumerate() if t not in threads_before] == []
 
 
 def test_flops_count_the_library_scoring_path():
@@ -329,13 +344,13 @@ def test_flops_count_the_library_scoring_path():
     padded = measure_flops(model, cfg, tok, untrimmable)
     assert full["reference_forward_super_batch"] < padded["reference_forward_super_batch"]
     with pytest.raises(ValueError, match="--score-resolution 6"):
-        config_from_args(build_parser().parse_args(["--patch-size", "4", "--score-resolution", "6"]))
+        harness.config_from_args(harness.build_parser().parse_args(["--patch-size", "4", "--score-resolution", "6"]))
 
 
 def test_flexi_training_runs_and_counts_its_cheaper_steps(tmp_path):
     """--train-low-res-share: the learner-scoring methods train part of each batch at the
     scoring resolution and are charged the mixed step's counted FLOPs; the others are not."""
-    assert main([
+    assert harness.main([
         "--quick", "--out", str(tmp_path), "--methods", "uniform,jest,easy_reference",
         "--score-resolution", "8", "--train-low-res-share", "0.5", "--no-progress",
     ]) == 0
@@ -350,9 +365,9 @@ def test_flexi_training_runs_and_counts_its_cheaper_steps(tmp_path):
         flops["train_step_mixed"] + flops["learner_forward_super_batch"]
     )
     with pytest.raises(ValueError, match="give --score-resolution too"):
-        config_from_args(build_parser().parse_args(["--train-low-res-share", "0.5"]))
+        harness.config_from_args(harness.build_parser().parse_args(["--train-low-res-share", "0.5"]))
     with pytest.raises(ValueError, match="--train-low-res-share must be a fraction"):
-        config_from_args(build_parser().parse_args(
+        harness.config_from_args(harness.build_parser().parse_args(
             ["--score-resolution", "8", "--train-low-res-share", "2"]))
 
 
@@ -362,12 +377,12 @@ def test_scoring_schedules_map_onto_the_loader_options():
     want = {"sync": (False, False), "lagged": (True, True), "latest": (True, False)}
     for name, (async_scoring, deterministic) in want.items():
         argv = [] if name == "sync" else ["--scoring", name]
-        cfg = config_from_args(build_parser().parse_args([*argv, "--prefetch", "1"]))
+        cfg = harness.config_from_args(harness.build_parser().parse_args([*argv, "--prefetch", "1"]))
         assert (cfg.async_scoring, cfg.deterministic, cfg.prefetch) == (
             async_scoring, deterministic, 1
         ), name
     with pytest.raises(ValueError, match="--prefetch must be at least 1, got 0"):
-        config_from_args(build_parser().parse_args(["--prefetch", "0"]))
+        harness.config_from_args(harness.build_parser().parse_args(["--prefetch", "0"]))
 
 
 def test_demo_model_has_clips_cost_structure():
@@ -545,35 +560,26 @@ def test_class_level_recall_both_ways():
 
 
 def test_pairs_and_softmax_options():
-    cfg = config_from_args(build_parser().parse_args(["--task", "pairs", "--loss", "softmax"]))
+    cfg = harness.config_from_args(harness.build_parser().parse_args(["--task", "pairs", "--loss", "softmax"]))
     assert cfg.data.task == "pairs" and cfg.model.loss == "softmax"
     assert cfg.model.width == 128 and cfg.model.layers == cfg.model.text_layers == 2
     assert cfg.steps == 2000 and cfg.data.n_heldout == 2000
-    cfg = config_from_args(build_parser().parse_args(["--task", "pairs", "--width", "64"]))
+    cfg = harness.config_from_args(harness.build_parser().parse_args(["--task", "pairs", "--width", "64"]))
     assert cfg.model.width == 64
-    digits = config_from_args(build_parser().parse_args([]))
+    digits = harness.config_from_args(harness.build_parser().parse_args([]))
     assert digits.model.width == 64 and digits.model.layers == 1 and digits.steps == 2000
     assert digits.methods == ("uniform", "jest", "independent")
     assert digits.preset == "default" and digits.batch_learnability
     with pytest.raises(ValueError, match="--layers must be at least 1"):
-        config_from_args(build_parser().parse_args(["--layers", "0"]))
+        harness.config_from_args(harness.build_parser().parse_args(["--layers", "0"]))
     for bad in ("-1", "nan"):
         with pytest.raises(ValueError, match=f"--temperature must be .* got {bad}"):
-            config_from_args(build_parser().parse_args(["--temperature", bad]))
-    assert config_from_args(build_parser().parse_args(["--temperature", "0.25"])).temperature == 0.25
+            harness.config_from_args(harness.build_parser().parse_args(["--temperature", bad]))
+    assert harness.config_from_args(harness.build_parser().parse_args(["--temperature", "0.25"])).temperature == 0.25
 
 
 def _sweep_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_sweep.py"
-    spec = importlib.util.spec_from_file_location("selection_sweep", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("selection_sweep")
 
 
 def test_sweep_plan_and_filters():
@@ -687,27 +693,18 @@ def test_temperature_probe_quick_smoke():
 
 
 def _pays_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    _sweep_module()  # pays_for_itself reuses selection_sweep's machinery
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pays_for_itself.py"
-    spec = importlib.util.spec_from_file_location("pays_for_itself", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("pays_for_itself")
 
 
 def test_reference_width_and_prefilter_options():
-    """--ref-width builds (and counts) a narrower reference; --prefilter is refused with a
-    clear message while JESTLoader has no prefilter argument, and passed on once it has."""
+    """--ref-width builds (and counts) a narrower reference; --prefilter takes a share in (0, 1]
+    and is passed on."""
     from jeststream.demo.data import caption
     from jeststream.demo.model import build_model
-    from jeststream.demo.runs import loader_has_prefilter, measure_flops, reference_model_config
+    from jeststream.demo.reference import reference_model_config
+    from jeststream.demo.runs import measure_flops
 
-    cfg = config_from_args(build_parser().parse_args(["--ref-width", "32", "--batch-size", "8"]))
+    cfg = harness.config_from_args(harness.build_parser().parse_args(["--ref-width", "32", "--batch-size", "8"]))
     ref = reference_model_config(cfg)
     assert (ref.width, ref.embed_dim, ref.text_width) == (32, 32, 16) and cfg.model.width == 64
     tok = WordTokenizer(cfg.model.context_length)
@@ -715,25 +712,22 @@ def test_reference_width_and_prefilter_options():
     flops = measure_flops(build_model(cfg.model, tok.vocab_size, seed=0), cfg, tok, texts)
     assert flops["reference_train_step"] < 0.5 * flops["train_step"]
     assert flops["reference_forward_super_batch"] < 0.5 * flops["learner_forward_super_batch"]
-    same = config_from_args(build_parser().parse_args([]))
+    same = harness.config_from_args(harness.build_parser().parse_args([]))
     assert reference_model_config(same) is same.model
     with pytest.raises(ValueError, match="--ref-width must be an even number"):
-        config_from_args(build_parser().parse_args(["--ref-width", "7"]))
+        harness.config_from_args(harness.build_parser().parse_args(["--ref-width", "7"]))
     for bad in ("0", "1.5", "nan"):
         with pytest.raises(ValueError, match="--prefilter must be a share in"):
-            config_from_args(build_parser().parse_args(["--prefilter", bad]))
-    if loader_has_prefilter():
-        assert config_from_args(build_parser().parse_args(["--prefilter", "0.5"])).prefilter == 0.5
-    else:
-        with pytest.raises(ValueError, match="no prefilter argument yet"):
-            config_from_args(build_parser().parse_args(["--prefilter", "0.5"]))
+            harness.config_from_args(harness.build_parser().parse_args(["--prefilter", bad]))
+    assert harness.config_from_args(harness.build_parser().parse_args(["--prefilter", "0.5"])).prefilter == 0.5
 
 
 def test_pays_for_itself_plan_keeps_the_held_out_seeds_apart():
     pays = _pays_module()
     dev = pays.plan(pays.SEED_SETS["dev"])
     assert {r.seed for r in dev} == {0, 1, 2, 3, 4}
-    assert not {r.seed for r in dev} & set(pays.SEED_SETS["heldout"])
+    held = [set(pays.SEED_SETS[k]) for k in ("heldout", "heldout2")]
+    assert not {r.seed for r in dev} & (held[0] | held[1]) and not held[0] & held[1]
     ids = [r.id for r in dev]
     assert len(ids) == len(set(ids))
     # the headline comparison first over every seed, then the cheaper baselines, then the rest
@@ -754,17 +748,16 @@ def test_pays_for_itself_writes_each_run_resumes_and_summarises(tmp_path, capsys
     common = ["--results", str(tmp_path), "--quick", "--steps", "4", "--only", "seed=0",
               "--only", "group=base,refw32,prefilter0.4", "--only", "method=uniform,jest"]
     assert pays.main(["run", *common]) == 0
-    err = capsys.readouterr().err
+    capsys.readouterr()
     names = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
-    from jeststream.demo.runs import loader_has_prefilter
-
-    expected = ["base-jest-seed0.json", "base-uniform-seed0.json", "refw32-jest-seed0.json"]
-    if loader_has_prefilter():  # the slot runs once the loader has the argument
-        expected.insert(2, "prefilter0.4-jest-seed0.json")
-        run = json.loads((tmp_path / "runs" / "prefilter0.4-jest-seed0.json").read_text())
-        assert run["config"]["prefilter"] == 0.4
-    else:
-        assert "skipped prefilter0.4 (1 run(s)): JESTLoader has no prefilter argument" in err
+    expected = [
+        "base-jest-seed0.json",
+        "base-uniform-seed0.json",
+        "prefilter0.4-jest-seed0.json",
+        "refw32-jest-seed0.json",
+    ]
+    run = json.loads((tmp_path / "runs" / "prefilter0.4-jest-seed0.json").read_text())
+    assert run["config"]["prefilter"] == 0.4
     assert names == expected
     run = json.loads((tmp_path / "runs" / "refw32-jest-seed0.json").read_text())
     assert run["config"]["ref_width"] == 32 and run["seed_set"] == "dev"

@@ -46,12 +46,7 @@ KNOWN_CYCLES: set[tuple[str, ...]] = set()
 KNOWN_CORE_IMPORTS_ADAPTER: set[tuple[str, str]] = set()
 
 # (c) (importing module, owning module, private name or patched attribute).
-KNOWN_PRIVATE_REACH_INS: set[tuple[str, str, str]] = {
-    ("benchmarks.pipeline", "jeststream.adapters.wds_dataset", "checked_tarfile_samples"),
-    ("benchmarks.selection", "jeststream.selection", "_draw"),
-    ("jeststream.adapters.precompute_reference", "jeststream.adapters.open_clip",
-     "_arch_from_params_txt"),
-}
+KNOWN_PRIVATE_REACH_INS: set[tuple[str, str, str]] = set()
 
 
 # -- scanning ------------------------------------------------------------------------------------

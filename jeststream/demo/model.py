@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -164,3 +165,14 @@ def evaluate(
         out[f"t2i_recall_at_{k}"] = _class_recall(sim.T, labels, labels, k)
     model.train(was_training)
     return out
+
+
+def make_optimizer(model: torch.nn.Module, cfg, steps: int):
+    """AdamW with linear warm-up and cosine decay to zero over `steps`."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / max(1, cfg.warmup))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)

@@ -19,26 +19,29 @@ not change the selection).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from jeststream.deferred import no_random_draws
-from jeststream.demo.data import NOISE_TYPES, DataConfig, WordTokenizer, to_model_input
-from jeststream.demo.model import RETRIEVAL, ModelConfig, build_model, contrastive_loss, evaluate
-from jeststream.losses import Embeddings
+from jeststream.demo.data import NOISE_TYPES, DataConfig, WordTokenizer
+from jeststream.demo.model import (
+    RETRIEVAL,
+    ModelConfig,
+    build_model,
+    contrastive_loss,
+    evaluate,
+    make_optimizer,
+)
+from jeststream.demo.reference import load_reference, reference_model_config
+from jeststream.demo.shards import StreamLoader, load_split, model_input, view_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -106,291 +109,8 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the shards back
-# ---------------------------------------------------------------------------------------------
-
-
-def _decode_sample(sample: dict) -> tuple[torch.Tensor, str, str]:
-    from jeststream.adapters.webdataset import decode_image
-
-    with decode_image(sample["pgm"], "pgm") as im:
-        image = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    return image, sample["txt"].decode(), sample["__key__"]
-
-
-def iter_samples(shards: list[str], seed: int | None = None) -> Iterator[tuple]:
-    """Decoded (image uint8 flat, caption, key) samples from webdataset shards.
-
-    With a seed, the shard order and a 2,048-sample buffer are shuffled (webdataset's own
-    shuffle stage), as a user's training pipeline would.
-    """
-    import webdataset as wds
-
-    stages: list = [wds.SimpleShardList(list(shards))]
-    if seed is not None:
-        stages.append(wds.shuffle(len(shards), rng=random.Random(seed)))
-    stages.append(wds.tarfile_to_samples())
-    if seed is not None:
-        stages.append(wds.shuffle(2048, initial=2048, rng=random.Random(seed + 1)))
-    stages.append(wds.map(_decode_sample))
-    return iter(wds.DataPipeline(*stages))
-
-
-def load_split(shards: list[str], tokenizer: WordTokenizer, image_size: int) -> dict:
-    """A whole split in memory (curated, held-out; the pool for static scoring)."""
-    images, captions, keys, labels, noise = [], [], [], [], []
-    split = Path(shards[0]).name.rsplit("-", 1)[0]
-    meta = json.loads((Path(shards[0]).parent / f"{split}-meta.json").read_text())
-    for image, text, key in iter_samples(shards):
-        images.append(image)
-        captions.append(text)
-        keys.append(key)
-        labels.append(meta[key]["label"])
-        noise.append(meta[key]["noise"])
-    images_u8 = torch.stack(images).view(-1, image_size, image_size)
-    return {
-        "image": to_model_input(images_u8),
-        "text": tokenizer(captions),
-        "label": torch.tensor(labels),
-        "key": keys,
-        "noise": noise,
-    }
-
-
-def subset_shards(
-    src: list[str], keep: set[str], out_dir: Path, name: str, shard_size: int
-) -> list[str]:
-    """Copy the samples whose key is in `keep` into new shards (filter, then re-shard)."""
-    import webdataset as wds
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done = out_dir / f"{name}.done"
-    if not done.exists():
-        for old in out_dir.glob(f"{name}-*.tar"):
-            old.unlink()
-        with wds.ShardWriter(
-            str(out_dir / f"{name}-%05d.tar"), maxcount=shard_size, verbose=0
-        ) as sink:
-            for sample in wds.DataPipeline(
-                wds.SimpleShardList(list(src)), wds.tarfile_to_samples()
-            ):
-                if sample["__key__"] in keep:
-                    sink.write(
-                        {
-                            k: v
-                            for k, v in sample.items()
-                            if k == "__key__" or not k.startswith("__")
-                        }
-                    )
-        done.write_text(str(len(keep)))
-    return sorted(str(p) for p in out_dir.glob(f"{name}-*.tar"))
-
-
-class StreamLoader:
-    """The base loader: the webdataset adapter's batches, epoch after epoch.
-
-    `jeststream.adapters.webdataset.webdataset_loader` reads one epoch of (images, texts, keys)
-    batches; this re-iterates it (a new shard order per epoch) until ``num_batches`` batches
-    have been yielded, so that a JESTLoader on top runs for exactly num_batches // n steps.
-    """
-
-    def __init__(
-        self,
-        shards: list[str],
-        batch_size: int,
-        num_batches: int,
-        tokenizer: WordTokenizer,
-        seed: int,
-        passes: int = 16,
-    ) -> None:
-        from jeststream.adapters.webdataset import webdataset_loader
-
-        # No DataLoader worker: JESTLoader's producer thread decodes. On the demo's 2 cores the
-        # runs already keep both busy (two at a time), and handing each batch's tensors over
-        # from a worker (shared memory, a file descriptor passed per tensor) cost more CPU than
-        # decoding the PGM shards: a pair of 300-step JEST runs took 52 s and 46 s this way,
-        # against 58 s and 55 s with one worker. One adapter "epoch" lists the shards `passes`
-        # times, shuffled together: that order is the one the README's figures were measured
-        # with.
-        self.epoch_loader = webdataset_loader(
-            list(shards) * passes,
-            batch_size,
-            tokenizer=tokenizer,
-            transform=_image_transform,
-            shuffle_shards=True,
-            seed=seed,
-        )
-        self.batch_size = batch_size
-        self.num_batches = num_batches
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[tuple]:
-        produced, epoch = 0, 0
-        while True:
-            self.epoch_loader.set_epoch(epoch)
-            before = produced
-            for batch in self.epoch_loader:
-                yield batch
-                produced += 1
-                if produced == self.num_batches:
-                    return
-            if produced == before:
-                raise ValueError("the shards hold fewer samples than one batch; lower batch_size")
-            epoch += 1
-
-
-@no_random_draws  # the base loader runs it on 1/ratio examples per trained one: no RNG swap
-def _image_transform(image) -> torch.Tensor:
-    """PIL grey-level image -> uint8 numpy [S,S], as stored.
-
-    The loader ships bytes; :func:`model_input` turns a whole batch into the model's float
-    input in one vectorised call (in the training step, and for scoring as JESTLoader's
-    ``score_transform``). Per-sample float conversion and channel expansion while decoding cost
-    more than the decode itself, and JEST's base loader decodes 1/ratio batches per step.
-    """
-    # numpy, not torch: a per-sample torch call costs more than the decode's own copy; the
-    # adapter stacks the arrays into one tensor per batch
-    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(image.height, image.width)
-
-
-def model_input(batch: tuple) -> tuple:
-    """A base batch (uint8 images, tokens, keys) with the images as the model's float input."""
-    images, *rest = batch
-    return (to_model_input(images), *rest)
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-
-
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig, steps: int):
-    """AdamW with linear warm-up and cosine decay to zero over `steps`."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def factor(s: int) -> float:
-        warm = min(1.0, (s + 1) / max(1, cfg.warmup))
-        return warm * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def reference_model_config(cfg: RunConfig) -> ModelConfig:
-    """The reference's architecture: the learner's, or at ``cfg.ref_width`` (image tower width
-    and embedding size; the text tower keeps the learner's text/image width proportion)."""
-    if cfg.ref_width is None or cfg.ref_width == cfg.model.width:
-        return cfg.model
-    w = cfg.ref_width
-    text = max(8, 2 * round(w * cfg.model.text_width / cfg.model.width / 2))
-    return replace(cfg.model, width=w, embed_dim=w, text_width=text)
-
-
-def load_reference(cfg: RunConfig, vocab_size: int, cache: Path) -> tuple[torch.nn.Module, dict]:
-    """The reference saved by :func:`train_reference` at `cache`, frozen, and its eval."""
-    model = build_model(reference_model_config(cfg), vocab_size, seed=0)  # every weight comes from the file
-    blob = torch.load(cache, map_location="cpu", weights_only=True)
-    model.load_state_dict(blob["state_dict"])
-    model.eval().requires_grad_(False)
-    return model, blob["eval"]
-
-
-def train_reference(
-    cfg: RunConfig,
-    curated: dict,
-    heldout: dict,
-    tokenizer: WordTokenizer,
-    seed: int,
-    cache: Path | None,
-    progress: Callable | None = None,
-) -> tuple[torch.nn.Module, dict]:
-    """Train (or load from `cache`) the reference on the curated split; return it frozen."""
-    if cache is not None and cache.exists():
-        return load_reference(cfg, tokenizer.vocab_size, cache)
-    model = build_model(reference_model_config(cfg), tokenizer.vocab_size, seed=10_000 + seed)
-    model.train()
-    opt, sched = make_optimizer(model, cfg, cfg.ref_steps)
-    loss_fn = contrastive_loss(cfg.model.loss)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    n, b = len(curated["label"]), cfg.batch_size
-    perm, pos = torch.randperm(n, generator=gen), 0
-    bar = progress(total=cfg.ref_steps, desc=f"reference seed {seed}") if progress else None
-    for _ in range(cfg.ref_steps):
-        if pos + b > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + b]
-        pos += b
-        loss = loss_fn(model, curated["image"][idx], curated["text"][idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if bar:
-            bar.update()
-    if bar:
-        bar.close()
-    ev = evaluate(model, heldout["image"], heldout["label"], heldout["text"], tokenizer)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "eval": ev}, cache)
-    model.eval().requires_grad_(False)
-    return model, ev
-
-
-@torch.inference_mode()
-def reference_embeddings(reference: torch.nn.Module, pool: dict, chunk: int = 2048) -> Embeddings:
-    """The frozen reference's embeddings of every pool pair, in pool order (one pass)."""
-    images, texts = [], []
-    for s in range(0, len(pool["label"]), chunk):
-        images.append(reference.encode_image(pool["image"][s : s + chunk], normalize=True))
-        texts.append(reference.encode_text(pool["text"][s : s + chunk], normalize=True))
-    return Embeddings(
-        torch.cat(images),
-        torch.cat(texts),
-        reference.logit_scale.exp().clone(),
-        None if reference.logit_bias is None else reference.logit_bias.clone(),  # CLIP: none
-    )
-
-
-def reference_scores(cached: Embeddings) -> torch.Tensor:
-    """Each pool pair's own reference loss (lower = more typical of curated data): its SigLIP
-    positive-pair loss, or for a CLIP reference (no bias) the negative pair similarity (a
-    softmax loss needs the other examples of a batch; static filtering ranks by CLIP score)."""
-    if cached.logit_bias is None:
-        return -(cached.image * cached.text).sum(-1)
-    logit = cached.logit_scale * (cached.image * cached.text).sum(-1) + cached.logit_bias
-    return -F.logsigmoid(logit)
-
-
-def write_reference_cache(
-    reference: torch.nn.Module, cached: Embeddings, keys: list[str], directory: Path, cfg: RunConfig
-) -> Path:
-    """Write the pool's reference embeddings as a library reference cache (``ReferenceCache``).
-
-    The reference is frozen and the demo's image transform is deterministic, so its embeddings
-    of a pool pair never change: computed once for the whole pool (and counted once in the
-    FLOPs), JESTLoader then looks them up by sample key instead of running the reference on
-    every super-batch. The learner snapshot is still run on every super-batch.
-    """
-    from jeststream.reference_cache import init_cache, reference_fingerprint, write_shard
-
-    header = {
-        "reference": {"architecture": "demo SigLIP", "fingerprint": reference_fingerprint(reference)},
-        "preprocessing": {
-            "image_size": cfg.data.image_size,
-            "input": "uint8 / 255 (jeststream.demo.data.to_model_input), no augmentation",
-            "tokenizer": {"class": "WordTokenizer", "context_length": cfg.data.context_length},
-            "data": cfg.data.identity(),
-        },
-        "embed_dim": int(cached.image.shape[1]),
-        "dtype": "float32",
-        "logit_scale": float(cached.logit_scale),
-        "logit_bias": None if cached.logit_bias is None else float(cached.logit_bias),
-    }
-    init_cache(directory, header)
-    write_shard(directory, "pool", keys, cached.image.numpy(), cached.text.numpy())
-    return directory
 
 
 def measure_flops(
@@ -463,16 +183,6 @@ def measure_flops(
     }
 
 
-def loader_has_prefilter() -> bool:
-    """Whether this jeststream's JESTLoader takes ``prefilter=`` (issue 30's reference
-    pre-filter)."""
-    import inspect
-
-    from jeststream.loader import JESTLoader
-
-    return "prefilter" in inspect.signature(JESTLoader).parameters
-
-
 def uses_reference(method: str) -> bool:
     """Whether `method` needs the trained reference (and so, counted in full, its training)."""
     if method == "static":
@@ -508,8 +218,14 @@ def run_method(
     progress: Callable | None = None,
     reference_cache: Any = None,
     selection_log: str | os.PathLike | None = None,
+    deferred: bool = False,
 ) -> dict:
     """Train one learner with `method`; return its curve, composition and costs.
+
+    ``deferred``: the base loader defers decoding (``webdataset_loader(deferred=True,
+    score_resolution=cfg.score_resolution or the image size)``): the learner scores views
+    decoded at that scale (JPEG: DCT-scaled), and only the selected examples are decoded in
+    full. For the methods that select (JESTLoader) only.
 
     ``selection_log``: a path for the JEST loader's per-example selection log (the demo's
     ``selection_report.html`` is drawn from it); ignored by methods without a loader.
@@ -531,8 +247,13 @@ def run_method(
         selecting and cfg.batch_learnability and LOADER_METHODS[method][0] == "learnability"
     )
     loss_fn = contrastive_loss(cfg.model.loss)
+    if deferred and not selecting:
+        raise ValueError(f"deferred=True needs a method that selects {tuple(LOADER_METHODS)}, "
+                         f"not {method!r} (it reads every example it trains on)")
+    view = {"deferred": True, "score_resolution": cfg.score_resolution or cfg.data.image_size}
     base = StreamLoader(
-        train_shards, cfg.batch_size, cfg.steps * (n if selecting else 1), tokenizer, seed=seed
+        train_shards, cfg.batch_size, cfg.steps * (n if selecting else 1), tokenizer, seed=seed,
+        **(view if deferred else {}),
     )
     per_step = flops["train_step"]
     encode_image = None
@@ -560,11 +281,6 @@ def run_method(
             per_step += flops["reference_forward_super_batch"]
         extra = {}
         if cfg.prefilter != 1.0:
-            if not loader_has_prefilter():
-                raise ValueError(
-                    f"prefilter={cfg.prefilter} needs JESTLoader(prefilter=...), which this "
-                    "version of jeststream does not have; leave it at 1"
-                )
             extra["prefilter"] = cfg.prefilter
         loader = JESTLoader(
             base,
@@ -579,7 +295,7 @@ def run_method(
             scoring="lagged" if cfg.deterministic else "latest" if cfg.async_scoring else "sync",
             prefetch=cfg.prefetch,
             seed=seed,
-            score_transform=model_input,
+            score_transform=view_model_input if deferred else model_input,
             score_resolution=cfg.score_resolution,
             selection_log=selection_log,
             **extra,
