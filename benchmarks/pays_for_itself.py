@@ -19,6 +19,8 @@ Groups (each run trains the demo's default model, 2,000 steps, synchronous scori
                 jest with the reference pre-filter (JESTLoader prefilter=q; q = 1 is base)
   prefilter0.4-lowres
                 jest with both levers on the learner's scoring: prefilter 0.4 and 8-px scoring
+  refw32-prefilter0.4
+                jest with the half-width reference and prefilter 0.4
 
 Uniform runs once per seed (base) and serves every group. ``run`` goes phase by phase, in
 order: base's uniform and jest over every seed, then independent, then easy_reference and
@@ -67,6 +69,7 @@ GROUPS = {
     "prefilter0.6": (["--prefilter", "0.6"], ("jest",)),
     "prefilter0.4": (["--prefilter", "0.4"], ("jest",)),
     "prefilter0.4-lowres": (["--prefilter", "0.4", "--score-resolution", "8"], ("jest",)),
+    "refw32-prefilter0.4": (["--ref-width", "32", "--prefilter", "0.4"], ("jest",)),
 }
 # the order `run` goes in: (group, methods) phases
 PHASES = (
@@ -80,6 +83,7 @@ PHASES = (
     ("prefilter0.6", GROUPS["prefilter0.6"][1]),
     ("prefilter0.4", GROUPS["prefilter0.4"][1]),
     ("prefilter0.4-lowres", GROUPS["prefilter0.4-lowres"][1]),
+    ("refw32-prefilter0.4", GROUPS["refw32-prefilter0.4"][1]),
 )
 KEYS = ("group", "method", "seed")
 # settings added after runs were written, at the value those runs had
