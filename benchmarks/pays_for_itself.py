@@ -314,7 +314,8 @@ def summarise(results: Path, seed_set: str) -> dict:
         run_seeds = sorted({f["seed"] for f in members})
         methods = tuple(dict.fromkeys(f["method"] for f in members))
         cfg = dataclasses.replace(_config(cfg_d), seeds=tuple(run_seeds), methods=methods)
-        refs = {f["seed"]: f["reference"] for f in own if f["reference"]}
+        refs = {f["seed"]: f["reference"] for f in sorted(own, key=lambda f: f["seed"])
+                if f["reference"]}  # seed order (file names put seed10 before seed8)
         s = report.summarise(cfg, [f["result"] for f in members], refs, own[0]["flops"])
         s.pop("runs")
         s["wall_s_per_run"] = {f["id"]: f["wall_s"] for f in members}
