@@ -17,7 +17,8 @@ through open_clip's tokenizer. For each ratio (0.2, 0.1) and ``num_workers`` (0,
 
 Figures: CPU seconds per yielded batch (``getrusage``: the process and its threads, plus the
 DataLoader workers once they are joined at the end of the pass) and wall seconds per yielded
-batch, each pipeline also as a multiple of uniform and of eager. The learner scores through a
+batch, each pipeline also as a multiple of uniform and of eager; every pipeline first runs once,
+unmeasured, and the JSON records the commit it ran from. The learner scores through a
 stand-in whose forward costs next to nothing (pooled pixels and token embeddings), so the CPU
 figures are the input pipeline's (plus the same selection maths for every JEST row); torch runs
 one intra-op thread, as in a DataLoader worker. Also: the bytes of one super-batch held by the
