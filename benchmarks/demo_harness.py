@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import math
 import sys
-import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from jeststream.demo import (
     HelpFormatter,
     default_jobs,
     parse_methods,
-    print_results,
+    run_from_args,
 )
 from jeststream.demo.comparison import Comparison
 
@@ -503,15 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     """The harness's entry point (``jeststream demo`` with every knob); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    t0 = time.perf_counter()
-    results = run_comparison(cfg, Path(args.out), progress=not args.no_progress)
-    print_results(results, Path(args.out), time.perf_counter() - t0, args.details or args.full)
-    return 0
+    return run_from_args(parser, args, config_from_args, details=args.details or args.full)
 
 
 if __name__ == "__main__":

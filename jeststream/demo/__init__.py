@@ -16,7 +16,9 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jeststream.demo.comparison import run_comparison
 
@@ -27,6 +29,7 @@ __all__ = [
     "config_from_args",
     "main",
     "run_comparison",
+    "run_from_args",
 ]
 
 DEFAULT_OUT = "runs/demo"
@@ -172,16 +175,29 @@ def print_results(results: dict, out: Path, seconds: float, details: bool) -> No
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`jeststream demo` entry point; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_from_args(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    configure: Callable[[argparse.Namespace], Any],
+    *,
+    details: bool,
+) -> int:
+    """Build the comparison's config from parsed ``args`` (``configure``; a ValueError becomes
+    ``parser``'s usage error), run it into ``args.out`` and print the results: the body of
+    `jeststream demo`, shared with benchmarks/demo_harness.py. Returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = config_from_args(args)
+        cfg = configure(args)
     except ValueError as exc:
         parser.error(str(exc))
     t0 = time.perf_counter()
     results = run_comparison(cfg, Path(args.out), progress=not args.no_progress)
-    print_results(results, Path(args.out), time.perf_counter() - t0, args.details)
+    print_results(results, Path(args.out), time.perf_counter() - t0, details)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jeststream demo` entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_from_args(parser, args, config_from_args, details=args.details)
