@@ -37,7 +37,7 @@ from jeststream.loader_args import (
     resolve_scoring,
     resolve_selection_log,
 )
-from jeststream.loader_log import LoaderLog, run_config
+from jeststream.loader_log import LoaderLog
 from jeststream.loader_pass import JESTIterator
 from jeststream.loader_state import Cursor, check_state, epoch_seed, make_state
 from jeststream.losses import criterion_weights
@@ -494,12 +494,34 @@ class JESTLoader:
             self._generator.manual_seed(self._epoch_generator_seed(self._cursor.pending_epoch))
             self._cursor.pending_epoch = None
 
+    def _run_config(self, b: int | None) -> dict[str, Any]:
+        """The selection settings recorded beside the selection log (``LOG.run.json``), which
+        ``jeststream report`` shows."""
+        dist = self._dist
+        return {
+            "ratio": self.ratio,
+            "n": self.n,
+            "batch_size": b,
+            "n_chunks": self._spec.chunks(b),
+            "criterion": self._spec.criterion,
+            "loss": self._spec.loss,
+            "temperature": self._spec.temperature,
+            "prefilter": self._spec.prefilter,
+            "refresh_every": self.refresh_every,
+            "scoring": self.scoring,
+            "deterministic": self.deterministic,
+            "seed": self.seed,
+            "distributed": None if dist is None else dist.mode,
+            "rank": 0 if dist is None else dist.rank,
+            "world_size": 1 if dist is None else dist.world_size,
+        }
+
     def _on_yield(self, item: Item, info: SelectionInfo) -> None:
         """Log the yielded batch, then commit it to the cursor (the consumer's thread)."""
         # Everything that can fail comes first: a failing next() leaves the state at the last
         # yielded batch, so a restore (or the caller's retry from a checkpoint) loses nothing.
         b = self._cursor.b if self._cursor.b is not None else item.drawn.b
-        self._log.write(item, info, lambda: run_config(self, b))
+        self._log.write(item, info, lambda: self._run_config(b))
         self._cursor.commit_yield(
             info.step, item.resume, info.fallback, item.drawn, len(info.replaced)
         )

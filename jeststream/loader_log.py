@@ -10,37 +10,11 @@ only, like the loader's cursor.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jeststream.selection_log import SelectionLog, write_run_config
 
-if TYPE_CHECKING:
-    from jeststream.loader import JESTLoader
-
-__all__ = ["LoaderLog", "run_config"]
-
-
-def run_config(loader: JESTLoader, b: int | None) -> dict[str, Any]:
-    """The selection settings recorded beside the selection log (``LOG.run.json``), which
-    ``jeststream report`` shows."""
-    spec, dist = loader._spec, loader._dist
-    return {
-        "ratio": loader.ratio,
-        "n": loader.n,
-        "batch_size": b,
-        "n_chunks": spec.chunks(b),
-        "criterion": spec.criterion,
-        "loss": spec.loss,
-        "temperature": spec.temperature,
-        "prefilter": spec.prefilter,
-        "refresh_every": loader.refresh_every,
-        "scoring": loader.scoring,
-        "deterministic": loader.deterministic,
-        "seed": loader.seed,
-        "distributed": None if dist is None else dist.mode,
-        "rank": 0 if dist is None else dist.rank,
-        "world_size": 1 if dist is None else dist.world_size,
-    }
+__all__ = ["LoaderLog"]
 
 
 class LoaderLog:
@@ -57,7 +31,8 @@ class LoaderLog:
         return self.path is not None  # a caller's SelectionLog has its path too
 
     def write(self, item: Any, info: Any, run_config: Callable[[], dict[str, Any]]) -> None:
-        """Log a yielded batch (``item``: the producer's Item, ``info``: its SelectionInfo)."""
+        """Log a yielded batch (``item``: the producer's Item, ``info``: its SelectionInfo);
+        ``run_config()`` gives the loader's settings, called only when they are written."""
         if self.path is not None and self.log is None:
             self.log = SelectionLog(
                 self.path, mode="a" if self.append else "w", run_config=run_config()
