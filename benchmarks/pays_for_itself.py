@@ -47,14 +47,13 @@ import dataclasses
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import code_state, write_json  # noqa: E402
+from provenance import code_state, commit_file, write_json  # noqa: E402
 from selection_sweep import settings_key  # noqa: E402
 
 SEED_SETS = {"dev": (0, 1, 2, 3, 4), "heldout": (5, 6, 7), "heldout2": (8, 9, 10)}
@@ -172,25 +171,6 @@ def status(runs: list[Run], args) -> tuple[list[Run], list[Run]]:
             )
         done.append(run)
     return done, todo
-
-
-def commit_file(path: Path, message: str, tries: int = 5) -> bool:
-    """Commit just `path` (others' staged work is left staged); retried while another git
-    command holds the index."""
-    root = Path(__file__).resolve().parent.parent
-    for i in range(tries):
-        add = subprocess.run(["git", "add", "--", str(path)], cwd=root, capture_output=True)
-        if add.returncode == 0:
-            done = subprocess.run(
-                ["git", "-c", "user.name=jeststream", "-c", "user.email=dev@jeststream",
-                 "commit", "-q", "-m", message, "--", str(path)],
-                cwd=root, capture_output=True, text=True,
-            )
-            if done.returncode == 0:
-                return True
-        time.sleep(2 + 3 * i)
-    print(f"could not commit {path}; commit it by hand", file=sys.stderr)
-    return False
 
 
 def run_sweep(runs: list[Run], args) -> None:
