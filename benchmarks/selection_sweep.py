@@ -355,7 +355,7 @@ def summarise(results: Path) -> dict:
         seeds = sorted({f["seed"] for f in members})
         methods = list(dict.fromkeys(f["method"] for f in ordered))
         cfg = dataclasses.replace(_config(cfg_d), seeds=tuple(seeds), methods=tuple(methods))
-        refs = {f["seed"]: f["reference"] for f in members if f["reference"]}
+        refs = {f["seed"]: f["reference"] for f in ordered if f["reference"]}  # seed order
         flops = next(f for f in members if own(f))["flops"]
         summary = report.summarise(cfg, [f["result"] for f in ordered], refs, flops)
         m = summary["methods"]
