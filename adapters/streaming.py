@@ -47,12 +47,12 @@ from torch.utils.data import default_collate
 from jeststream.adapters.deferred_images import (
     ImageRecord,
     MaterialiseImage,
+    centre_square,
     collate_deferred,
     deferred_mode,
     deferred_sample,
     normalisation,
     pil_decode,
-    scoring_view,
 )
 from jeststream.adapters.webdataset import default_image_transform
 from jeststream.deferred import Deferred, SeededTransform, example_seed
@@ -161,8 +161,9 @@ class StreamingImageText(StreamingDataset):
 
             image = Image.fromarray(image)
         if self.deferred is not None:  # decoded by streaming: keep it as uint8
-            view = scoring_view(image, self.score_resolution)
-            return view, ImageRecord(np.array(image), "", image.mode, key, "mds", seed)
+            r = self.score_resolution
+            view = centre_square(image, r)  # resized to r, batched, by collate_deferred
+            return view, ImageRecord(np.array(image), "", image.mode, key, "mds", seed, r)
         if self.seeded is None:
             return self.transform(image)
         return self.seeded(image, seed)

@@ -75,6 +75,9 @@ class Deferred(PerExampleField):
         records: B per-example records, whatever ``materialise`` takes.
         materialise: ``record -> tensor`` (one example; the results are stacked into
             ``[b, ...]`` on the view's device). Must be picklable to cross DataLoader workers.
+            If it has a ``collate(tensors, device)`` method, that makes the batch instead of
+            stacking and moving: e.g. per-example uint8 rows, converted to float once per
+            batch on the device (:class:`~jeststream.adapters.deferred_images.MaterialiseImage`).
         on_error: ``(record, exception) -> None`` called when ``materialise`` fails: return to
             skip the example (after warning and counting it), or raise. None: raise.
         view_transform: ``view [B, ...] -> scorer input [B, ...]``, applied by
@@ -300,8 +303,7 @@ class Materializer:
         final = torch.tensor(chosen, dtype=torch.long)
         sub = index_batch(super_batch, final)
         stacked = {
-            path: torch.stack([done[i][j] for i in chosen]).to(f.view.device)
-            for j, (path, f) in enumerate(fields)
+            path: _collate(f, [done[i][j] for i in chosen]) for j, (path, f) in enumerate(fields)
         }
         out = replace_fields(sub, lambda f, p: stacked[p] if isinstance(f, Deferred) else f)
         return Gathered(out, final, tuple(replaced))
@@ -320,6 +322,14 @@ def _materialise_one(
         except Exception as exc:  # noqa: BLE001 -- a bad record goes to the field's policy
             return None, (path, f, exc)
     return out, None
+
+
+def _collate(field: Deferred, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The materialised examples of ``field`` as one batch tensor on its view's device."""
+    collate = getattr(field.materialise, "collate", None)
+    if collate is not None:
+        return collate(tensors, field.view.device)
+    return torch.stack(tensors).to(field.view.device)
 
 
 def _describe(record: Any) -> str:
