@@ -7,7 +7,9 @@ embeddings come from a ReferenceCache written beside them. The training transfor
 (``image_transform(224, is_train=True)``: RandomResizedCrop, bicubic, normalise), captions go
 through open_clip's tokenizer. For each ratio (0.2, 0.1) and ``num_workers`` (0, 2) it runs:
 
-  - uniform: the eager base loader alone, one base batch per yielded batch (the unit);
+  - uniform: the eager base loader alone, one base batch per yielded batch (the unit; run
+    over as many base batches as the JEST pipelines read, n per yielded batch, so that its
+    figure is taken over as long a stretch of time as theirs);
   - eager: JESTLoader over the eager base loader (every example decoded and augmented);
   - deferred_112: ``webdataset_loader(deferred=True, score_resolution=112)`` (JPEG draft-decoded
     112-px views, the selected b decoded and augmented after selection) and
@@ -18,7 +20,10 @@ through open_clip's tokenizer. For each ratio (0.2, 0.1) and ``num_workers`` (0,
 Figures: CPU seconds per yielded batch (``getrusage``: the process and its threads, plus the
 DataLoader workers once they are joined at the end of the pass) and wall seconds per yielded
 batch, each pipeline also as a multiple of uniform and of eager; every pipeline first runs once,
-unmeasured, and the JSON records the commit it ran from. The learner scores through a
+unmeasured, and the JSON records the commit it ran from. With ``--repeats``, the pipelines run
+in turn, again and again, and each multiple is the median of the per-repeat ratios (a pipeline
+against the uniform run beside it: the machine's slow drifts cancel); the ratio of the medians
+is kept beside it. The learner scores through a
 stand-in whose forward costs next to nothing (pooled pixels and token embeddings), so the CPU
 figures are the input pipeline's (plus the same selection maths for every JEST row); torch runs
 one intra-op thread, as in a DataLoader worker. Also: the bytes of one super-batch held by the
@@ -193,6 +198,7 @@ def run(cfg, *, kind: str, ratio: float, num_workers: int, steps: int) -> dict:
     t0, c0 = time.perf_counter(), cpu_seconds()
     yielded = 0
     if kind == "uniform":
+        steps *= n  # as many base batches as a JEST pass reads (module docstring)
         base = base_loader(cfg, kind="eager", num_workers=num_workers, num_samples=steps * b)
         for _ in base:
             yielded += 1
@@ -258,6 +264,11 @@ def agreement(cfg, ratio: float, steps: int) -> dict:
                 "differ_share": float(np.mean(diff)), "steps": len(diff)
             }
     return out
+
+
+def paired(runs: list[dict], units: list[dict], key: str = "cpu_s_per_batch") -> float:
+    """The median of the per-repeat ratios of ``runs`` to the ``units`` run beside them."""
+    return float(np.median([a[key] / u[key] for a, u in zip(runs, units)]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -326,10 +337,12 @@ def main(argv: list[str] | None = None) -> None:
                     "n": rs[0]["n"],
                     "cpu_s_per_batch_runs": [r["cpu_s_per_batch"] for r in rs],
                 }
-            for r in row.values():
-                r["x_uniform"] = r["cpu_s_per_batch"] / row["uniform"]["cpu_s_per_batch"]
-                r["x_eager"] = r["cpu_s_per_batch"] / row["eager"]["cpu_s_per_batch"]
-                r["wall_x_eager"] = r["wall_s_per_batch"] / row["eager"]["wall_s_per_batch"]
+            for kind, r in row.items():
+                r["x_uniform"] = paired(reps[kind], reps["uniform"])  # median of per-repeat ratios
+                r["x_eager"] = paired(reps[kind], reps["eager"])
+                r["wall_x_eager"] = paired(reps[kind], reps["eager"], "wall_s_per_batch")
+                r["x_uniform_of_medians"] = r["cpu_s_per_batch"] / row["uniform"]["cpu_s_per_batch"]
+                r["x_eager_of_medians"] = r["cpu_s_per_batch"] / row["eager"]["cpu_s_per_batch"]
             result["runs"][f"workers={w} ratio={ratio}"] = row
             print(json.dumps({f"workers={w} ratio={ratio}": {
                 k: round(v["x_eager"], 3) for k, v in row.items()}}), file=sys.stderr)
