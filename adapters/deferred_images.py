@@ -245,23 +245,33 @@ class MaterialiseImage:
         normalised there, exactly as ``to_tensor`` and ``normalize`` convert one image."""
         if self.tail is None or not any(t.dtype == torch.uint8 for t in tensors):
             return torch.stack(tensors).to(device)
-        if all(t.dtype == torch.uint8 for t in tensors):
-            return self._to_float(torch.stack(tensors).to(device))
-        rows = [self._to_float(t[None])[0] if t.dtype == torch.uint8 else t for t in tensors]
-        return torch.stack(rows).to(device)
+        device = torch.device(device)
+        if device.type != "cpu" and all(t.dtype == torch.uint8 for t in tensors):
+            # a quarter of the bytes to copy; one conversion of the batch on the device
+            x = torch.stack(tensors).to(device).to(torch.get_default_dtype())
+            return self._normalise(x, *self._factors(device, 4))
+        out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.get_default_dtype())
+        factors = self._factors(out.device, 3)
+        for row, t in zip(out, tensors):  # row by row: each converted while in the cache
+            self._normalise(row.copy_(t), *factors) if t.dtype == torch.uint8 else row.copy_(t)
+        return out.to(device)
 
-    def _to_float(self, pixels: torch.Tensor) -> torch.Tensor:
-        # to_tensor: .to(default float).div(255); normalize: .sub_(mean).div_(std). The same
-        # operations element by element, dividing by tensors (true division on any device)
-        dtype = torch.get_default_dtype()
-        x = pixels.to(dtype).div_(torch.full((1,), 255, dtype=dtype, device=pixels.device))
-        if self.normalise is None:
-            return x
-        mean, std = (
-            torch.as_tensor(v, dtype=dtype, device=pixels.device).view(1, -1, 1, 1)
-            for v in self.normalise
-        )
-        return x.sub_(mean).div_(std)
+    def _factors(self, device: torch.device, ndim: int) -> tuple[torch.Tensor, ...]:
+        """255, and the mean and std shaped for ``ndim``-d images ``[(B,) C, H, W]``."""
+        dtype, shape = torch.get_default_dtype(), (1,) * (ndim - 3) + (-1, 1, 1)
+        consts = [torch.full((1,), 255, dtype=dtype, device=device)]
+        for v in self.normalise or ():
+            consts.append(torch.as_tensor(v, dtype=dtype, device=device).view(shape))
+        return tuple(consts)
+
+    @staticmethod
+    def _normalise(x: torch.Tensor, d255: torch.Tensor, *mean_std: torch.Tensor) -> torch.Tensor:
+        # to_tensor: .to(float).div(255); normalize: .sub_(mean).div_(std): the same
+        # element-wise operations, dividing by tensors (true division on any device)
+        x.div_(d255)
+        if mean_std:
+            x.sub_(mean_std[0]).div_(mean_std[1])
+        return x
 
 
 _UINT8_MODES = frozenset({"RGB", "RGBA", "L", "LA"})  # to_tensor divides these by 255
@@ -373,14 +383,21 @@ class NormaliseView:
             )
         pixels = view.permute(0, 3, 1, 2)
         arr = torch.empty(pixels.shape, dtype=torch.float32, device=view.device)
-        arr.copy_(pixels)  # one pass: to float and channels-first (4-6x cheaper than chained ops)
         if self.normalise is None:
-            return arr.mul_(1.0 / 255.0)
-        mean = torch.tensor(self.normalise[0], dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.normalise[1], dtype=torch.float32).view(1, -1, 1, 1)
+            scale, shift = torch.tensor(1.0 / 255.0), None
+        else:
+            mean = torch.tensor(self.normalise[0], dtype=torch.float32).view(-1, 1, 1)
+            std = torch.tensor(self.normalise[1], dtype=torch.float32).view(-1, 1, 1)
+            scale, shift = 1.0 / (255.0 * std), -mean / std
         # factors made on the CPU, then moved: the same floats on any device
-        scale, shift = (t.to(view.device) for t in (1.0 / (255.0 * std), -mean / std))
-        return arr.mul_(scale).add_(shift)
+        scale, shift = (None if t is None else t.to(view.device) for t in (scale, shift))
+        # one copy (to float and channels-first: 4-6x cheaper than chained ops), then the
+        # multiply and add; on the CPU row by row, each row while it is in the cache
+        for dst, src in ((arr, pixels),) if view.device.type != "cpu" else zip(arr, pixels):
+            dst.copy_(src).mul_(scale)
+            if shift is not None:
+                dst.add_(shift)
+        return arr
 
 
 def collate_deferred(

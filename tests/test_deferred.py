@@ -370,6 +370,10 @@ def test_materialised_rows_stay_uint8_and_become_the_transforms_floats_per_batch
     assert got.dtype == expected.dtype and torch.equal(got, expected)
     again = pickle.loads(pickle.dumps(m))
     assert torch.equal(again.collate([again(r) for r in records], "cpu"), expected)
+    if steps != "no_to_tensor":  # an accelerator's path (the CUDA test runs it there): the
+        # uint8 batch moved, then converted as one [B, C, H, W] tensor
+        batched = m._normalise(torch.stack(rows).float(), *m._factors(torch.device("cpu"), 4))
+        assert torch.equal(batched, expected)
     if steps == "open_clip":  # through the Materializer, as JESTLoader gathers
         field = Deferred(torch.zeros(5, 2), records, m)
         out = Materializer(2).gather((field,), torch.tensor([3, 0]))
