@@ -383,21 +383,14 @@ class NormaliseView:
             )
         pixels = view.permute(0, 3, 1, 2)
         arr = torch.empty(pixels.shape, dtype=torch.float32, device=view.device)
+        arr.copy_(pixels)  # one pass: to float and channels-first (4-6x cheaper than chained ops)
         if self.normalise is None:
-            scale, shift = torch.tensor(1.0 / 255.0), None
-        else:
-            mean = torch.tensor(self.normalise[0], dtype=torch.float32).view(-1, 1, 1)
-            std = torch.tensor(self.normalise[1], dtype=torch.float32).view(-1, 1, 1)
-            scale, shift = 1.0 / (255.0 * std), -mean / std
+            return arr.mul_(1.0 / 255.0)
+        mean = torch.tensor(self.normalise[0], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.normalise[1], dtype=torch.float32).view(1, -1, 1, 1)
         # factors made on the CPU, then moved: the same floats on any device
-        scale, shift = (None if t is None else t.to(view.device) for t in (scale, shift))
-        # one copy (to float and channels-first: 4-6x cheaper than chained ops), then the
-        # multiply and add; on the CPU row by row, each row while it is in the cache
-        for dst, src in ((arr, pixels),) if view.device.type != "cpu" else zip(arr, pixels):
-            dst.copy_(src).mul_(scale)
-            if shift is not None:
-                dst.add_(shift)
-        return arr
+        scale, shift = (t.to(view.device) for t in (1.0 / (255.0 * std), -mean / std))
+        return arr.mul_(scale).add_(shift)
 
 
 def collate_deferred(
