@@ -235,7 +235,15 @@ class MaterialiseImage:
         if getattr(image, "mode", None) in _UINT8_MODES:
             from torchvision.transforms.functional import pil_to_tensor
 
-            return pil_to_tensor(image)  # uint8 [C, H, W]: collate() makes the floats
+            pixels = pil_to_tensor(image)  # uint8 [C, H, W]: collate() makes the floats
+            channels = len(self.normalise[0]) if self.normalise else 1
+            if channels not in (1, pixels.shape[0]):  # where Normalize would fail: now, so
+                raise ValueError(  # that the record goes to the bad-sample policy
+                    f"a {image.mode} image has {pixels.shape[0]} channels and the transform's "
+                    f"Normalize {channels}; convert the image's mode in the transform (e.g. "
+                    "open_clip's MaybeConvertMode or .convert('RGB'))"
+                )
+            return pixels
         for t in self.tail:  # e.g. a float image: to_tensor does not divide it by 255
             image = t(image)
         return image
@@ -243,6 +251,13 @@ class MaterialiseImage:
     def collate(self, tensors: list[torch.Tensor], device: Any) -> torch.Tensor:
         """The examples as one ``[b, C, H, W]`` tensor on ``device``: uint8 rows converted and
         normalised there, exactly as ``to_tensor`` and ``normalize`` convert one image."""
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"the selected examples' images have different shapes {sorted(shapes)}; make "
+                "the transform give every image one size and mode (e.g. a crop and "
+                ".convert('RGB'))"
+            )
         if self.tail is None or not any(t.dtype == torch.uint8 for t in tensors):
             return torch.stack(tensors).to(device)
         device = torch.device(device)

@@ -390,6 +390,20 @@ def test_materialised_rows_stay_uint8_and_become_the_transforms_floats_per_batch
         mixed = m.collate([rows[0][:1], row], "cpu")  # one channel, to stack with the grey
         assert torch.equal(mixed[1], alone)
         assert torch.equal(mixed[0], expected[0][:1])
+        with pytest.raises(ValueError, match="different shapes"):  # never broadcast silently
+            m.collate([rows[0], row], "cpu")
+    if steps == "open_clip":  # an RGBA image where open_clip converts: fine; where Normalize
+        # would fail on it (a transform without the conversion), it fails per record
+        rgba = Image.fromarray(np.zeros((48, 48, 4), np.uint8), "RGBA")
+        buf = io.BytesIO()
+        rgba.save(buf, "PNG")
+        rec = ImageRecord(buf.getvalue(), "png", None, "ka", "u", 3)
+        assert m(rec).shape == (3, 32, 32)
+        bare = MaterialiseImage(T.Compose(full.transforms[:1] + full.transforms[2:]), pil_decode)
+        with pytest.raises(ValueError, match="4 channels and the transform's Normalize 3"):
+            bare(rec)
+        with pytest.raises((RuntimeError, ValueError)):  # as the eager transform does
+            SeededTransform(bare.transform)(_pil(rec.data), 3)
 
 
 def test_views_are_made_at_the_decoded_scale_and_resized_in_one_batch():
