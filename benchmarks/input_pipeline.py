@@ -274,6 +274,8 @@ def paired(runs: list[dict], units: list[dict], key: str = "cpu_s_per_batch") ->
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: tiny images, b=8")
+    p.add_argument("--image-side", type=int, default=None,
+                   help="side of the stored JPEGs (default 256, as img2dataset writes them)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="yielded batches per run")
     p.add_argument("--workers", type=int, nargs="*", default=[0, 2])
@@ -290,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     import open_clip
 
     side, train = (64, 32) if a.quick else (256, 224)
+    side = a.image_side or side
+    if side < train:
+        p.error(f"--image-side {side} is below the training size {train}")
     b = a.batch_size or (8 if a.quick else 64)
     steps = a.steps or (2 if a.quick else 3)
     max_n = max(round(1 / r) for r in a.ratios)
