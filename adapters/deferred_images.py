@@ -110,9 +110,21 @@ def normalisation(transform: Any) -> tuple[tuple[float, ...], tuple[float, ...]]
     """``(mean, std)`` of the ``Normalize`` step of a torchvision ``Compose``, or None."""
     steps = getattr(transform, "transforms", None)
     for t in steps if isinstance(steps, list) else [transform]:
-        if type(t).__name__ == "Normalize" and hasattr(t, "mean") and hasattr(t, "std"):
-            return tuple(float(m) for m in t.mean), tuple(float(s) for s in t.std)
+        params = _normalize_params(t)
+        if params is not None:
+            return params
     return None
+
+
+def _normalize_params(step: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` of a torchvision ``Normalize`` step (a scalar or a sequence each, as
+    torchvision takes them), or None for any other step."""
+    if type(step).__name__ != "Normalize" or not hasattr(step, "mean") or not hasattr(step, "std"):
+        return None
+    return tuple(
+        tuple(torch.as_tensor(v, dtype=torch.float64).flatten().tolist())
+        for v in (step.mean, step.std)
+    )
 
 
 def deferred_mode(deferred: bool | str, score_resolution: int | None, transform: Any) -> str | None:
@@ -302,15 +314,8 @@ def _split_to_tensor(
     steps = getattr(transform, "transforms", None)
     if not type(transform).__name__ == "Compose" or not isinstance(steps, list) or not steps:
         return None, None, None
-    normalise = None
-    k = len(steps)
-    last = steps[-1]
-    if type(last).__name__ == "Normalize" and hasattr(last, "mean") and hasattr(last, "std"):
-        normalise = tuple(  # a scalar or a sequence, as torchvision takes them
-            tuple(torch.as_tensor(v, dtype=torch.float64).flatten().tolist())
-            for v in (last.mean, last.std)
-        )
-        k -= 1
+    normalise = _normalize_params(steps[-1])
+    k = len(steps) - (normalise is not None)
     if k < 1 or type(steps[k - 1]).__name__ not in _TO_TENSOR:
         return None, None, None
     from torchvision.transforms import Compose

@@ -378,6 +378,10 @@ def test_materialised_rows_stay_uint8_and_become_the_transforms_floats_per_batch
         field = Deferred(torch.zeros(5, 2), records, m)
         out = Materializer(2).gather((field,), torch.tensor([3, 0]))
         assert torch.equal(out.batch[0], expected[[3, 0]])
+    if steps == "scalar_mean":  # the views' normalisation reads a scalar mean too
+        from jeststream.adapters.deferred_images import normalisation
+
+        assert normalisation(transform) == ((0.5,), (0.25,))
     if steps == "scalar_mean":  # a float ("F") grey image beside 8-bit ones
         grey = Image.fromarray((np.arange(48 * 48).reshape(48, 48) / 2304).astype(np.float32))
         buf = io.BytesIO()
