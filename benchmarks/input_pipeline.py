@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--materialise-workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of every pipeline, interleaved (uniform, eager, deferred, ...; "
-                        "again): each figure is the median, the runs are kept beside it")
+                        "again): each figure is the median, the runs are kept beside it; "
+                        "each multiple the median of the per-repeat ratios")
     p.add_argument("--no-agreement", action="store_true",
                    help="skip the selection-agreement measurement (the slow part)")
     a = p.parse_args(argv)
